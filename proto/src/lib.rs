@@ -1,0 +1,12 @@
+//! Sans-I/O codecs for cbtstream.
+//!
+//! Everything that parses bytes coming from the network or from a file lives here: the NBD
+//! wire protocol, the CBT bitmap of `VDI.list_changed_blocks`, and the export stream format.
+//! No sockets, no async runtime: callers feed bytes in and get typed values (or typed errors)
+//! out, which keeps every parser easy to test and to fuzz.
+#![forbid(unsafe_code)]
+
+pub mod cbt;
+pub mod nbd;
+pub mod reader;
+pub mod stream;

@@ -1,0 +1,224 @@
+//! Command-line interface: argument definitions and dispatch. The work lives in `export`,
+//! `restore` and `engine`.
+
+use crate::exit::{fail, Code, Failure, WithCode};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "cbtstream",
+    version,
+    about = "Incremental backups of virtual disks over NBD, streamed zstd-compressed and checksummed"
+)]
+pub struct Cli {
+    /// More logging on stderr (-v info, -vv debug). Secrets are never logged.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Export changed (or all) blocks of a disk to a stream.
+    Export(ExportArgs),
+    /// Apply a full stream and/or incrementals, in order, to a raw disk image.
+    Restore(RestoreArgs),
+    /// Check a stream (every checksum and the trailer) and print what it holds.
+    Inspect(InspectArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+pub enum CompressArg {
+    Zstd,
+    None,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// PEM file of trusted CA certificates (a self-signed server certificate works too).
+    #[arg(long, value_name = "FILE", group = "trust")]
+    pub tls_ca: Option<PathBuf>,
+    /// Trust exactly this server certificate (PEM), compared byte for byte.
+    #[arg(long, value_name = "FILE", group = "trust")]
+    pub tls_cert: Option<PathBuf>,
+    /// Trust the server certificate whose DER has this SHA-256 (64 hex digits).
+    #[arg(long, value_name = "SHA256", group = "trust")]
+    pub tls_pin: Option<String>,
+    /// Name to verify the certificate against and send as SNI (default: the URI host).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// Accept any TLS certificate. The connection is encrypted but NOT authenticated.
+    #[arg(long, group = "trust")]
+    pub tls_insecure_no_verify: bool,
+    /// Allow an nbd:// URI over TCP: data crosses the network unencrypted.
+    #[arg(long)]
+    pub allow_plaintext: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// NBD URI of the disk: nbds://host[:port]/export, nbd://, nbd+unix:///export?socket=PATH.
+    #[arg(long, value_name = "URI")]
+    pub nbd: String,
+    /// The changed-block bitmap (base64, as VDI.list_changed_blocks returns it); "-" for stdin.
+    #[arg(long, value_name = "FILE|-", conflicts_with = "full")]
+    pub changed_blocks: Option<PathBuf>,
+    /// Export the whole disk (skipping what the server reports as zero).
+    #[arg(long)]
+    pub full: bool,
+    /// Output file, or "-" for stdout. A file is written as PATH.partial and renamed when done.
+    #[arg(short, long, value_name = "PATH|-")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// NBD connections (used when the server allows multi-conn or the export is read-only; at most 16).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub connections: u16,
+    /// Reads in flight per connection.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub inflight: u16,
+    /// Largest read, in KiB: a multiple of 64 between 64 and 32768.
+    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    pub request_size: u64,
+    /// Compression codec.
+    #[arg(long, value_enum, default_value_t = CompressArg::Zstd)]
+    pub compress: CompressArg,
+    /// zstd level (1 is fast; 3-9 smaller and slower).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(-7..=22))]
+    pub level: i32,
+    /// Compression threads (default: the number of cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Id of the point in time this export captures (default: a fresh UUID).
+    #[arg(long, value_name = "ID")]
+    pub point_id: Option<String>,
+    /// Id of the point in time this incremental applies on top of.
+    #[arg(long, value_name = "ID")]
+    pub base_id: Option<String>,
+    /// Id of the source disk, recorded in the stream header.
+    #[arg(long, value_name = "ID", default_value = "")]
+    pub source_id: String,
+    /// Seconds to wait for a connection and for the NBD handshake.
+    #[arg(long, default_value_t = 30)]
+    pub connect_timeout: u64,
+    /// Seconds without any reply, with reads outstanding, before a connection is dropped and reopened.
+    #[arg(long, default_value_t = 60)]
+    pub request_timeout: u64,
+    /// Times one read is retried after a server error or a lost connection.
+    #[arg(long, default_value_t = 3)]
+    pub retries: u32,
+    /// Print a one-line JSON summary on stderr at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not try NBD extended headers (for servers that mishandle the option).
+    #[arg(long, hide = true)]
+    pub no_extended_headers: bool,
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// The raw disk image to create (full stream) or update (incrementals).
+    #[arg(long, value_name = "IMAGE")]
+    to: PathBuf,
+    /// Streams, in order; "-" reads stdin.
+    #[arg(required = true, value_name = "STREAM")]
+    streams: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// The stream; "-" reads stdin.
+    #[arg(value_name = "STREAM")]
+    stream: PathBuf,
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info,cbtstream=info",
+        _ => "debug,cbtstream=debug,rustls=info,tokio=info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CBTSTREAM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { Code::Usage as u8 } else { 0 });
+        }
+    };
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Export(args) => run_async(crate::export::export_nbd(args)),
+        Command::Restore(args) => restore(args),
+        Command::Inspect(args) => inspect(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("cbtstream: error: {:#}", f.error);
+            ExitCode::from(f.code as u8)
+        }
+    }
+}
+
+fn run_async<F: std::future::Future<Output = Result<(), Failure>>>(fut: F) -> Result<(), Failure> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .code(Code::Failure)?;
+    rt.block_on(fut)
+}
+
+fn restore_code(e: &crate::restore::RestoreError) -> Code {
+    use crate::restore::RestoreError as E;
+    if e.is_integrity() {
+        Code::Integrity
+    } else {
+        match e {
+            E::Image { .. } => Code::Output,
+            E::Input { .. } => Code::Source,
+            _ => Code::Integrity,
+        }
+    }
+}
+
+fn restore(args: RestoreArgs) -> Result<(), Failure> {
+    if args.streams.iter().filter(|s| s.as_os_str() == "-").count() > 1 {
+        return Err(fail(Code::Usage, "stdin (\"-\") can be given only once"));
+    }
+    match crate::restore::restore(&args.to, &args.streams) {
+        Ok(report) => {
+            eprintln!("{report}");
+            Ok(())
+        }
+        Err(e) => Err(Failure {
+            code: restore_code(&e),
+            error: e.into(),
+        }),
+    }
+}
+
+fn inspect(args: InspectArgs) -> Result<(), Failure> {
+    match crate::restore::inspect(&args.stream) {
+        Ok(report) => {
+            println!("{report}");
+            Ok(())
+        }
+        Err(e) => Err(Failure {
+            code: restore_code(&e),
+            error: e.into(),
+        }),
+    }
+}

@@ -1,0 +1,321 @@
+//! The export engine: plan → fetch → compress → order → sink.
+//!
+//! ```text
+//!  planner task ──jobs──► N connection workers (async, M reads in flight each)
+//!       │                         │ Fetched (buffer from the pool)
+//!       └── zero ranges ──────────┤
+//!                                 ▼
+//!                      compression threads (zstd, zero detection)
+//!                                 │ Encoded
+//!                                 ▼
+//!                      sink thread: reorder by id, write records, trailer, fsync
+//! ```
+//!
+//! Memory is bounded by a byte budget: the planner takes permits for a range before it is
+//! read, and the sink gives them back once the range is written. The output is the same
+//! whatever the number of connections or threads, because records are written in plan order.
+
+pub mod encode;
+pub mod fetch;
+pub mod plan;
+pub mod sink;
+
+use crate::nbd::{ConnectOptions, Connection};
+use bytes::BytesMut;
+use cbtstream_proto::stream::{Codec, Header};
+use fetch::{BufPool, FetchConfig, FetchError};
+use plan::{Plan, PlanItem};
+use sink::{Output, SinkError, SinkStats};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+/// A read to do.
+pub struct Job {
+    pub id: u64,
+    pub offset: u64,
+    pub len: u64,
+    pub attempts: u32,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// A range whose bytes are known: read from the server, or known to be zero (`data: None`).
+pub struct Fetched {
+    pub id: u64,
+    pub offset: u64,
+    pub len: u64,
+    pub data: Option<BytesMut>,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+pub enum Payload {
+    /// A range of the item's raw buffer.
+    Raw(std::ops::Range<usize>),
+    Compressed(Vec<u8>),
+}
+
+pub enum Record {
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    Data {
+        offset: u64,
+        len: u64,
+        codec: Codec,
+        checksum: u64,
+        payload: Payload,
+    },
+}
+
+/// The records of one plan item, ready to write.
+pub struct Encoded {
+    pub id: u64,
+    pub records: Vec<Record>,
+    pub raw: Option<BytesMut>,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub connections: usize,
+    pub fetch: FetchConfig,
+    pub codec: Codec,
+    pub level: i32,
+    pub threads: usize,
+    /// Bytes read but not yet written, at most.
+    pub budget: u64,
+    pub block: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("compression: {0}")]
+    Compress(std::io::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ExportSummary {
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub records: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    pub connections: usize,
+    pub seconds: f64,
+}
+
+impl ExportSummary {
+    pub fn json(&self) -> String {
+        let mbps = if self.seconds > 0.0 {
+            self.bytes_read as f64 / self.seconds / 1e6
+        } else {
+            0.0
+        };
+        serde_json::json!({
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "records": self.records,
+            "data_bytes": self.data_bytes,
+            "zero_bytes": self.zero_bytes,
+            "connections": self.connections,
+            "seconds": (self.seconds * 1000.0).round() / 1000.0,
+            "mb_per_s": (mbps * 10.0).round() / 10.0,
+        })
+        .to_string()
+    }
+}
+
+/// Run one export: `first` is an already negotiated connection (the caller used it to learn
+/// the disk size and plan); more are opened as configured.
+pub async fn run(
+    first: Connection,
+    opts: &ConnectOptions,
+    plan: Plan,
+    header: Header,
+    output: Output,
+    cfg: &EngineConfig,
+    progress: indicatif::ProgressBar,
+) -> Result<ExportSummary, EngineError> {
+    let started = Instant::now();
+    let mut conns = vec![first];
+    conns.extend(fetch::open_more(opts, cfg.connections).await);
+    let nconns = conns.len();
+    tracing::debug!(
+        connections = nconns,
+        inflight = cfg.fetch.inflight,
+        "fetching"
+    );
+
+    let pool = Arc::new(BufPool::default());
+    let max_item = plan
+        .items
+        .iter()
+        .filter(|i| matches!(i, PlanItem::Read { .. }))
+        .map(|i| i.len())
+        .max()
+        .unwrap_or(0);
+    let budget = cfg.budget.max(max_item).min(u64::from(u32::MAX) / 2) as usize;
+    let budget_sem = Arc::new(Semaphore::new(budget));
+    let expected = plan.items.len() as u64;
+    let read_bytes = plan.read_bytes;
+
+    // Stage channels.
+    let (fetched_tx, fetched_rx) = std::sync::mpsc::channel::<Fetched>();
+    let (encoded_tx, encoded_rx) = std::sync::mpsc::channel::<Encoded>();
+    let (job_tx, job_rx) = mpsc::channel::<Job>(256);
+    let jobs = Arc::new(tokio::sync::Mutex::new(job_rx));
+
+    // Sink thread.
+    let sink_pool = pool.clone();
+    let out = sink::open(&output)?;
+    let sink_header = header.clone();
+    let sink = std::thread::Builder::new()
+        .name("cbtstream-sink".into())
+        .spawn(move || {
+            sink::run(out, &sink_header, encoded_rx, expected, sink_pool, |n| {
+                progress.inc(n)
+            })
+        })
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+
+    // Compression threads.
+    let fetched_rx = Arc::new(Mutex::new(fetched_rx));
+    let mut encoders = Vec::new();
+    for i in 0..cfg.threads.max(1) {
+        let (rx, tx, p) = (fetched_rx.clone(), encoded_tx.clone(), pool.clone());
+        let ecfg = encode::EncodeConfig {
+            codec: cfg.codec,
+            level: cfg.level,
+            block: cfg.block,
+        };
+        encoders.push(
+            std::thread::Builder::new()
+                .name(format!("cbtstream-zstd-{i}"))
+                .spawn(move || encode::worker(rx, tx, p, ecfg))
+                .map_err(|e| EngineError::Internal(e.to_string()))?,
+        );
+    }
+    drop(encoded_tx);
+
+    // Planner: hand out jobs in order, within the byte budget.
+    let planner_tx = fetched_tx.clone();
+    let planner_sem = budget_sem.clone();
+    let planner = tokio::spawn(async move {
+        for (id, item) in plan.items.into_iter().enumerate() {
+            let id = id as u64;
+            let cost = match item {
+                PlanItem::Read { len, .. } => len.max(1) as u32,
+                PlanItem::Zero { .. } => 1,
+            };
+            let Ok(permit) = planner_sem.clone().acquire_many_owned(cost).await else {
+                return;
+            };
+            match item {
+                PlanItem::Read { offset, len } => {
+                    let job = Job {
+                        id,
+                        offset,
+                        len,
+                        attempts: 0,
+                        permit: Some(permit),
+                    };
+                    if job_tx.send(job).await.is_err() {
+                        return;
+                    }
+                }
+                PlanItem::Zero { offset, len } => {
+                    if planner_tx
+                        .send(Fetched {
+                            id,
+                            offset,
+                            len,
+                            data: None,
+                            permit: Some(permit),
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+
+    // Workers.
+    let mut workers = tokio::task::JoinSet::new();
+    for conn in conns {
+        workers.spawn(fetch::worker(
+            conn,
+            opts.clone(),
+            jobs.clone(),
+            fetched_tx.clone(),
+            pool.clone(),
+            cfg.fetch.clone(),
+        ));
+    }
+    drop(fetched_tx);
+    let mut fetch_result: Result<(), EngineError> = Ok(());
+    while let Some(res) = workers.join_next().await {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                fetch_result = Err(e.into());
+                break;
+            }
+            Err(e) => {
+                fetch_result = Err(EngineError::Internal(format!("fetch worker: {e}")));
+                break;
+            }
+        }
+    }
+    if fetch_result.is_err() {
+        // Stop everything: aborting the workers and the planner drops every sender, so the
+        // compressors and the sink see their inputs close.
+        workers.abort_all();
+        while workers.join_next().await.is_some() {}
+        planner.abort();
+        budget_sem.close();
+    }
+    let _ = planner.await;
+    drop(jobs);
+
+    // Wait for the threads off the reactor.
+    let (encoders_res, sink_res) = tokio::task::spawn_blocking(move || {
+        let mut enc_res = Ok(());
+        for h in encoders {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => enc_res = Err(EngineError::Compress(e)),
+                Err(_) => {
+                    enc_res = Err(EngineError::Internal("compression thread panicked".into()))
+                }
+            }
+        }
+        let sink_res = sink
+            .join()
+            .map_err(|_| EngineError::Internal("sink thread panicked".into()));
+        (enc_res, sink_res)
+    })
+    .await
+    .map_err(|e| EngineError::Internal(e.to_string()))?;
+    fetch_result?;
+    encoders_res?;
+    let (file, stats): (_, SinkStats) = sink_res??;
+    sink::commit(&output, file)?;
+    Ok(ExportSummary {
+        bytes_read: read_bytes,
+        bytes_written: stats.bytes_written,
+        records: stats.records,
+        data_bytes: stats.data_bytes,
+        zero_bytes: stats.zero_bytes,
+        connections: nconns,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,255 @@
+//! `cbtstream export --nbd URI`: the data plane on its own, for any NBD server.
+
+use crate::cli::{CompressArg, ExportArgs, TlsArgs};
+use crate::engine::fetch::{self, FetchConfig};
+use crate::engine::plan::Plan;
+use crate::engine::sink::Output;
+use crate::engine::{self, EngineConfig, EngineError};
+use crate::exit::{fail, Code, Failure, WithCode};
+use crate::nbd::{Address, ConnectOptions, Connection, NbdUri};
+use crate::tls::{self, Trust};
+use cbtstream_proto::cbt::{self, CBT_BLOCK};
+use cbtstream_proto::stream::{Codec, Header};
+use std::io::{IsTerminal, Read};
+use std::path::Path;
+use std::time::Duration;
+
+/// Stream base id meaning "applies onto any image" (an incremental given no --base-id).
+pub const ANY_BASE: &str = "*";
+
+/// Resolve the trust policy from the flags.
+pub fn trust_from_args(t: &TlsArgs) -> Result<Trust, Failure> {
+    Ok(if let Some(ca) = &t.tls_ca {
+        Trust::CaFile(ca.clone())
+    } else if let Some(cert) = &t.tls_cert {
+        Trust::exact_cert_from_file(cert).code(Code::Usage)?
+    } else if let Some(pin) = &t.tls_pin {
+        Trust::pin_from_hex(pin).code(Code::Usage)?
+    } else if t.tls_insecure_no_verify {
+        Trust::InsecureNoVerify
+    } else {
+        Trust::System
+    })
+}
+
+fn read_bitmap(path: &Path) -> Result<Vec<u8>, Failure> {
+    let mut text = Vec::new();
+    if path == Path::new("-") {
+        std::io::stdin().read_to_end(&mut text).code(Code::Usage)?;
+    } else {
+        text = std::fs::read(path).map_err(|e| {
+            fail(
+                Code::Usage,
+                format!("reading the changed-block bitmap {}: {e}", path.display()),
+            )
+        })?;
+    }
+    cbt::decode_base64(&text).code(Code::Usage)
+}
+
+pub fn connect_options(args: &ExportArgs, uri: &NbdUri) -> Result<ConnectOptions, Failure> {
+    let t = &args.tls;
+    let tls_flags = t.tls_ca.is_some()
+        || t.tls_cert.is_some()
+        || t.tls_pin.is_some()
+        || t.tls_insecure_no_verify
+        || t.tls_server_name.is_some();
+    let tls = if uri.tls {
+        let trust = trust_from_args(t)?;
+        let config = tls::client_config(&trust).code(Code::Usage)?;
+        let name = match (&t.tls_server_name, &uri.address) {
+            (Some(n), _) => n.clone(),
+            (None, Address::Tcp { host, .. }) => host.clone(),
+            (None, Address::Unix(_)) => "localhost".to_string(),
+        };
+        Some((config, tls::server_name(&name).code(Code::Usage)?))
+    } else {
+        if tls_flags {
+            return Err(fail(
+                Code::Usage,
+                "TLS options given with a plaintext URI; use nbds:// for TLS",
+            ));
+        }
+        if matches!(uri.address, Address::Tcp { .. }) && !t.allow_plaintext {
+            return Err(fail(
+                Code::Usage,
+                "nbd:// sends the disk unencrypted over the network; use nbds:// (TLS), or pass --allow-plaintext",
+            ));
+        }
+        None
+    };
+    let timeout = Duration::from_secs(args.connect_timeout.max(1));
+    Ok(ConnectOptions {
+        address: uri.address.clone(),
+        export: uri.export.clone(),
+        tls,
+        connect_timeout: timeout,
+        handshake_timeout: timeout,
+        extended_headers: !args.no_extended_headers,
+        meta_context: true,
+    })
+}
+
+pub fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    ) {
+        pb.set_style(style);
+    }
+    pb
+}
+
+fn engine_code(e: &EngineError) -> Code {
+    match e {
+        EngineError::Fetch(_) => Code::Source,
+        EngineError::Sink(crate::engine::sink::SinkError::Io { .. }) => Code::Output,
+        _ => Code::Failure,
+    }
+}
+
+pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
+    let uri: NbdUri = args.nbd.parse().code(Code::Usage)?;
+    let opts = connect_options(&args, &uri)?;
+    if args.request_size % 64 != 0 || !(64..=32768).contains(&args.request_size) {
+        return Err(fail(
+            Code::Usage,
+            "--request-size must be a multiple of 64 KiB between 64 and 32768",
+        ));
+    }
+    if args.changed_blocks.is_none() && !args.full {
+        return Err(fail(
+            Code::Usage,
+            "give --changed-blocks FILE (an incremental) or --full",
+        ));
+    }
+    if let Some(base) = &args.base_id {
+        if args.full {
+            return Err(fail(Code::Usage, "--base-id makes no sense with --full"));
+        }
+        if base == ANY_BASE {
+            return Err(fail(Code::Usage, "--base-id \"*\" is reserved"));
+        }
+    }
+    let bitmap = match &args.changed_blocks {
+        Some(p) => Some(read_bitmap(p)?),
+        None => None,
+    };
+
+    let first = Connection::connect(&opts).await.code(Code::Source)?;
+    let n = first.negotiated.clone();
+    let size = n.size;
+    let mut connections = usize::from(args.connections);
+    if connections > 1 && !(n.can_multi_conn() || n.read_only()) {
+        tracing::info!(
+            "the server allows neither multi-conn nor read-only access: using one connection"
+        );
+        connections = 1;
+    }
+    // Requests: what was asked, within the server's maximum, in whole CBT blocks.
+    let request = (args.request_size * 1024).min(n.max_request()) / CBT_BLOCK * CBT_BLOCK;
+    if request == 0 {
+        return Err(fail(
+            Code::Source,
+            format!(
+                "the server's maximum request ({} bytes) is below 64 KiB",
+                n.max_request()
+            ),
+        ));
+    }
+    let timeout = Duration::from_secs(args.request_timeout.max(1));
+    let plan = match &bitmap {
+        Some(bm) => Plan::from_bitmap(bm, size, request).code(Code::Usage)?,
+        None if n.meta_context.is_some() => {
+            let map = fetch::allocation_map(&first, size, n.alignment(), timeout)
+                .await
+                .code(Code::Source)?;
+            Plan::from_allocation(&map, request)
+        }
+        None => Plan::full(size, request),
+    };
+    tracing::info!(
+        disk_size = size,
+        read_bytes = plan.read_bytes,
+        zero_bytes = plan.zero_bytes,
+        items = plan.items.len(),
+        "planned"
+    );
+    let full = bitmap.is_none();
+    let base_id = match (&args.base_id, full) {
+        (Some(b), _) => Some(b.clone()),
+        (None, false) => {
+            tracing::warn!(
+                "incremental export without --base-id: restore will apply it onto any image"
+            );
+            Some(ANY_BASE.to_string())
+        }
+        (None, true) => None,
+    };
+    let header = Header {
+        virtual_size: size,
+        block_size: CBT_BLOCK as u32,
+        source_id: args.source_id.clone(),
+        point_id: args
+            .point_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        base_id,
+        created_unix_secs: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        codec: match args.compress {
+            CompressArg::Zstd => Codec::Zstd,
+            CompressArg::None => Codec::None,
+        },
+    };
+    header.validate().code(Code::Usage)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let inflight = usize::from(args.inflight);
+    let cfg = EngineConfig {
+        connections,
+        fetch: FetchConfig {
+            inflight,
+            request_timeout: timeout,
+            retries: args.retries,
+            reconnects: args.retries.max(1) + 2,
+        },
+        codec: header.codec,
+        level: args.level,
+        threads,
+        // Enough for every connection's reads in flight plus a reorder window, capped so
+        // memory stays flat: 64 MiB at most by default.
+        budget: (connections as u64 * inflight as u64 * request).clamp(8 << 20, 64 << 20),
+        block: CBT_BLOCK,
+    };
+    let output = Output::from_arg(&args.output);
+    let pb = progress_bar(plan.read_bytes + plan.zero_bytes);
+    let summary = engine::run(first, &opts, plan, header.clone(), output, &cfg, pb.clone())
+        .await
+        .map_err(|e| Failure {
+            code: engine_code(&e),
+            error: e.into(),
+        })?;
+    pb.finish_and_clear();
+    tracing::info!(
+        point_id = %header.point_id,
+        bytes_read = summary.bytes_read,
+        bytes_written = summary.bytes_written,
+        records = summary.records,
+        seconds = summary.seconds,
+        "export complete"
+    );
+    if args.json {
+        eprintln!("{}", summary.json());
+    }
+    Ok(())
+}

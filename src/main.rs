@@ -1,0 +1,13 @@
+//! cbtstream: incremental backups of XenServer / XCP-ng virtual disks over NBD.
+
+mod cli;
+mod engine;
+mod exit;
+mod export;
+mod nbd;
+mod restore;
+mod tls;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -1,0 +1,286 @@
+//! TLS trust policies, in one place, for NBD (and later XenAPI) connections.
+//!
+//! * `--tls-ca FILE`: a PEM bundle of trust anchors. A self-signed leaf without
+//!   basicConstraints (how XenServer's certificates look) works as its own anchor.
+//! * `--tls-cert FILE`: trust exactly this leaf certificate, by DER equality. This is how the
+//!   `cert` returned by `VDI.get_nbd_info` is used.
+//! * `--tls-pin SHA256`: trust the leaf whose DER has this SHA-256 (hex).
+//! * none of these: the system's trust store.
+//! * `--tls-insecure-no-verify`: accept any certificate (loud in the log).
+//!
+//! Signatures on the handshake are always verified with the provider's algorithms; the exact
+//! policies (cert, pin) replace only the chain and name checks.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: invalid PEM: {why}")]
+    BadPem { path: PathBuf, why: String },
+    #[error("certificate in {path} is not usable as a trust anchor: {why}")]
+    BadAnchor { path: PathBuf, why: String },
+    #[error("--tls-pin must be 64 hex digits (the SHA-256 of the server certificate's DER)")]
+    BadPin,
+    #[error("invalid TLS server name {0:?}")]
+    BadServerName(String),
+    #[error(
+        "no usable certificate in the system trust store; give --tls-ca, --tls-cert or --tls-pin"
+    )]
+    NoSystemRoots,
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// How the server's certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    System,
+    CaFile(PathBuf),
+    /// Exactly this leaf certificate (DER).
+    ExactCert(Vec<u8>),
+    /// SHA-256 of the leaf certificate's DER.
+    Pin([u8; 32]),
+    InsecureNoVerify,
+}
+
+impl Trust {
+    /// The leaf certificate from a PEM file, for [`Trust::ExactCert`].
+    pub fn exact_cert_from_file(path: &std::path::Path) -> Result<Trust, TlsError> {
+        let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Trust::exact_cert_from_pem(&pem, path)
+    }
+
+    /// The first certificate of a PEM text (as `get_nbd_info` returns it).
+    pub fn exact_cert_from_pem(pem: &[u8], origin: &std::path::Path) -> Result<Trust, TlsError> {
+        let first = CertificateDer::pem_slice_iter(pem)
+            .next()
+            .ok_or_else(|| TlsError::NoCertificate {
+                path: origin.into(),
+            })?
+            .map_err(|e| TlsError::BadPem {
+                path: origin.into(),
+                why: e.to_string(),
+            })?;
+        Ok(Trust::ExactCert(first.to_vec()))
+    }
+
+    pub fn pin_from_hex(hex: &str) -> Result<Trust, TlsError> {
+        let hex: String = hex.chars().filter(|c| *c != ':').collect();
+        if hex.len() != 64 {
+            return Err(TlsError::BadPin);
+        }
+        let mut pin = [0u8; 32];
+        for (i, b) in pin.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| TlsError::BadPin)?;
+        }
+        Ok(Trust::Pin(pin))
+    }
+}
+
+/// The crypto provider: ring, with its default suites (TLS 1.3 and 1.2, including
+/// ECDHE-RSA AES-GCM on secp384r1, which is all XenServer's NBD server offers).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Build a client configuration for one trust policy.
+pub fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let config = match trust {
+        Trust::System => {
+            let mut roots = rustls::RootCertStore::empty();
+            let loaded = rustls_native_certs::load_native_certs();
+            for cert in loaded.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(TlsError::NoSystemRoots);
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::CaFile(path) => {
+            let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| TlsError::BadPem {
+                    path: path.clone(),
+                    why: e.to_string(),
+                })?;
+                roots.add(cert).map_err(|e| TlsError::BadAnchor {
+                    path: path.clone(),
+                    why: e.to_string(),
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(TlsError::NoCertificate { path: path.clone() });
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::ExactCert(der) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ExactVerifier {
+                expect: Expect::Der(der.clone()),
+                provider,
+            }))
+            .with_no_client_auth(),
+        Trust::Pin(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ExactVerifier {
+                expect: Expect::Sha256(*pin),
+                provider,
+            }))
+            .with_no_client_auth(),
+        Trust::InsecureNoVerify => {
+            tracing::warn!("TLS certificate verification is DISABLED (--tls-insecure-no-verify): the server is not authenticated");
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ExactVerifier {
+                    expect: Expect::Anything,
+                    provider,
+                }))
+                .with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+/// Parse a server name for SNI and certificate checks (a DNS name or an IP address).
+pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(bare.to_string()).map_err(|_| TlsError::BadServerName(name.to_string()))
+}
+
+/// SHA-256 of a DER certificate, as lowercase hex (what `--tls-pin` takes).
+pub fn sha256_hex(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug)]
+enum Expect {
+    Der(Vec<u8>),
+    Sha256([u8; 32]),
+    Anything,
+}
+
+/// Accepts exactly one certificate (by DER or by hash); the name is not checked because the
+/// identity is the certificate itself.
+#[derive(Debug)]
+struct ExactVerifier {
+    expect: Expect,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for ExactVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ok = match &self.expect {
+            Expect::Der(der) => end_entity.as_ref() == der.as_slice(),
+            Expect::Sha256(pin) => {
+                ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref()).as_ref() == pin
+            }
+            Expect::Anything => true,
+        };
+        if ok {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            let what = match self.expect {
+                Expect::Sha256(_) => "does not match --tls-pin",
+                _ => "is not the expected certificate",
+            };
+            Err(rustls::Error::General(format!(
+                "server certificate (sha256 {}) {what}",
+                sha256_hex(end_entity.as_ref())
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_parse() {
+        let hex = "00".repeat(31) + "ff";
+        assert_eq!(
+            Trust::pin_from_hex(&hex).unwrap(),
+            Trust::Pin({
+                let mut p = [0u8; 32];
+                p[31] = 0xff;
+                p
+            })
+        );
+        assert!(Trust::pin_from_hex("abc").is_err());
+        assert!(Trust::pin_from_hex(&"zz".repeat(32)).is_err());
+    }
+}
+
+/// A readable reason from a TLS handshake I/O error (rustls puts its error inside).
+pub fn describe_io_error(e: &std::io::Error) -> String {
+    match e.get_ref() {
+        Some(inner) => inner.to_string(),
+        None => e.to_string(),
+    }
+}

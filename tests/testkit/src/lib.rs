@@ -1,0 +1,21 @@
+//! Test fixtures for cbtstream integration tests:
+//!
+//! * [`certs`]: a test PKI (CA + server/client leaves) and a XenServer-style self-signed
+//!   RSA certificate, written as PEM files, plus rustls config helpers.
+//! * [`servers`]: qemu-nbd / nbdkit child processes on 127.0.0.1, with or without TLS.
+//! * [`images`]: deterministic raw images, in-place mutations and CBT bitmaps.
+
+pub mod certs;
+pub mod images;
+pub mod servers;
+pub mod xen_nbd;
+
+pub use certs::{
+    rustls_client_config, rustls_server_config, rustls_server_config_from_pem,
+    xapi_style_self_signed, SelfSignedCert, TestPki,
+};
+pub use images::{
+    changed_bitmap_base64, make_image, mutate_blocks, random_bitmap, CbtBitmap, Pattern, Prng,
+    BLOCK,
+};
+pub use servers::{have, require_tools, NbdKitOpts, NbdServer, QemuOpts, ServerKind};
