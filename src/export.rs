@@ -114,6 +114,17 @@ fn engine_code(e: &EngineError) -> Code {
     }
 }
 
+/// Now, or $SOURCE_DATE_EPOCH when set (for reproducible output, as in reproducible builds).
+pub fn created_now() -> u64 {
+    if let Some(t) = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()) {
+        return t;
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
     let uri: NbdUri = args.nbd.parse().code(Code::Usage)?;
     let opts = connect_options(&args, &uri)?;
@@ -201,10 +212,7 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         base_id,
-        created_unix_secs: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix_secs: created_now(),
         codec: match args.compress {
             CompressArg::Zstd => Codec::Zstd,
             CompressArg::None => Codec::None,
