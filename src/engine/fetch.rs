@@ -27,14 +27,14 @@ pub struct FetchConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("read of {len} bytes at offset {offset} failed after {attempts} attempts: {error}")]
+    #[error("read of {len} bytes at offset {offset} failed after {attempts} attempt(s): {error}")]
     Read {
         offset: u64,
         len: u64,
         attempts: u32,
         error: ServerError,
     },
-    #[error("read of {len} bytes at offset {offset} failed after {attempts} attempts; last connection error: {error}")]
+    #[error("read of {len} bytes at offset {offset} failed after {attempts} attempt(s); last connection error: {error}")]
     Lost {
         offset: u64,
         len: u64,

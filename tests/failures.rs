@@ -1,0 +1,227 @@
+//! Failure paths: wrong trust, plaintext servers, server errors, damaged streams. Each must
+//! end with the documented exit code and a message naming the fault.
+
+mod common;
+
+use cbtstream_testkit::*;
+use common::*;
+use std::path::PathBuf;
+
+const SIZE: u64 = 4 << 20;
+
+fn setup() -> (tempfile::TempDir, PathBuf, TestPki, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let pki = TestPki::generate(&dir.join("pki")).unwrap();
+    let img = dir.join("disk.raw");
+    make_image(&img, SIZE, 3, Pattern::Mixed).unwrap();
+    (tmp, dir, pki, img)
+}
+
+#[test]
+fn wrong_pin_is_refused() {
+    if !require_tools("wrong_pin_is_refused", &["qemu-nbd"]) {
+        return;
+    }
+    let (_t, dir, pki, img) = setup();
+    let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
+    let out = dir.join("x.cbts");
+    let o = run(&["export", "--nbd", &server.uri(), "--tls-pin", &"ab".repeat(32), "--full", "-o", p(&out)]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("does not match --tls-pin"), "{}", stderr(&o));
+    assert!(!out.exists());
+
+    // The right pin, and the exact certificate, both work.
+    let pin = {
+        use std::fmt::Write;
+        let d = ring_sha256(&pki.server_cert_der);
+        d.iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    };
+    ok(run(&["export", "--nbd", &server.uri(), "--tls-pin", &pin, "--full", "-o", p(&out)]));
+    ok(run(&["export", "--nbd", &server.uri(), "--tls-cert", p(&pki.server_cert_pem_path), "--full", "-o", p(&out)]));
+    // A CA that did not sign the server's certificate is refused.
+    let other = TestPki::generate(&dir.join("other")).unwrap();
+    let o = run(&["export", "--nbd", &server.uri(), "--tls-ca", p(&other.ca_pem_path), "--full", "-o", p(&out)]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("TLS handshake"), "{}", stderr(&o));
+}
+
+fn ring_sha256(der: &[u8]) -> Vec<u8> {
+    // Use openssl's CLI-free path: sha256 via the `ring` crate is not a dev-dependency here,
+    // so compute it with the system's sha256sum.
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), der).unwrap();
+    let o = std::process::Command::new("sha256sum").arg(tmp.path()).output().unwrap();
+    let hex = String::from_utf8_lossy(&o.stdout);
+    let hex = hex.split_whitespace().next().unwrap();
+    (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect()
+}
+
+#[test]
+fn nbds_against_plaintext_server_is_refused() {
+    if !require_tools("nbds_against_plaintext_server_is_refused", &["qemu-nbd", "nbdkit"]) {
+        return;
+    }
+    let (_t, dir, pki, img) = setup();
+    let out = dir.join("x.cbts");
+    for server in [
+        NbdServer::qemu_nbd(&img, None, QemuOpts::default()).unwrap(),
+        NbdServer::nbdkit(&img, None, NbdKitOpts::default()).unwrap(),
+    ] {
+        let tls_uri = server.uri().replacen("nbd://", "nbds://", 1);
+        let o = run(&["export", "--nbd", &tls_uri, "--tls-ca", p(&pki.ca_pem_path), "--full", "-o", p(&out)]);
+        assert_eq!(code(&o), 3, "{}", stderr(&o));
+        assert!(stderr(&o).contains("does not support TLS"), "{}", stderr(&o));
+        // Plaintext needs a flag that says so.
+        let o = run(&["export", "--nbd", &server.uri(), "--full", "-o", p(&out)]);
+        assert_eq!(code(&o), 2, "{}", stderr(&o));
+        ok(run(&["export", "--nbd", &server.uri(), "--allow-plaintext", "--full", "-o", p(&out)]));
+    }
+    // And a TLS-only server refuses a plaintext client.
+    let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
+    let plain = server.uri().replacen("nbds://", "nbd://", 1);
+    let o = run(&["export", "--nbd", &plain, "--allow-plaintext", "--full", "-o", p(&out)]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("requires TLS"), "{}", stderr(&o));
+}
+
+#[test]
+fn permanent_read_error_names_the_offset() {
+    if !require_tools("permanent_read_error_names_the_offset", &["nbdkit"]) {
+        return;
+    }
+    let (_t, dir, pki, img) = setup();
+    let server = NbdServer::nbdkit(&img, Some(&pki), NbdKitOpts::from_args(&["error", "error-pread-rate=1", "error-pread=EIO"])).unwrap();
+    let out = dir.join("x.cbts");
+    let o = run(&[
+        "export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--full", "-o", p(&out), "--retries", "2",
+    ]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("at offset") && e.contains("EIO") && e.contains("3 attempt(s)"), "{e}");
+    assert!(!out.exists(), "no output may appear under the final name");
+}
+
+#[test]
+fn transient_read_errors_are_retried() {
+    if !require_tools("transient_read_errors_are_retried", &["nbdkit"]) {
+        return;
+    }
+    let (_t, dir, pki, img) = setup();
+    let server = NbdServer::nbdkit(&img, Some(&pki), NbdKitOpts::from_args(&["error", "error-pread-rate=0.2", "error-pread=EIO"])).unwrap();
+    let out = dir.join("x.cbts");
+    let restored = dir.join("r.raw");
+    ok(run(&[
+        "export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--full", "-o", p(&out), "--retries", "12",
+        "--request-size", "64",
+    ]));
+    ok(run(&["restore", "--to", p(&restored), p(&out)]));
+    assert_same(&restored, &img);
+}
+
+#[test]
+fn bad_bitmaps_are_refused() {
+    if !require_tools("bad_bitmaps_are_refused", &["qemu-nbd"]) {
+        return;
+    }
+    let (_t, dir, pki, img) = setup();
+    let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
+    let out = dir.join("x.cbts");
+    let blocks = SIZE / 65536;
+    let cases = [
+        ("not base64!!", "not valid base64"),
+        // One byte short.
+        ("AAAAAAAAAA==", "needs"),
+    ];
+    for (b64, want) in cases {
+        let bm = bitmap_file(&dir, "bm", b64);
+        let o = run(&["export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--changed-blocks", p(&bm), "-o", p(&out)]);
+        assert_eq!(code(&o), 2, "{}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{}", stderr(&o));
+    }
+    // A bit past the end of the disk.
+    let mut bytes = vec![0u8; (blocks as usize).div_ceil(8) + 1];
+    bytes[blocks as usize / 8] = 0x80;
+    let bm = bitmap_file(&dir, "bm", &cbtstream_proto_b64(&bytes));
+    let o = run(&["export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--changed-blocks", p(&bm), "-o", p(&out)]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("past the end"), "{}", stderr(&o));
+}
+
+fn cbtstream_proto_b64(bytes: &[u8]) -> String {
+    cbtstream_proto::cbt::encode_base64(bytes)
+}
+
+/// Truncated and altered streams are refused by inspect and restore (exit 4), and a failed
+/// restore never leaves the image looking complete.
+#[test]
+fn damaged_streams_are_refused() {
+    if !require_tools("damaged_streams_are_refused", &["qemu-nbd"]) {
+        return;
+    }
+    let (_t, dir, pki, img) = setup();
+    let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
+    let good = dir.join("good.cbts");
+    ok(run(&["export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--full", "--point-id", "p0", "-o", p(&good)]));
+    let bytes = std::fs::read(&good).unwrap();
+    let bad = dir.join("bad.cbts");
+    let mut prng = Prng::new(99);
+    let mut positions: Vec<usize> = (0..12).map(|_| prng.below(bytes.len() as u64) as usize).collect();
+    positions.extend([0, 10, bytes.len() - 1, bytes.len() - 50]);
+    for &pos in &positions {
+        // Cut short.
+        std::fs::write(&bad, &bytes[..pos]).unwrap();
+        let o = run(&["inspect", p(&bad)]);
+        assert_eq!(code(&o), 4, "truncated at {pos}: {}", stderr(&o));
+        let target = dir.join(format!("t{pos}.raw"));
+        let o = run(&["restore", "--to", p(&target), p(&bad)]);
+        assert_eq!(code(&o), 4, "truncated at {pos}: {}", stderr(&o));
+        // One flipped byte.
+        let mut flipped = bytes.clone();
+        flipped[pos] ^= 0x40;
+        std::fs::write(&bad, &flipped).unwrap();
+        let o = run(&["inspect", p(&bad)]);
+        assert_eq!(code(&o), 4, "flipped at {pos}: {}", stderr(&o));
+        let o = run(&["restore", "--to", p(&target), p(&bad)]);
+        assert_eq!(code(&o), 4, "flipped at {pos}: {}", stderr(&o));
+        // The image is marked incomplete: an incremental onto it is refused.
+        let inc = dir.join("inc.cbts");
+        let bm = bitmap_file(&dir, "empty", &CbtBitmap::empty(SIZE).to_base64());
+        ok(run(&[
+            "export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--changed-blocks", p(&bm), "--base-id", "p0",
+            "-o", p(&inc),
+        ]));
+        if target.exists() {
+            let o = run(&["restore", "--to", p(&target), p(&inc)]);
+            assert_ne!(code(&o), 0, "an incremental onto a half-restored image must be refused");
+        }
+    }
+}
+
+#[test]
+fn chain_mistakes_are_refused() {
+    if !require_tools("chain_mistakes_are_refused", &["qemu-nbd"]) {
+        return;
+    }
+    let (_t, dir, pki, img) = setup();
+    let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
+    let full = dir.join("full.cbts");
+    ok(run(&["export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--full", "--point-id", "p0", "-o", p(&full)]));
+    let bm = bitmap_file(&dir, "empty", &CbtBitmap::empty(SIZE).to_base64());
+    let inc = dir.join("inc.cbts");
+    ok(run(&[
+        "export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--changed-blocks", p(&bm), "--base-id", "other",
+        "--point-id", "p1", "-o", p(&inc),
+    ]));
+    let target = dir.join("r.raw");
+    // Incremental onto a missing image.
+    let o = run(&["restore", "--to", p(&target), p(&inc)]);
+    assert_ne!(code(&o), 0);
+    assert!(!target.exists());
+    // Base id that does not follow on.
+    let o = run(&["restore", "--to", p(&target), p(&full), p(&inc)]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+}
