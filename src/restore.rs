@@ -1234,6 +1234,36 @@ mod tests {
     }
 
     #[test]
+    fn every_byte_flip_and_cut_of_a_small_zstd_stream_is_refused() {
+        let mut d = vec![0u8; 3 * BLOCK];
+        for (i, x) in d[..BLOCK + 100].iter_mut().enumerate() {
+            *x = (i % 7) as u8;
+        }
+        let mut rng = Prng(5);
+        d[2 * BLOCK..]
+            .iter_mut()
+            .for_each(|x| *x = rng.next() as u8);
+        let good = export(&d, "p", None, &[0, 1, 2]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.cbt");
+        fs::write(&path, &good).unwrap();
+        let r = inspect(&path).unwrap();
+        assert_eq!((r.zstd_records, r.raw_records), (2, 1));
+        for pos in 0..good.len() {
+            let mut m = good.clone();
+            m[pos] ^= 0x10;
+            fs::write(&path, &m).unwrap();
+            let e = inspect(&path).unwrap_err();
+            assert!(e.is_integrity(), "flip at {pos}: {e}");
+        }
+        for cut in 0..good.len() {
+            fs::write(&path, &good[..cut]).unwrap();
+            let e = inspect(&path).unwrap_err();
+            assert!(e.is_integrity(), "cut at {cut}: {e}");
+        }
+    }
+
+    #[test]
     fn zstd_payload_problems_name_the_record() {
         let mut p = PayloadDecoder::new().unwrap();
         let data = vec![7u8; 10_000];
@@ -1274,6 +1304,29 @@ mod tests {
             .decode(3, 0x3000, 10_000, Codec::Zstd, sum ^ 1, &frame)
             .unwrap_err();
         assert!(e.to_string().contains("checksum mismatch"), "{e}");
+    }
+
+    #[test]
+    fn zero_range_punches_or_writes_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let n = 3 * ZERO_CHUNK as u64 + 5;
+        fs::write(&path, vec![0xaa; n as usize + 10]).unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        for punch_holes in [true, false] {
+            let mut a = Applier {
+                image: path.clone(),
+                payload: PayloadDecoder::new().unwrap(),
+                zeros: Vec::new(),
+                punch_holes,
+            };
+            file.write_all_at(&vec![0xaa; n as usize], 0).unwrap();
+            a.zero_range(&file, 3, n - 3).unwrap();
+            let got = fs::read(&path).unwrap();
+            assert_eq!(&got[..3], &[0xaa; 3]);
+            assert!(got[3..n as usize].iter().all(|&b| b == 0));
+            assert_eq!(&got[n as usize..], &[0xaa; 10]);
+        }
     }
 
     #[test]

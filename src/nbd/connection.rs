@@ -262,11 +262,13 @@ async fn handshake(
                 stream.write_all(&bytes).await?;
                 stream.flush().await?;
             }
-            Step::NeedBytes => {
-                if stream.read_buf(&mut buf).await? == 0 {
-                    return Err(hs.eof().into());
-                }
-            }
+            Step::NeedBytes => match stream.read_buf(&mut buf).await {
+                Ok(0) => return Err(hs.eof().into()),
+                Ok(_) => {}
+                // A TLS peer that closes without close_notify.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(hs.eof().into()),
+                Err(e) => return Err(e.into()),
+            },
             Step::StartTls => {
                 let Some((config, name)) = &opts.tls else {
                     return Err(ConnError::Protocol(NbdError::TlsNotSupported(

@@ -1,0 +1,144 @@
+//! Against the XenServer-profile NBD server (TLS 1.2 + secp384r1 only, EXPORT_NAME only,
+//! simple replies in order, 16 connections at most): chains, the connection limit, and
+//! faults (a cut mid-reply, a stall, a permanent read error). The certificate is trusted the
+//! way `get_nbd_info` hands it out: exactly that leaf (`--tls-cert`).
+
+mod common;
+
+use cbtstream_testkit::xen_nbd::{file_resolver, StallAt, XenNbdConfig, XenNbdServer};
+use cbtstream_testkit::*;
+use common::*;
+use std::path::PathBuf;
+use std::process::Output;
+
+const SIZE: u64 = (6 << 20) + 512;
+/// What get_nbd_info returns as exportname: it carries the session reference.
+const EXPORT: &str = "/3f1c7a4e-1d2b-4c3d-9e8f-001122334455?session_id=OpaqueRef:5ecret-5e55ion";
+
+struct Xen {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    img: PathBuf,
+    cert: SelfSignedCert,
+    server: XenNbdServer,
+}
+
+async fn xen(max_connections: usize) -> Xen {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let img = dir.join("vdi.raw");
+    make_image(&img, SIZE, 21, Pattern::Mixed).unwrap();
+    let cert = xapi_style_self_signed(&dir.join("xapi")).unwrap();
+    let mut cfg = XenNbdConfig::new(&cert.cert_pem_path, &cert.key_pem_path, file_resolver(Some(EXPORT.into()), &img));
+    cfg.max_connections = max_connections;
+    let server = XenNbdServer::start(cfg).await.unwrap();
+    Xen { _tmp: tmp, dir, img, cert, server }
+}
+
+impl Xen {
+    fn uri(&self) -> String {
+        format!("nbds://127.0.0.1:{}/{}", self.server.port, EXPORT.replace('?', "%3F"))
+    }
+
+    async fn export(&self, out: &std::path::Path, extra: &[&str]) -> Output {
+        let mut args: Vec<String> = ["export", "--nbd", &self.uri(), "--tls-cert", p(&self.cert.cert_pem_path), "--tls-server-name", "localhost", "-o", p(out)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&a)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_against_xenserver_profile() {
+    let x = xen(16).await;
+    let restored = x.dir.join("restored.raw");
+    let full = x.dir.join("full.cbts");
+    let o = ok(x.export(&full, &["--full", "--point-id", "s0", "--connections", "4", "-vv"]).await);
+    // Secrets stay out of the log, even at -vv.
+    let log = stderr(&o);
+    assert!(!log.contains("5ecret") && !log.contains("3f1c7a4e"), "secret in log: {log}");
+    ok(run(&["restore", "--to", p(&restored), p(&full)]));
+    assert_same(&restored, &x.img);
+    for i in 1..=2u64 {
+        let changes = mutate_blocks(&x.img, 40 + i, 10).unwrap();
+        let bmf = bitmap_file(&x.dir, "bm", &CbtBitmap::from_changes(&changes, SIZE).to_base64());
+        let inc = x.dir.join(format!("inc{i}.cbts"));
+        let (base, point) = (format!("s{}", i - 1), format!("s{i}"));
+        ok(x.export(&inc, &["--changed-blocks", p(&bmf), "--base-id", &base, "--point-id", &point, "--connections", "4"]).await);
+        ok(run(&["restore", "--to", p(&restored), p(&inc)]));
+        assert_same(&restored, &x.img);
+    }
+    // Every connection was closed (NBD_CMD_DISC), so the host could detach the snapshot.
+    let f = x.server.faults.clone();
+    tokio::time::timeout(std::time::Duration::from_secs(10), f.wait_until(|f| f.connections_closed() == f.connections_opened()))
+        .await
+        .expect("connections left open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_is_respected() {
+    let x = xen(2).await;
+    let out = x.dir.join("full.cbts");
+    let o = ok(x.export(&out, &["--full", "--connections", "8", "--json"]).await);
+    let json: serde_json::Value = serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(json["connections"], 2);
+    let restored = x.dir.join("r.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&out)]));
+    assert_same(&restored, &x.img);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cut_mid_reply_is_retried() {
+    let x = xen(16).await;
+    x.server.faults.cut_next_read_after(1000);
+    let out = x.dir.join("full.cbts");
+    ok(x.export(&out, &["--full", "--connections", "2"]).await);
+    assert_eq!(x.server.faults.cuts(), 1);
+    let restored = x.dir.join("r.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&out)]));
+    assert_same(&restored, &x.img);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_server_times_out_and_recovers() {
+    let x = xen(16).await;
+    x.server.faults.stall(StallAt::Request(3));
+    let out = x.dir.join("full.cbts");
+    ok(x.export(&out, &["--full", "--connections", "1", "--request-timeout", "1"]).await);
+    assert_eq!(x.server.faults.stalls(), 1);
+    let restored = x.dir.join("r.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&out)]));
+    assert_same(&restored, &x.img);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_error_fails_with_offset() {
+    let x = xen(16).await;
+    x.server.faults.fail_reads(2 << 20..(2 << 20) + 512, None);
+    let out = x.dir.join("full.cbts");
+    let o = x.export(&out, &["--full", "--retries", "2", "--request-size", "64"]).await;
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("at offset {}", 2 << 20)), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_export_is_a_clear_error() {
+    let x = xen(16).await;
+    let out = x.dir.join("full.cbts");
+    let uri = format!("nbds://127.0.0.1:{}/wrong", x.server.port);
+    let o = tokio::task::spawn_blocking(move || {
+        run(&["export", "--nbd", &uri, "--tls-cert", p(&x.cert.cert_pem_path), "--tls-server-name", "localhost", "--full", "-o", p(&out)])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("unknown export or invalid session"), "{}", stderr(&o));
+}
