@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Export changed (or all) blocks of a disk to a stream.
-    Export(ExportArgs),
+    Export(Box<ExportArgs>),
     /// Apply a full stream and/or incrementals, in order, to a raw disk image.
     Restore(RestoreArgs),
     /// Check a stream (every checksum and the trailer) and print what it holds.
@@ -160,7 +160,7 @@ pub fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Export(args) => run_async(crate::export::export_nbd(args)),
+        Command::Export(args) => run_async(crate::export::export_nbd(*args)),
         Command::Restore(args) => restore(args),
         Command::Inspect(args) => inspect(args),
     };

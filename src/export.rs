@@ -116,7 +116,10 @@ fn engine_code(e: &EngineError) -> Code {
 
 /// Now, or $SOURCE_DATE_EPOCH when set (for reproducible output, as in reproducible builds).
 pub fn created_now() -> u64 {
-    if let Some(t) = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()) {
+    if let Some(t) = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         return t;
     }
     std::time::SystemTime::now()

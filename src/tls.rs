@@ -257,6 +257,15 @@ impl ServerCertVerifier for ExactVerifier {
     }
 }
 
+/// A readable reason from a TLS handshake I/O error (rustls puts its error inside).
+pub fn describe_io_error(e: &std::io::Error) -> String {
+    match e.get_ref() {
+        Some(inner) => inner.to_string(),
+        None => e.to_string(),
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,13 +283,5 @@ mod tests {
         );
         assert!(Trust::pin_from_hex("abc").is_err());
         assert!(Trust::pin_from_hex(&"zz".repeat(32)).is_err());
-    }
-}
-
-/// A readable reason from a TLS handshake I/O error (rustls puts its error inside).
-pub fn describe_io_error(e: &std::io::Error) -> String {
-    match e.get_ref() {
-        Some(inner) => inner.to_string(),
-        None => e.to_string(),
     }
 }

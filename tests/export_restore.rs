@@ -23,12 +23,25 @@ fn fixture(seed: u64) -> Fixture {
     let pki = TestPki::generate(&dir.join("pki")).unwrap();
     let img = dir.join("disk.raw");
     make_image(&img, SIZE, seed, Pattern::Mixed).unwrap();
-    Fixture { _tmp: tmp, dir, pki, img }
+    Fixture {
+        _tmp: tmp,
+        dir,
+        pki,
+        img,
+    }
 }
 
 fn export(server: &NbdServer, pki: &TestPki, out: &Path, extra: &[&str]) -> std::process::Output {
     let uri = server.uri();
-    let mut args = vec!["export", "--nbd", &uri, "--tls-ca", p(&pki.ca_pem_path), "-o", p(out)];
+    let mut args = vec![
+        "export",
+        "--nbd",
+        &uri,
+        "--tls-ca",
+        p(&pki.ca_pem_path),
+        "-o",
+        p(out),
+    ];
     args.extend_from_slice(extra);
     run(&args)
 }
@@ -38,12 +51,19 @@ fn export(server: &NbdServer, pki: &TestPki, out: &Path, extra: &[&str]) -> std:
 fn chain(kind: ServerKind, conns: &str) {
     let f = fixture(7);
     let server = match kind {
-        ServerKind::QemuNbd => NbdServer::qemu_nbd(&f.img, Some(&f.pki), QemuOpts::default()).unwrap(),
+        ServerKind::QemuNbd => {
+            NbdServer::qemu_nbd(&f.img, Some(&f.pki), QemuOpts::default()).unwrap()
+        }
         _ => NbdServer::nbdkit(&f.img, Some(&f.pki), NbdKitOpts::default()).unwrap(),
     };
     let restored = f.dir.join("restored.raw");
     let full = f.dir.join("full.cbts");
-    ok(export(&server, &f.pki, &full, &["--full", "--point-id", "p0", "--connections", conns]));
+    ok(export(
+        &server,
+        &f.pki,
+        &full,
+        &["--full", "--point-id", "p0", "--connections", conns],
+    ));
     ok(run(&["restore", "--to", p(&restored), p(&full)]));
     assert_same(&restored, &f.img);
     for i in 1..=3u64 {
@@ -54,21 +74,38 @@ fn chain(kind: ServerKind, conns: &str) {
         std::fs::OpenOptions::new()
             .write(true)
             .open(&f.img)
-            .and_then(|file| std::os::unix::fs::FileExt::write_all_at(&file, &[0xa5; 100], SIZE - 100))
+            .and_then(|file| {
+                std::os::unix::fs::FileExt::write_all_at(&file, &[0xa5; 100], SIZE - 100)
+            })
             .unwrap();
         bm.set(last);
         let bmf = bitmap_file(&f.dir, &format!("bm{i}"), &bm.to_base64());
         let inc = f.dir.join(format!("inc{i}.cbts"));
         let (base, point) = (format!("p{}", i - 1), format!("p{i}"));
-        ok(export(&server, &f.pki, &inc, &[
-            "--changed-blocks", p(&bmf), "--base-id", &base, "--point-id", &point, "--connections", conns,
-        ]));
+        ok(export(
+            &server,
+            &f.pki,
+            &inc,
+            &[
+                "--changed-blocks",
+                p(&bmf),
+                "--base-id",
+                &base,
+                "--point-id",
+                &point,
+                "--connections",
+                conns,
+            ],
+        ));
         ok(run(&["restore", "--to", p(&restored), p(&inc)]));
         assert_same(&restored, &f.img);
     }
     // The whole chain again, onto a fresh image, in one command.
     let again = f.dir.join("again.raw");
-    let streams: Vec<String> = ["full", "inc1", "inc2", "inc3"].iter().map(|n| p(&f.dir.join(format!("{n}.cbts"))).to_string()).collect();
+    let streams: Vec<String> = ["full", "inc1", "inc2", "inc3"]
+        .iter()
+        .map(|n| p(&f.dir.join(format!("{n}.cbts"))).to_string())
+        .collect();
     let mut args = vec!["restore", "--to", p(&again)];
     args.extend(streams.iter().map(String::as_str));
     ok(run(&args));
@@ -117,16 +154,37 @@ fn bitmap_shapes() {
     let restored = f.dir.join("restored.raw");
     for (n, server) in servers.iter().enumerate() {
         let full = f.dir.join(format!("full{n}.cbts"));
-        ok(export(server, &f.pki, &full, &["--full", "--point-id", "base"]));
+        ok(export(
+            server,
+            &f.pki,
+            &full,
+            &["--full", "--point-id", "base"],
+        ));
         ok(run(&["restore", "--to", p(&restored), p(&full)]));
         assert_same(&restored, &f.img);
 
         // Empty bitmap: nothing to read, a valid stream with no records.
         let empty = bitmap_file(&f.dir, "empty", &CbtBitmap::empty(SIZE).to_base64());
         let out = f.dir.join(format!("empty{n}.cbts"));
-        ok(export(server, &f.pki, &out, &["--changed-blocks", p(&empty), "--base-id", "base", "--point-id", "e"]));
+        ok(export(
+            server,
+            &f.pki,
+            &out,
+            &[
+                "--changed-blocks",
+                p(&empty),
+                "--base-id",
+                "base",
+                "--point-id",
+                "e",
+            ],
+        ));
         let o = ok(run(&["inspect", p(&out)]));
-        assert!(String::from_utf8_lossy(&o.stdout).contains("records:       0"), "{}", String::from_utf8_lossy(&o.stdout));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("records:       0"),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         ok(run(&["restore", "--to", p(&restored), p(&out)]));
         assert_same(&restored, &f.img);
 
@@ -138,7 +196,21 @@ fn bitmap_shapes() {
         }
         let bmf = bitmap_file(&f.dir, "random", &bm.to_base64());
         let out = f.dir.join(format!("random{n}.cbts"));
-        ok(export(server, &f.pki, &out, &["--changed-blocks", p(&bmf), "--base-id", "e", "--point-id", "r", "--request-size", "256"]));
+        ok(export(
+            server,
+            &f.pki,
+            &out,
+            &[
+                "--changed-blocks",
+                p(&bmf),
+                "--base-id",
+                "e",
+                "--point-id",
+                "r",
+                "--request-size",
+                "256",
+            ],
+        ));
         ok(run(&["restore", "--to", p(&restored), p(&out)]));
         assert_same(&restored, &f.img);
 
@@ -149,7 +221,21 @@ fn bitmap_shapes() {
         }
         let bmf = bitmap_file(&f.dir, "all", &all.to_base64());
         let out = f.dir.join(format!("all{n}.cbts"));
-        ok(export(server, &f.pki, &out, &["--changed-blocks", p(&bmf), "--base-id", "r", "--point-id", "a", "--compress", "none"]));
+        ok(export(
+            server,
+            &f.pki,
+            &out,
+            &[
+                "--changed-blocks",
+                p(&bmf),
+                "--base-id",
+                "r",
+                "--point-id",
+                "a",
+                "--compress",
+                "none",
+            ],
+        ));
         ok(run(&["restore", "--to", p(&restored), p(&out)]));
         assert_same(&restored, &f.img);
     }
@@ -165,8 +251,38 @@ fn output_is_deterministic() {
     let server = NbdServer::qemu_nbd(&f.img, Some(&f.pki), QemuOpts::default()).unwrap();
     let a = f.dir.join("a.cbts");
     let b = f.dir.join("b.cbts");
-    ok(export(&server, &f.pki, &a, &["--full", "--point-id", "x", "--connections", "1", "--inflight", "1", "--threads", "1"]));
-    ok(export(&server, &f.pki, &b, &["--full", "--point-id", "x", "--connections", "4", "--inflight", "64", "--threads", "3"]));
+    ok(export(
+        &server,
+        &f.pki,
+        &a,
+        &[
+            "--full",
+            "--point-id",
+            "x",
+            "--connections",
+            "1",
+            "--inflight",
+            "1",
+            "--threads",
+            "1",
+        ],
+    ));
+    ok(export(
+        &server,
+        &f.pki,
+        &b,
+        &[
+            "--full",
+            "--point-id",
+            "x",
+            "--connections",
+            "4",
+            "--inflight",
+            "64",
+            "--threads",
+            "3",
+        ],
+    ));
     assert_same(&a, &b);
 }
 
@@ -180,7 +296,17 @@ fn export_pipes_into_restore() {
     let server = NbdServer::qemu_nbd(&f.img, Some(&f.pki), QemuOpts::default()).unwrap();
     let restored = f.dir.join("restored.raw");
     let mut exp = std::process::Command::new(BIN)
-        .args(["export", "--nbd", &server.uri(), "--tls-ca", p(&f.pki.ca_pem_path), "--full", "-o", "-", "--json"])
+        .args([
+            "export",
+            "--nbd",
+            &server.uri(),
+            "--tls-ca",
+            p(&f.pki.ca_pem_path),
+            "--full",
+            "-o",
+            "-",
+            "--json",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -191,7 +317,11 @@ fn export_pipes_into_restore() {
         .output()
         .unwrap();
     let exp = exp.wait_with_output().unwrap();
-    assert!(exp.status.success(), "{}", String::from_utf8_lossy(&exp.stderr));
+    assert!(
+        exp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exp.stderr)
+    );
     assert!(res.status.success(), "{}", stderr(&res));
     let summary = String::from_utf8_lossy(&exp.stderr);
     let json: serde_json::Value = serde_json::from_str(summary.lines().last().unwrap()).unwrap();

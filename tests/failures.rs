@@ -26,9 +26,22 @@ fn wrong_pin_is_refused() {
     let (_t, dir, pki, img) = setup();
     let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
     let out = dir.join("x.cbts");
-    let o = run(&["export", "--nbd", &server.uri(), "--tls-pin", &"ab".repeat(32), "--full", "-o", p(&out)]);
+    let o = run(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-pin",
+        &"ab".repeat(32),
+        "--full",
+        "-o",
+        p(&out),
+    ]);
     assert_eq!(code(&o), 3, "{}", stderr(&o));
-    assert!(stderr(&o).contains("does not match --tls-pin"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not match --tls-pin"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!out.exists());
 
     // The right pin, and the exact certificate, both work.
@@ -40,11 +53,38 @@ fn wrong_pin_is_refused() {
             s
         })
     };
-    ok(run(&["export", "--nbd", &server.uri(), "--tls-pin", &pin, "--full", "-o", p(&out)]));
-    ok(run(&["export", "--nbd", &server.uri(), "--tls-cert", p(&pki.server_cert_pem_path), "--full", "-o", p(&out)]));
+    ok(run(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-pin",
+        &pin,
+        "--full",
+        "-o",
+        p(&out),
+    ]));
+    ok(run(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-cert",
+        p(&pki.server_cert_pem_path),
+        "--full",
+        "-o",
+        p(&out),
+    ]));
     // A CA that did not sign the server's certificate is refused.
     let other = TestPki::generate(&dir.join("other")).unwrap();
-    let o = run(&["export", "--nbd", &server.uri(), "--tls-ca", p(&other.ca_pem_path), "--full", "-o", p(&out)]);
+    let o = run(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-ca",
+        p(&other.ca_pem_path),
+        "--full",
+        "-o",
+        p(&out),
+    ]);
     assert_eq!(code(&o), 3, "{}", stderr(&o));
     assert!(stderr(&o).contains("TLS handshake"), "{}", stderr(&o));
 }
@@ -54,15 +94,23 @@ fn ring_sha256(der: &[u8]) -> Vec<u8> {
     // so compute it with the system's sha256sum.
     let tmp = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(tmp.path(), der).unwrap();
-    let o = std::process::Command::new("sha256sum").arg(tmp.path()).output().unwrap();
+    let o = std::process::Command::new("sha256sum")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
     let hex = String::from_utf8_lossy(&o.stdout);
     let hex = hex.split_whitespace().next().unwrap();
-    (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect()
+    (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
 }
 
 #[test]
 fn nbds_against_plaintext_server_is_refused() {
-    if !require_tools("nbds_against_plaintext_server_is_refused", &["qemu-nbd", "nbdkit"]) {
+    if !require_tools(
+        "nbds_against_plaintext_server_is_refused",
+        &["qemu-nbd", "nbdkit"],
+    ) {
         return;
     }
     let (_t, dir, pki, img) = setup();
@@ -72,18 +120,47 @@ fn nbds_against_plaintext_server_is_refused() {
         NbdServer::nbdkit(&img, None, NbdKitOpts::default()).unwrap(),
     ] {
         let tls_uri = server.uri().replacen("nbd://", "nbds://", 1);
-        let o = run(&["export", "--nbd", &tls_uri, "--tls-ca", p(&pki.ca_pem_path), "--full", "-o", p(&out)]);
+        let o = run(&[
+            "export",
+            "--nbd",
+            &tls_uri,
+            "--tls-ca",
+            p(&pki.ca_pem_path),
+            "--full",
+            "-o",
+            p(&out),
+        ]);
         assert_eq!(code(&o), 3, "{}", stderr(&o));
-        assert!(stderr(&o).contains("does not support TLS"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("does not support TLS"),
+            "{}",
+            stderr(&o)
+        );
         // Plaintext needs a flag that says so.
         let o = run(&["export", "--nbd", &server.uri(), "--full", "-o", p(&out)]);
         assert_eq!(code(&o), 2, "{}", stderr(&o));
-        ok(run(&["export", "--nbd", &server.uri(), "--allow-plaintext", "--full", "-o", p(&out)]));
+        ok(run(&[
+            "export",
+            "--nbd",
+            &server.uri(),
+            "--allow-plaintext",
+            "--full",
+            "-o",
+            p(&out),
+        ]));
     }
     // And a TLS-only server refuses a plaintext client.
     let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
     let plain = server.uri().replacen("nbds://", "nbd://", 1);
-    let o = run(&["export", "--nbd", &plain, "--allow-plaintext", "--full", "-o", p(&out)]);
+    let o = run(&[
+        "export",
+        "--nbd",
+        &plain,
+        "--allow-plaintext",
+        "--full",
+        "-o",
+        p(&out),
+    ]);
     assert_eq!(code(&o), 3, "{}", stderr(&o));
     assert!(stderr(&o).contains("requires TLS"), "{}", stderr(&o));
 }
@@ -94,14 +171,31 @@ fn permanent_read_error_names_the_offset() {
         return;
     }
     let (_t, dir, pki, img) = setup();
-    let server = NbdServer::nbdkit(&img, Some(&pki), NbdKitOpts::from_args(&["error", "error-pread-rate=1", "error-pread=EIO"])).unwrap();
+    let server = NbdServer::nbdkit(
+        &img,
+        Some(&pki),
+        NbdKitOpts::from_args(&["error", "error-pread-rate=1", "error-pread=EIO"]),
+    )
+    .unwrap();
     let out = dir.join("x.cbts");
     let o = run(&[
-        "export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--full", "-o", p(&out), "--retries", "2",
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-ca",
+        p(&pki.ca_pem_path),
+        "--full",
+        "-o",
+        p(&out),
+        "--retries",
+        "2",
     ]);
     assert_eq!(code(&o), 3, "{}", stderr(&o));
     let e = stderr(&o);
-    assert!(e.contains("at offset") && e.contains("EIO") && e.contains("3 attempt(s)"), "{e}");
+    assert!(
+        e.contains("at offset") && e.contains("EIO") && e.contains("3 attempt(s)"),
+        "{e}"
+    );
     assert!(!out.exists(), "no output may appear under the final name");
 }
 
@@ -111,12 +205,27 @@ fn transient_read_errors_are_retried() {
         return;
     }
     let (_t, dir, pki, img) = setup();
-    let server = NbdServer::nbdkit(&img, Some(&pki), NbdKitOpts::from_args(&["error", "error-pread-rate=0.2", "error-pread=EIO"])).unwrap();
+    let server = NbdServer::nbdkit(
+        &img,
+        Some(&pki),
+        NbdKitOpts::from_args(&["error", "error-pread-rate=0.2", "error-pread=EIO"]),
+    )
+    .unwrap();
     let out = dir.join("x.cbts");
     let restored = dir.join("r.raw");
     ok(run(&[
-        "export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--full", "-o", p(&out), "--retries", "12",
-        "--request-size", "64",
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-ca",
+        p(&pki.ca_pem_path),
+        "--full",
+        "-o",
+        p(&out),
+        "--retries",
+        "12",
+        "--request-size",
+        "64",
     ]));
     ok(run(&["restore", "--to", p(&restored), p(&out)]));
     assert_same(&restored, &img);
@@ -138,7 +247,17 @@ fn bad_bitmaps_are_refused() {
     ];
     for (b64, want) in cases {
         let bm = bitmap_file(&dir, "bm", b64);
-        let o = run(&["export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--changed-blocks", p(&bm), "-o", p(&out)]);
+        let o = run(&[
+            "export",
+            "--nbd",
+            &server.uri(),
+            "--tls-ca",
+            p(&pki.ca_pem_path),
+            "--changed-blocks",
+            p(&bm),
+            "-o",
+            p(&out),
+        ]);
         assert_eq!(code(&o), 2, "{}", stderr(&o));
         assert!(stderr(&o).contains(want), "{}", stderr(&o));
     }
@@ -146,7 +265,17 @@ fn bad_bitmaps_are_refused() {
     let mut bytes = vec![0u8; (blocks as usize).div_ceil(8) + 1];
     bytes[blocks as usize / 8] = 0x80;
     let bm = bitmap_file(&dir, "bm", &cbtstream_proto_b64(&bytes));
-    let o = run(&["export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--changed-blocks", p(&bm), "-o", p(&out)]);
+    let o = run(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-ca",
+        p(&pki.ca_pem_path),
+        "--changed-blocks",
+        p(&bm),
+        "-o",
+        p(&out),
+    ]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("past the end"), "{}", stderr(&o));
 }
@@ -165,11 +294,24 @@ fn damaged_streams_are_refused() {
     let (_t, dir, pki, img) = setup();
     let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
     let good = dir.join("good.cbts");
-    ok(run(&["export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--full", "--point-id", "p0", "-o", p(&good)]));
+    ok(run(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-ca",
+        p(&pki.ca_pem_path),
+        "--full",
+        "--point-id",
+        "p0",
+        "-o",
+        p(&good),
+    ]));
     let bytes = std::fs::read(&good).unwrap();
     let bad = dir.join("bad.cbts");
     let mut prng = Prng::new(99);
-    let mut positions: Vec<usize> = (0..12).map(|_| prng.below(bytes.len() as u64) as usize).collect();
+    let mut positions: Vec<usize> = (0..12)
+        .map(|_| prng.below(bytes.len() as u64) as usize)
+        .collect();
     positions.extend([0, 10, bytes.len() - 1, bytes.len() - 50]);
     for &pos in &positions {
         // Cut short.
@@ -191,12 +333,25 @@ fn damaged_streams_are_refused() {
         let inc = dir.join("inc.cbts");
         let bm = bitmap_file(&dir, "empty", &CbtBitmap::empty(SIZE).to_base64());
         ok(run(&[
-            "export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--changed-blocks", p(&bm), "--base-id", "p0",
-            "-o", p(&inc),
+            "export",
+            "--nbd",
+            &server.uri(),
+            "--tls-ca",
+            p(&pki.ca_pem_path),
+            "--changed-blocks",
+            p(&bm),
+            "--base-id",
+            "p0",
+            "-o",
+            p(&inc),
         ]));
         if target.exists() {
             let o = run(&["restore", "--to", p(&target), p(&inc)]);
-            assert_ne!(code(&o), 0, "an incremental onto a half-restored image must be refused");
+            assert_ne!(
+                code(&o),
+                0,
+                "an incremental onto a half-restored image must be refused"
+            );
         }
     }
 }
@@ -209,12 +364,34 @@ fn chain_mistakes_are_refused() {
     let (_t, dir, pki, img) = setup();
     let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
     let full = dir.join("full.cbts");
-    ok(run(&["export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--full", "--point-id", "p0", "-o", p(&full)]));
+    ok(run(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-ca",
+        p(&pki.ca_pem_path),
+        "--full",
+        "--point-id",
+        "p0",
+        "-o",
+        p(&full),
+    ]));
     let bm = bitmap_file(&dir, "empty", &CbtBitmap::empty(SIZE).to_base64());
     let inc = dir.join("inc.cbts");
     ok(run(&[
-        "export", "--nbd", &server.uri(), "--tls-ca", p(&pki.ca_pem_path), "--changed-blocks", p(&bm), "--base-id", "other",
-        "--point-id", "p1", "-o", p(&inc),
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-ca",
+        p(&pki.ca_pem_path),
+        "--changed-blocks",
+        p(&bm),
+        "--base-id",
+        "other",
+        "--point-id",
+        "p1",
+        "-o",
+        p(&inc),
     ]));
     let target = dir.join("r.raw");
     // Incremental onto a missing image.

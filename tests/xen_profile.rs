@@ -29,22 +29,46 @@ async fn xen(max_connections: usize) -> Xen {
     let img = dir.join("vdi.raw");
     make_image(&img, SIZE, 21, Pattern::Mixed).unwrap();
     let cert = xapi_style_self_signed(&dir.join("xapi")).unwrap();
-    let mut cfg = XenNbdConfig::new(&cert.cert_pem_path, &cert.key_pem_path, file_resolver(Some(EXPORT.into()), &img));
+    let mut cfg = XenNbdConfig::new(
+        &cert.cert_pem_path,
+        &cert.key_pem_path,
+        file_resolver(Some(EXPORT.into()), &img),
+    );
     cfg.max_connections = max_connections;
     let server = XenNbdServer::start(cfg).await.unwrap();
-    Xen { _tmp: tmp, dir, img, cert, server }
+    Xen {
+        _tmp: tmp,
+        dir,
+        img,
+        cert,
+        server,
+    }
 }
 
 impl Xen {
     fn uri(&self) -> String {
-        format!("nbds://127.0.0.1:{}/{}", self.server.port, EXPORT.replace('?', "%3F"))
+        format!(
+            "nbds://127.0.0.1:{}/{}",
+            self.server.port,
+            EXPORT.replace('?', "%3F")
+        )
     }
 
     async fn export(&self, out: &std::path::Path, extra: &[&str]) -> Output {
-        let mut args: Vec<String> = ["export", "--nbd", &self.uri(), "--tls-cert", p(&self.cert.cert_pem_path), "--tls-server-name", "localhost", "-o", p(out)]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> = [
+            "export",
+            "--nbd",
+            &self.uri(),
+            "--tls-cert",
+            p(&self.cert.cert_pem_path),
+            "--tls-server-name",
+            "localhost",
+            "-o",
+            p(out),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         tokio::task::spawn_blocking(move || {
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -60,33 +84,63 @@ async fn chain_against_xenserver_profile() {
     let x = xen(16).await;
     let restored = x.dir.join("restored.raw");
     let full = x.dir.join("full.cbts");
-    let o = ok(x.export(&full, &["--full", "--point-id", "s0", "--connections", "4", "-vv"]).await);
+    let o = ok(x
+        .export(
+            &full,
+            &["--full", "--point-id", "s0", "--connections", "4", "-vv"],
+        )
+        .await);
     // Secrets stay out of the log, even at -vv.
     let log = stderr(&o);
-    assert!(!log.contains("5ecret") && !log.contains("3f1c7a4e"), "secret in log: {log}");
+    assert!(
+        !log.contains("5ecret") && !log.contains("3f1c7a4e"),
+        "secret in log: {log}"
+    );
     ok(run(&["restore", "--to", p(&restored), p(&full)]));
     assert_same(&restored, &x.img);
     for i in 1..=2u64 {
         let changes = mutate_blocks(&x.img, 40 + i, 10).unwrap();
-        let bmf = bitmap_file(&x.dir, "bm", &CbtBitmap::from_changes(&changes, SIZE).to_base64());
+        let bmf = bitmap_file(
+            &x.dir,
+            "bm",
+            &CbtBitmap::from_changes(&changes, SIZE).to_base64(),
+        );
         let inc = x.dir.join(format!("inc{i}.cbts"));
         let (base, point) = (format!("s{}", i - 1), format!("s{i}"));
-        ok(x.export(&inc, &["--changed-blocks", p(&bmf), "--base-id", &base, "--point-id", &point, "--connections", "4"]).await);
+        ok(x.export(
+            &inc,
+            &[
+                "--changed-blocks",
+                p(&bmf),
+                "--base-id",
+                &base,
+                "--point-id",
+                &point,
+                "--connections",
+                "4",
+            ],
+        )
+        .await);
         ok(run(&["restore", "--to", p(&restored), p(&inc)]));
         assert_same(&restored, &x.img);
     }
     // Every connection was closed (NBD_CMD_DISC), so the host could detach the snapshot.
     let f = x.server.faults.clone();
-    tokio::time::timeout(std::time::Duration::from_secs(10), f.wait_until(|f| f.connections_closed() == f.connections_opened()))
-        .await
-        .expect("connections left open");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        f.wait_until(|f| f.connections_closed() == f.connections_opened()),
+    )
+    .await
+    .expect("connections left open");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limit_is_respected() {
     let x = xen(2).await;
     let out = x.dir.join("full.cbts");
-    let o = ok(x.export(&out, &["--full", "--connections", "8", "--json"]).await);
+    let o = ok(x
+        .export(&out, &["--full", "--connections", "8", "--json"])
+        .await);
     let json: serde_json::Value = serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
     assert_eq!(json["connections"], 2);
     let restored = x.dir.join("r.raw");
@@ -111,7 +165,11 @@ async fn stalled_server_times_out_and_recovers() {
     let x = xen(16).await;
     x.server.faults.stall(StallAt::Request(3));
     let out = x.dir.join("full.cbts");
-    ok(x.export(&out, &["--full", "--connections", "1", "--request-timeout", "1"]).await);
+    ok(x.export(
+        &out,
+        &["--full", "--connections", "1", "--request-timeout", "1"],
+    )
+    .await);
     assert_eq!(x.server.faults.stalls(), 1);
     let restored = x.dir.join("r.raw");
     ok(run(&["restore", "--to", p(&restored), p(&out)]));
@@ -123,9 +181,15 @@ async fn permanent_error_fails_with_offset() {
     let x = xen(16).await;
     x.server.faults.fail_reads(2 << 20..(2 << 20) + 512, None);
     let out = x.dir.join("full.cbts");
-    let o = x.export(&out, &["--full", "--retries", "2", "--request-size", "64"]).await;
+    let o = x
+        .export(&out, &["--full", "--retries", "2", "--request-size", "64"])
+        .await;
     assert_eq!(code(&o), 3, "{}", stderr(&o));
-    assert!(stderr(&o).contains(&format!("at offset {}", 2 << 20)), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("at offset {}", 2 << 20)),
+        "{}",
+        stderr(&o)
+    );
     assert!(!out.exists());
 }
 
@@ -135,10 +199,25 @@ async fn unknown_export_is_a_clear_error() {
     let out = x.dir.join("full.cbts");
     let uri = format!("nbds://127.0.0.1:{}/wrong", x.server.port);
     let o = tokio::task::spawn_blocking(move || {
-        run(&["export", "--nbd", &uri, "--tls-cert", p(&x.cert.cert_pem_path), "--tls-server-name", "localhost", "--full", "-o", p(&out)])
+        run(&[
+            "export",
+            "--nbd",
+            &uri,
+            "--tls-cert",
+            p(&x.cert.cert_pem_path),
+            "--tls-server-name",
+            "localhost",
+            "--full",
+            "-o",
+            p(&out),
+        ])
     })
     .await
     .unwrap();
     assert_eq!(code(&o), 3, "{}", stderr(&o));
-    assert!(stderr(&o).contains("unknown export or invalid session"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown export or invalid session"),
+        "{}",
+        stderr(&o)
+    );
 }

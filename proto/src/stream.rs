@@ -776,6 +776,21 @@ impl Decoder {
         }
     }
 
+    /// How many bytes the buffer must hold for the next [`Decoder::decode`] to make progress,
+    /// as far as the decoder knows after the last call that returned `Ok(None)` (e.g. a whole
+    /// record once its header was seen). Lets a reader reserve a large record's space at once.
+    /// Bounded by `RECORD_HEADER_LEN + max_stored_len(MAX_RECORD_LEN)`.
+    pub fn bytes_needed(&self) -> usize {
+        match self.pending {
+            Pending::Nothing => 1,
+            Pending::Header { need } => need,
+            Pending::RecordHeader { .. } => RECORD_HEADER_LEN,
+            // need <= RECORD_HEADER_LEN + max_stored_len(MAX_RECORD_LEN), checked on decode.
+            Pending::Record { need, .. } => need as usize,
+            Pending::Trailer => TRAILER_LEN,
+        }
+    }
+
     /// True once the trailer has been decoded and verified.
     pub fn is_done(&self) -> bool {
         self.state == State::Done

@@ -18,12 +18,16 @@ pub enum Output {
     /// Written to `PATH.partial`, fsynced, then renamed to PATH: a failed run never leaves a
     /// file at PATH that looks like a finished export.
     File(PathBuf),
+    /// Something that is not a regular file (a FIFO, /dev/null): written directly.
+    Special(PathBuf),
 }
 
 impl Output {
     pub fn from_arg(arg: &Path) -> Output {
         if arg == Path::new("-") {
             Output::Stdout
+        } else if std::fs::metadata(arg).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+            Output::Special(arg.to_path_buf())
         } else {
             Output::File(arg.to_path_buf())
         }
@@ -67,6 +71,16 @@ pub fn open(output: &Output) -> Result<Box<dyn Write + Send>, SinkError> {
                 what: p.display().to_string(),
                 source,
             })?;
+            Box::new(f)
+        }
+        Output::Special(path) => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|source| SinkError::Io {
+                    what: path.display().to_string(),
+                    source,
+                })?;
             Box::new(f)
         }
     })
@@ -156,7 +170,22 @@ pub fn run(
 /// Make a finished file output durable and give it its final name.
 pub fn commit(output: &Output, file: Box<dyn Write + Send>) -> Result<(), SinkError> {
     match output {
-        Output::Stdout => Ok(()),
+        Output::Special(_) => Ok(()),
+        Output::Stdout => {
+            // stdout redirected to a file (`-o - > FILE`): make that durable too.
+            use std::os::fd::AsFd;
+            drop(file);
+            if let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() {
+                let f = File::from(fd);
+                if f.metadata().is_ok_and(|m| m.is_file()) {
+                    f.sync_all().map_err(|source| SinkError::Io {
+                        what: "stdout".into(),
+                        source,
+                    })?;
+                }
+            }
+            Ok(())
+        }
         Output::File(path) => {
             drop(file);
             let p = partial_path(path);

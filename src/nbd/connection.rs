@@ -266,7 +266,9 @@ async fn handshake(
                 Ok(0) => return Err(hs.eof().into()),
                 Ok(_) => {}
                 // A TLS peer that closes without close_notify.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(hs.eof().into()),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(hs.eof().into())
+                }
                 Err(e) => return Err(e.into()),
             },
             Step::StartTls => {

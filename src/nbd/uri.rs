@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 pub const DEFAULT_PORT: u16 = 10809;
 
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
     Tcp { host: String, port: u16 },
     Unix(PathBuf),

@@ -27,7 +27,12 @@ pub fn stderr(o: &Output) -> String {
 
 #[track_caller]
 pub fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "cbtstream failed ({}): {}", code(&o), stderr(&o));
+    assert!(
+        o.status.success(),
+        "cbtstream failed ({}): {}",
+        code(&o),
+        stderr(&o)
+    );
     o
 }
 
@@ -40,7 +45,13 @@ pub fn p(path: &Path) -> &str {
 pub fn assert_same(a: &Path, b: &Path) {
     let x = std::fs::read(a).unwrap();
     let y = std::fs::read(b).unwrap();
-    assert_eq!(x.len(), y.len(), "{} and {} differ in size", a.display(), b.display());
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} and {} differ in size",
+        a.display(),
+        b.display()
+    );
     if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
         panic!("{} and {} differ at byte {i}", a.display(), b.display());
     }

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install the real NBD peers the tests and the demo use, from Debian packages, when missing:
+# qemu-nbd (qemu-utils), nbdkit, nbdinfo/nbdcopy (libnbd-bin), openssl, python3.
+set -euo pipefail
+need=()
+command -v qemu-nbd >/dev/null || need+=(qemu-utils)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v openssl >/dev/null || need+=(openssl)
+command -v python3 >/dev/null || need+=(python3)
+if ((${#need[@]})); then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    echo "installing: ${need[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
