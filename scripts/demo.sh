@@ -29,8 +29,19 @@ echo "== a ${SIZE_MIB} MiB disk: a quarter random, a quarter zero, half text"
 q=$((SIZE_MIB / 4))
 head -c $((q << 20)) /dev/urandom > disk.raw
 truncate -s $((2 * q << 20)) disk.raw
-find /usr/share/doc /usr/share/common-licenses -type f -size +4k -name '*[!z]' 2>/dev/null | head -400 | xargs cat 2>/dev/null \
-    | python3 -c 'import sys; d=sys.stdin.buffer.read() or b"text "; n=int(sys.argv[1]); sys.stdout.buffer.write((d*(n//len(d)+1))[:n])' $((2 * q << 20)) >> disk.raw
+python3 - "$((2 * q << 20))" <<'PY2' >> disk.raw
+import glob, os, sys
+n = int(sys.argv[1]); text = bytearray()
+for p in glob.glob("/usr/share/common-licenses/*") + glob.glob("/usr/share/doc/*/copyright"):
+    try:
+        text += open(p, "rb").read()
+    except OSError:
+        pass
+    if len(text) > 8 << 20:
+        break
+text = bytes(text) or b"lorem ipsum dolor sit amet "
+sys.stdout.buffer.write((text * (n // len(text) + 1))[:n])
+PY2
 
 echo "== qemu-nbd, TLS, read-only, on a Unix socket"
 qemu-nbd --fork --pid-file "$work/qemu.pid" -r -t -f raw --shared=0 -x disk -k "$work/nbd.sock" \
