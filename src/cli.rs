@@ -187,6 +187,7 @@ fn restore_code(e: &crate::restore::RestoreError) -> Code {
         Code::Integrity
     } else {
         match e {
+            E::Usage(..) => Code::Usage,
             E::Image { .. } => Code::Output,
             E::Input { .. } => Code::Source,
             _ => Code::Integrity,

@@ -14,9 +14,6 @@ use std::io::{IsTerminal, Read};
 use std::path::Path;
 use std::time::Duration;
 
-/// Stream base id meaning "applies onto any image" (an incremental given no --base-id).
-pub const ANY_BASE: &str = "*";
-
 /// Resolve the trust policy from the flags.
 pub fn trust_from_args(t: &TlsArgs) -> Result<Trust, Failure> {
     Ok(if let Some(ca) = &t.tls_ca {
@@ -143,13 +140,8 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
             "give --changed-blocks FILE (an incremental) or --full",
         ));
     }
-    if let Some(base) = &args.base_id {
-        if args.full {
-            return Err(fail(Code::Usage, "--base-id makes no sense with --full"));
-        }
-        if base == ANY_BASE {
-            return Err(fail(Code::Usage, "--base-id \"*\" is reserved"));
-        }
+    if args.base_id.is_some() && args.full {
+        return Err(fail(Code::Usage, "--base-id makes no sense with --full"));
     }
     let bitmap = match &args.changed_blocks {
         Some(p) => Some(read_bitmap(p)?),
@@ -196,16 +188,11 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
         "planned"
     );
     let full = bitmap.is_none();
-    let base_id = match (&args.base_id, full) {
-        (Some(b), _) => Some(b.clone()),
-        (None, false) => {
-            tracing::warn!(
-                "incremental export without --base-id: restore will apply it onto any image"
-            );
-            Some(ANY_BASE.to_string())
-        }
-        (None, true) => None,
-    };
+    if !full && args.base_id.is_none() {
+        tracing::warn!(
+            "incremental export without --base-id: restore will apply it onto any image"
+        );
+    }
     let header = Header {
         virtual_size: size,
         block_size: CBT_BLOCK as u32,
@@ -214,7 +201,8 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
             .point_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        base_id,
+        incremental: !full,
+        base_id: args.base_id.clone(),
         created_unix_secs: created_now(),
         codec: match args.compress {
             CompressArg::Zstd => Codec::Zstd,

@@ -135,9 +135,10 @@ impl fmt::Display for InspectReport {
         writeln!(f, "format:        cbtstream v{}", stream::FORMAT_VERSION)?;
         writeln!(f, "source id:     {}", h.source_id)?;
         writeln!(f, "point id:      {}", h.point_id)?;
-        match &h.base_id {
-            Some(b) => writeln!(f, "base id:       {b} (incremental)")?,
-            None => writeln!(f, "base id:       none (full export)")?,
+        match (&h.base_id, h.incremental) {
+            (Some(b), _) => writeln!(f, "base id:       {b} (incremental)")?,
+            (None, true) => writeln!(f, "base id:       none (incremental onto any image)")?,
+            (None, false) => writeln!(f, "base id:       none (full export)")?,
         }
         writeln!(
             f,
@@ -620,6 +621,26 @@ fn check_chain(to: &Path, streams: &[(Input, Header)]) -> Result<(), RestoreErro
     // (point, source, where it comes from) the image will be at before each stream.
     let mut current: Option<(String, String, String)> = None;
     for (i, (input, h)) in streams.iter().enumerate() {
+        if h.incremental && h.base_id.is_none() {
+            // An incremental whose base was not named: it applies onto any complete image.
+            let (_, source, from) = match current.take() {
+                Some(c) => c,
+                None => {
+                    let state = complete_image_state(to, &input.name)?;
+                    (
+                        state.point_id,
+                        state.source_id,
+                        format!("the image {}", to.display()),
+                    )
+                }
+            };
+            tracing::warn!(
+                input = %input.name,
+                "incremental without a base id: applied onto {from} without checking that it is the right base"
+            );
+            current = Some((h.point_id.clone(), source, input.name.clone()));
+            continue;
+        }
         let Some(base) = &h.base_id else {
             if i > 0 {
                 tracing::warn!(
@@ -1063,6 +1084,7 @@ mod tests {
             block_size: BLOCK as u32,
             source_id: "vdi-a".into(),
             point_id: point.into(),
+            incremental: base.is_some(),
             base_id: base.map(str::to_owned),
             created_unix_secs: 1_700_000_000,
             codec: Codec::Zstd,
@@ -1341,6 +1363,7 @@ mod tests {
             block_size: BLOCK as u32,
             source_id: "vdi-big".into(),
             point_id: "big".into(),
+            incremental: false,
             base_id: None,
             created_unix_secs: 0,
             codec: Codec::Zstd,

@@ -265,7 +265,6 @@ pub fn describe_io_error(e: &std::io::Error) -> String {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -402,3 +402,56 @@ fn chain_mistakes_are_refused() {
     let o = run(&["restore", "--to", p(&target), p(&full), p(&inc)]);
     assert_eq!(code(&o), 4, "{}", stderr(&o));
 }
+
+/// An incremental exported without --base-id applies onto any complete image, with a warning,
+/// and still never onto a missing or half-restored one.
+#[test]
+fn incremental_without_base_applies_onto_any_image() {
+    if !require_tools(
+        "incremental_without_base_applies_onto_any_image",
+        &["qemu-nbd"],
+    ) {
+        return;
+    }
+    let (_t, dir, pki, img) = setup();
+    let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
+    let full = dir.join("full.cbts");
+    ok(run(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-ca",
+        p(&pki.ca_pem_path),
+        "--full",
+        "-o",
+        p(&full),
+    ]));
+    let target = dir.join("r.raw");
+    ok(run(&["restore", "--to", p(&target), p(&full)]));
+    let changes = mutate_blocks(&img, 5, 6).unwrap();
+    let bm = bitmap_file(
+        &dir,
+        "bm",
+        &CbtBitmap::from_changes(&changes, SIZE).to_base64(),
+    );
+    let inc = dir.join("inc.cbts");
+    let o = ok(run(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--tls-ca",
+        p(&pki.ca_pem_path),
+        "--changed-blocks",
+        p(&bm),
+        "-o",
+        p(&inc),
+    ]));
+    assert!(stderr(&o).contains("without --base-id"), "{}", stderr(&o));
+    let o = ok(run(&["inspect", p(&inc)]));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("onto any image"));
+    let o = ok(run(&["restore", "--to", p(&target), p(&inc)]));
+    assert!(stderr(&o).contains("without a base id"), "{}", stderr(&o));
+    assert_same(&target, &img);
+    let o = run(&["restore", "--to", p(&dir.join("missing.raw")), p(&inc)]);
+    assert_ne!(code(&o), 0);
+}

@@ -102,7 +102,10 @@ pub struct Header {
     pub source_id: String,
     /// The point in time this export brings an image to. Never empty.
     pub point_id: String,
-    /// The point in time this export applies on top of; `None` for a full export.
+    /// True for an incremental export (only changed blocks), false for a full one.
+    pub incremental: bool,
+    /// The point in time an incremental applies on top of. `None` for a full export, and for
+    /// an incremental that applies onto any image (its base was not named).
     pub base_id: Option<String>,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix_secs: u64,
@@ -111,9 +114,19 @@ pub struct Header {
 }
 
 impl Header {
-    /// True for a full export (no base).
+    /// True for a full export.
     pub fn is_full(&self) -> bool {
-        self.base_id.is_none()
+        !self.incremental
+    }
+
+    /// The kind byte of the encoded header: 0 full, 1 incremental onto `base_id`,
+    /// 2 incremental onto any image.
+    fn kind(&self) -> u8 {
+        match (self.incremental, self.base_id.is_some()) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => 2,
+        }
     }
 
     /// Checks every field against the limits of the format.
@@ -129,6 +142,11 @@ impl Header {
                 "block size {} is not a power of two between 1 and {MAX_RECORD_LEN}",
                 self.block_size
             )));
+        }
+        if !self.incremental && self.base_id.is_some() {
+            return Err(StreamError::Header(
+                "a full export cannot have a base id".into(),
+            ));
         }
         check_id("source id", &self.source_id, true)?;
         check_id("point id", &self.point_id, false)?;
@@ -155,7 +173,7 @@ impl Header {
         out.extend_from_slice(&self.virtual_size.to_le_bytes());
         out.extend_from_slice(&self.block_size.to_le_bytes());
         out.push(self.codec.as_u8());
-        out.push(u8::from(self.base_id.is_some()));
+        out.push(self.kind());
         out.extend_from_slice(&0u16.to_le_bytes()); // reserved
         out.extend_from_slice(&self.created_unix_secs.to_le_bytes());
         out.extend_from_slice(&(self.source_id.len() as u16).to_le_bytes());
@@ -201,12 +219,13 @@ impl Header {
         let block_size = le_u32(body, 24);
         let codec = Codec::from_u8(body[28])
             .ok_or_else(|| StreamError::Header(format!("unknown codec {} in header", body[28])))?;
-        let has_base = match body[29] {
-            0 => false,
-            1 => true,
+        let (incremental, has_base) = match body[29] {
+            0 => (false, false),
+            1 => (true, true),
+            2 => (true, false),
             other => {
                 return Err(StreamError::Header(format!(
-                    "has-base field is {other}, not 0 or 1"
+                    "kind field is {other}, not 0 (full), 1 (incremental) or 2 (incremental onto any image)"
                 )))
             }
         };
@@ -248,6 +267,7 @@ impl Header {
             block_size,
             source_id: id("source id", source)?,
             point_id: id("point id", point)?,
+            incremental,
             base_id: if has_base {
                 Some(id("base id", base)?)
             } else {

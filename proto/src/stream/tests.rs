@@ -39,6 +39,7 @@ fn header(codec: Codec, base: Option<&str>) -> Header {
         block_size: 65536,
         source_id: "vdi-0f3c".into(),
         point_id: "snap-2".into(),
+        incremental: base.is_some(),
         base_id: base.map(str::to_owned),
         created_unix_secs: 1_700_000_000,
         codec,
@@ -638,6 +639,7 @@ prop_compose! {
         source_id in id_strategy(0),
         point_id in id_strategy(1),
         base_id in proptest::option::of(id_strategy(1)),
+        any_base in any::<bool>(),
         created_unix_secs in any::<u64>(),
         zstd in any::<bool>(),
     ) -> Header {
@@ -646,6 +648,7 @@ prop_compose! {
             block_size: 1 << block_log,
             source_id,
             point_id,
+            incremental: base_id.is_some() || any_base,
             base_id,
             created_unix_secs,
             codec: if zstd { Codec::Zstd } else { Codec::None },
