@@ -226,8 +226,8 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
         level: args.level,
         threads,
         // Enough for every connection's reads in flight plus a reorder window, capped so
-        // memory stays flat: 64 MiB at most by default.
-        budget: (connections as u64 * inflight as u64 * request).clamp(8 << 20, 64 << 20),
+        // memory stays flat: 32 MiB at most by default.
+        budget: (connections as u64 * inflight as u64 * request).clamp(8 << 20, 32 << 20),
         block: CBT_BLOCK,
     };
     let output = Output::from_arg(&args.output);

@@ -1,7 +1,7 @@
 //! `restore`: apply cbtstream streams to a raw image; `inspect`: verify a stream end to end.
 //!
 //! Synchronous std::io on purpose: restore is one sequential read of each stream and positioned
-//! writes to one file. Two threads per stream: one reads and decodes (structure, order, BLAKE3
+//! writes to one file. Two threads per stream: one reads and decodes (structure, order, XXH3-128
 //! digest), the caller's thread decompresses, checks and writes, so hashing and reading overlap
 //! with zstd. Buffers are reused; the only per-record allocations are the decoder's.
 //!
@@ -188,7 +188,7 @@ impl fmt::Display for InspectReport {
             self.stream_len,
             human(self.stream_len)
         )?;
-        writeln!(f, "digest:        blake3 {}", t.digest_hex())?;
+        writeln!(f, "digest:        xxh3-128 {}", t.digest_hex())?;
         write!(
             f,
             "status:        OK (every record checksum, the trailer and the digest verified in {:.2} s)",
@@ -214,7 +214,7 @@ pub struct ImageState {
     pub source_id: String,
     pub base_id: Option<String>,
     pub virtual_size: u64,
-    /// BLAKE3 digest of the last stream applied (only when complete).
+    /// XXH3-128 digest of the last stream applied (only when complete).
     pub stream_digest: Option<String>,
     pub updated_unix_secs: u64,
 }
@@ -458,7 +458,7 @@ impl Input {
     }
 }
 
-/// Reads and decodes `input` (structure, order, BLAKE3 digest) on a second thread while `each`
+/// Reads and decodes `input` (structure, order, XXH3-128 digest) on a second thread while `each`
 /// decompresses, verifies and writes items on this one, so hashing and reading overlap with
 /// zstd. At most [`PIPELINE_DEPTH`] items wait between the two.
 ///

@@ -221,3 +221,69 @@ async fn unknown_export_is_a_clear_error() {
         stderr(&o)
     );
 }
+
+/// The reader of stdout goes away (`| head -c 1000`): the export fails with the output exit
+/// code and stops reading instead of pulling the rest of the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_output_pipe_stops_the_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("big.raw");
+    // 64 MiB of random data: 1024 reads of 64 KiB, far more than the bytes-in-flight budget.
+    make_image(&img, 64 << 20, 5, Pattern::Random).unwrap();
+    let cert = xapi_style_self_signed(&tmp.path().join("xapi")).unwrap();
+    let server = XenNbdServer::start(XenNbdConfig::new(
+        &cert.cert_pem_path,
+        &cert.key_pem_path,
+        file_resolver(None, &img),
+    ))
+    .await
+    .unwrap();
+    let uri = format!("nbds://127.0.0.1:{}/disk", server.port);
+    let certp = cert.cert_pem_path.clone();
+    let (status, err) = tokio::task::spawn_blocking(move || {
+        let mut exp = std::process::Command::new(BIN)
+            .args([
+                "export",
+                "--nbd",
+                &uri,
+                "--tls-cert",
+                p(&certp),
+                "--tls-server-name",
+                "localhost",
+            ])
+            .args([
+                "--full",
+                "--compress",
+                "none",
+                "--request-size",
+                "64",
+                "-o",
+                "-",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = exp.stdout.take().unwrap();
+        let mut first = vec![0u8; 1000];
+        std::io::Read::read_exact(&mut out, &mut first).unwrap();
+        drop(out);
+        let o = exp.wait_with_output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, Some(5), "{err}");
+    assert!(
+        err.contains("Broken pipe") || err.contains("broken pipe"),
+        "{err}"
+    );
+    let reads = server.faults.reads_ok();
+    assert!(
+        reads < 1024,
+        "the export went on reading after the output closed: {reads} reads"
+    );
+}

@@ -1,5 +1,5 @@
 //! The cbtstream export format, version 1: a header, DATA and ZERO records in strictly ascending
-//! offset order, and a trailer carrying counts, totals and a BLAKE3 digest of everything before it.
+//! offset order, and a trailer carrying counts, totals and an XXH3-128 digest of everything before it.
 //!
 //! `docs/FORMAT.md` is the normative description; the constants below mirror it. This module is
 //! sans-I/O: [`Encoder`] produces the bytes to write, [`Decoder`] consumes bytes the caller has
@@ -12,7 +12,7 @@
 
 use bytes::{Bytes, BytesMut};
 use std::fmt;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 /// First 8 bytes of every stream. The high-bit byte, CR LF and ^Z catch 7-bit and
 /// text-mode transfers, like PNG's signature.
@@ -390,14 +390,17 @@ pub struct Trailer {
     pub zero_bytes: u64,
     /// Number of stream bytes before the trailer (header + records): what the digest covers.
     pub stream_bytes: u64,
-    /// BLAKE3 (unkeyed) of the first `stream_bytes` bytes of the stream.
+    /// XXH3-128 of the first `stream_bytes` bytes of the stream (see [`digest_bytes`]).
     pub digest: [u8; 32],
 }
 
 impl Trailer {
-    /// The digest as lower-case hex, as `b3sum` prints it.
+    /// The digest as lower-case hex, as `xxh128sum` prints it.
     pub fn digest_hex(&self) -> String {
-        blake3::Hash::from_bytes(self.digest).to_hex().to_string()
+        self.digest[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The encoded trailer.
@@ -491,11 +494,11 @@ struct Totals {
 }
 
 /// State shared by the encoder and the decoder: order, bounds, counts and the running digest.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Tracker {
     virtual_size: u64,
     codec: Codec,
-    hasher: blake3::Hasher,
+    hasher: Xxh3,
     /// Bytes hashed so far (header + records).
     position: u64,
     next_index: u64,
@@ -504,9 +507,19 @@ struct Tracker {
     totals: Totals,
 }
 
+impl fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracker")
+            .field("position", &self.position)
+            .field("next_index", &self.next_index)
+            .field("prev_end", &self.prev_end)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Tracker {
     fn new(header: &Header, header_bytes: &[u8]) -> Tracker {
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = Xxh3::new();
         hasher.update(header_bytes);
         Tracker {
             virtual_size: header.virtual_size,
@@ -622,9 +635,17 @@ impl Tracker {
             stored_bytes: self.totals.stored_bytes,
             zero_bytes: self.totals.zero_bytes,
             stream_bytes: self.position,
-            digest: *self.hasher.finalize().as_bytes(),
+            digest: digest_bytes(self.hasher.digest128()),
         }
     }
+}
+
+/// The 32-byte digest field: XXH3-128 in canonical (big-endian) byte order, then 16 zero
+/// bytes reserved for a wider digest in a later version.
+pub fn digest_bytes(xxh3_128: u128) -> [u8; 32] {
+    let mut d = [0u8; 32];
+    d[..16].copy_from_slice(&xxh3_128.to_be_bytes());
+    d
 }
 
 fn encode_record_header(

@@ -1,21 +1,23 @@
-//! Compress: worker threads turn fetched buffers into records. All-zero blocks become ZERO
-//! records without touching the compressor; data that zstd cannot shrink is stored raw.
+//! Encode: turn a fetched range into records. All-zero 64 KiB blocks become ZERO records
+//! without touching the compressor; data zstd cannot shrink is stored raw. With zstd this
+//! runs on worker threads; without compression the sink thread calls [`encode`] itself,
+//! which saves a hand-off between threads per record.
 
-use super::fetch::BufPool;
-use super::{Encoded, Fetched, Payload, Record};
+use super::pool::Pools;
+use super::{Encoded, Fetched, Payload, Record, ToSink};
 use cbtstream_proto::stream::{checksum, Codec};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EncodeConfig {
-    pub codec: Codec,
     pub level: i32,
     /// Zero detection granularity (the CBT block, 64 KiB).
     pub block: u64,
 }
 
-/// True when every byte is zero. Compares 64-byte chunks, which compiles to wide loads.
+/// True when every byte is zero. Compares 64-byte chunks, which compiles to wide loads; the
+/// first chunk alone settles it for almost all data blocks.
 pub fn is_zero(buf: &[u8]) -> bool {
     let (chunks, rest) = buf.split_at(buf.len() - buf.len() % 64);
     rest.iter().all(|&b| b == 0) && chunks.chunks_exact(64).all(|c| c == [0u8; 64])
@@ -24,31 +26,31 @@ pub fn is_zero(buf: &[u8]) -> bool {
 /// Run one compression worker until the input closes.
 pub fn worker(
     input: Arc<Mutex<Receiver<Fetched>>>,
-    output: Sender<Encoded>,
-    pool: Arc<BufPool>,
+    output: Sender<ToSink>,
+    pools: Arc<Pools>,
     cfg: EncodeConfig,
 ) -> std::io::Result<()> {
-    let mut compressor = match cfg.codec {
-        Codec::Zstd => Some(zstd::bulk::Compressor::new(cfg.level)?),
-        Codec::None => None,
-    };
+    let mut compressor = zstd::bulk::Compressor::new(cfg.level)?;
     loop {
         let next = match input.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return Ok(()),
         };
         let Ok(f) = next else { return Ok(()) };
-        let encoded = encode(f, compressor.as_mut(), &pool, &cfg)?;
-        if output.send(encoded).is_err() {
+        let encoded = encode(f, Some(&mut compressor), &pools, &cfg)?;
+        if output.send(ToSink::Encoded(encoded)).is_err() {
             return Ok(());
         }
     }
 }
 
-fn encode(
+/// Split a fetched range into ZERO and DATA records, compressing DATA when `compressor` is
+/// given. Runs of blocks are aligned to the disk (not to the read), so the same disk gives the
+/// same records whatever the request size.
+pub fn encode(
     f: Fetched,
     mut compressor: Option<&mut zstd::bulk::Compressor<'static>>,
-    pool: &BufPool,
+    pools: &Pools,
     cfg: &EncodeConfig,
 ) -> std::io::Result<Encoded> {
     let Some(data) = f.data else {
@@ -63,13 +65,11 @@ fn encode(
         });
     };
     let mut records = Vec::new();
-    // Split into runs of all-zero and not-all-zero blocks (aligned to the disk, so the
-    // same disk gives the same records whatever the request size).
     let mut runs: Vec<(usize, usize, bool)> = Vec::new();
     let mut pos = 0usize;
     while pos < data.len() {
         let abs = f.offset + pos as u64;
-        let next_boundary = ((abs / cfg.block) + 1) * cfg.block;
+        let next_boundary = (abs / cfg.block + 1) * cfg.block;
         let end = ((next_boundary - f.offset) as usize).min(data.len());
         let zero = is_zero(&data[pos..end]);
         match runs.last_mut() {
@@ -90,8 +90,15 @@ fn encode(
         let sum = checksum(bytes);
         let compressed = match compressor.as_deref_mut() {
             Some(c) => {
-                let out = c.compress(bytes)?;
-                (out.len() < bytes.len()).then_some(out)
+                let mut out = pools.out.get();
+                out.reserve(zstd::zstd_safe::compress_bound(bytes.len()));
+                c.compress_to_buffer(bytes, &mut out)?;
+                if out.len() < bytes.len() {
+                    Some(out)
+                } else {
+                    pools.out.put(out);
+                    None
+                }
             }
             None => None,
         };
@@ -110,16 +117,17 @@ fn encode(
             payload,
         });
     }
+    // The raw buffer goes on to the sink only if a record points into it.
+    let raw = if keep_raw {
+        Some(data)
+    } else {
+        pools.read.put(data);
+        None
+    };
     Ok(Encoded {
         id: f.id,
         records,
-        // The raw buffer goes on to the sink only if a record points into it.
-        raw: if keep_raw {
-            Some(data)
-        } else {
-            pool.put(data);
-            None
-        },
+        raw,
         permit: f.permit,
     })
 }
@@ -138,5 +146,38 @@ mod tests {
         v[999] = 0;
         v[3] = 1;
         assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn records_follow_disk_blocks() {
+        let pools = Pools::default();
+        let cfg = EncodeConfig {
+            level: 1,
+            block: 4096,
+        };
+        // 3 blocks at offset 4096: data, zero, data (the last one partial).
+        let mut data = bytes::BytesMut::zeroed(2 * 4096 + 512);
+        data[0] = 1;
+        data[8192] = 1;
+        let f = Fetched {
+            id: 0,
+            offset: 4096,
+            len: data.len() as u64,
+            data: Some(data),
+            permit: None,
+        };
+        let e = encode(f, None, &pools, &cfg).unwrap();
+        let kinds: Vec<_> = e
+            .records
+            .iter()
+            .map(|r| match r {
+                Record::Zero { offset, len } => ('Z', *offset, *len),
+                Record::Data { offset, len, .. } => ('D', *offset, *len),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![('D', 4096, 4096), ('Z', 8192, 4096), ('D', 12288, 512)]
+        );
     }
 }

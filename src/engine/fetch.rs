@@ -5,12 +5,12 @@
 //! sends them again. A server error on a read is retried a bounded number of times, then the
 //! export fails naming the offset and the server's error.
 
-use super::{Fetched, Job};
+use super::pool::Pools;
+use super::{Downstream, Fetched, Job};
 use crate::nbd::{Completion, ConnError, ConnectOptions, Connection, Reply, RequestError};
-use bytes::BytesMut;
 use cbtstream_proto::nbd::{NbdError, ServerError};
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -43,30 +43,8 @@ pub enum FetchError {
     },
     #[error("could not reconnect to the NBD server: {0}")]
     Reconnect(ConnError),
-}
-
-/// Read buffers, reused so that steady state allocates nothing.
-#[derive(Default)]
-pub struct BufPool {
-    bufs: Mutex<Vec<BytesMut>>,
-}
-
-impl BufPool {
-    pub fn get(&self) -> BytesMut {
-        self.bufs
-            .lock()
-            .ok()
-            .and_then(|mut v| v.pop())
-            .unwrap_or_default()
-    }
-    pub fn put(&self, mut b: BytesMut) {
-        b.clear();
-        if let Ok(mut v) = self.bufs.lock() {
-            if v.len() < 256 {
-                v.push(b);
-            }
-        }
-    }
+    #[error("the output stage stopped")]
+    OutputClosed,
 }
 
 pub type JobQueue = Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>;
@@ -76,8 +54,8 @@ pub async fn worker(
     mut conn: Connection,
     opts: ConnectOptions,
     jobs: JobQueue,
-    out: std::sync::mpsc::Sender<Fetched>,
-    pool: Arc<BufPool>,
+    out: Downstream,
+    pools: Arc<Pools>,
     cfg: FetchConfig,
 ) -> Result<(), FetchError> {
     let mut retry: VecDeque<Job> = VecDeque::new();
@@ -109,7 +87,7 @@ pub async fn worker(
                 if outstanding.is_empty() {
                     last_progress = Instant::now();
                 }
-                conn.read(job.id, job.offset, job.len, pool.get(), tx.clone());
+                conn.read(job.id, job.offset, job.len, pools.read.get(), tx.clone());
                 outstanding.insert(job.id, job);
             }
             if outstanding.is_empty() {
@@ -132,7 +110,11 @@ pub async fn worker(
                     last_progress = Instant::now();
                     match c.result {
                         Ok(Reply::Read(data)) => {
-                            let _ = out.send(Fetched { id: job.id, offset: job.offset, len: job.len, data: Some(data), permit: job.permit.take() });
+                            let f = Fetched { id: job.id, offset: job.offset, len: job.len, data: Some(data), permit: job.permit.take() };
+                            if !out.send(f) {
+                                // The later stages are gone (the output failed): stop reading.
+                                return Err(FetchError::OutputClosed);
+                            }
                         }
                         Ok(Reply::BlockStatus(_)) => {}
                         Err(RequestError::Server(error)) => {

@@ -18,13 +18,15 @@
 pub mod encode;
 pub mod fetch;
 pub mod plan;
+pub mod pool;
 pub mod sink;
 
 use crate::nbd::{ConnectOptions, Connection};
 use bytes::BytesMut;
 use cbtstream_proto::stream::{Codec, Header};
-use fetch::{BufPool, FetchConfig, FetchError};
+use fetch::{FetchConfig, FetchError};
 use plan::{Plan, PlanItem};
+use pool::Pools;
 use sink::{Output, SinkError, SinkStats};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -66,6 +68,30 @@ pub enum Record {
         checksum: u64,
         payload: Payload,
     },
+}
+
+/// What the sink receives: records ready to write, or (without compression) a fetched range
+/// it encodes itself.
+pub enum ToSink {
+    Fetched(Fetched),
+    Encoded(Encoded),
+}
+
+/// Where fetched ranges go: to the compression workers, or straight to the sink.
+#[derive(Clone)]
+pub enum Downstream {
+    Compress(std::sync::mpsc::Sender<Fetched>),
+    Sink(std::sync::mpsc::Sender<ToSink>),
+}
+
+impl Downstream {
+    /// False when the receiving stage is gone.
+    pub fn send(&self, f: Fetched) -> bool {
+        match self {
+            Downstream::Compress(tx) => tx.send(f).is_ok(),
+            Downstream::Sink(tx) => tx.send(ToSink::Fetched(f)).is_ok(),
+        }
+    }
 }
 
 /// The records of one plan item, ready to write.
@@ -143,6 +169,26 @@ pub async fn run(
     cfg: &EngineConfig,
     progress: indicatif::ProgressBar,
 ) -> Result<ExportSummary, EngineError> {
+    let result = run_inner(first, opts, plan, header, output.clone(), cfg, progress).await;
+    if result.is_err() {
+        // A failed export leaves nothing behind (a killed one leaves PATH.partial, which has
+        // no trailer, so restore and inspect refuse it).
+        if let Output::File(path) = &output {
+            let _ = std::fs::remove_file(sink::partial_path(path));
+        }
+    }
+    result
+}
+
+async fn run_inner(
+    first: Connection,
+    opts: &ConnectOptions,
+    plan: Plan,
+    header: Header,
+    output: Output,
+    cfg: &EngineConfig,
+    progress: indicatif::ProgressBar,
+) -> Result<ExportSummary, EngineError> {
     let started = Instant::now();
     let mut conns = vec![first];
     conns.extend(fetch::open_more(opts, cfg.connections).await);
@@ -153,7 +199,7 @@ pub async fn run(
         "fetching"
     );
 
-    let pool = Arc::new(BufPool::default());
+    let pools = Arc::new(Pools::default());
     let max_item = plan
         .items
         .iter()
@@ -165,47 +211,59 @@ pub async fn run(
     let budget_sem = Arc::new(Semaphore::new(budget));
     let expected = plan.items.len() as u64;
     let read_bytes = plan.read_bytes;
+    let ecfg = encode::EncodeConfig {
+        level: cfg.level,
+        block: cfg.block,
+    };
 
-    // Stage channels.
-    let (fetched_tx, fetched_rx) = std::sync::mpsc::channel::<Fetched>();
-    let (encoded_tx, encoded_rx) = std::sync::mpsc::channel::<Encoded>();
+    // Stage channels. Zero ranges and (without compression) fetched data go straight to the
+    // sink; with zstd, fetched data goes through the compression threads.
+    let (sink_tx, sink_rx) = std::sync::mpsc::channel::<ToSink>();
     let (job_tx, job_rx) = mpsc::channel::<Job>(256);
     let jobs = Arc::new(tokio::sync::Mutex::new(job_rx));
 
     // Sink thread.
-    let sink_pool = pool.clone();
+    let sink_pools = pools.clone();
     let out = sink::open(&output)?;
     let sink_header = header.clone();
     let sink = std::thread::Builder::new()
         .name("cbtstream-sink".into())
         .spawn(move || {
-            sink::run(out, &sink_header, encoded_rx, expected, sink_pool, |n| {
-                progress.inc(n)
-            })
+            sink::run(
+                out,
+                &sink_header,
+                sink_rx,
+                expected,
+                sink_pools,
+                ecfg,
+                |n| progress.inc(n),
+            )
         })
         .map_err(|e| EngineError::Internal(e.to_string()))?;
 
     // Compression threads.
-    let fetched_rx = Arc::new(Mutex::new(fetched_rx));
     let mut encoders = Vec::new();
-    for i in 0..cfg.threads.max(1) {
-        let (rx, tx, p) = (fetched_rx.clone(), encoded_tx.clone(), pool.clone());
-        let ecfg = encode::EncodeConfig {
-            codec: cfg.codec,
-            level: cfg.level,
-            block: cfg.block,
-        };
-        encoders.push(
-            std::thread::Builder::new()
-                .name(format!("cbtstream-zstd-{i}"))
-                .spawn(move || encode::worker(rx, tx, p, ecfg))
-                .map_err(|e| EngineError::Internal(e.to_string()))?,
-        );
-    }
-    drop(encoded_tx);
+    let downstream = match cfg.codec {
+        Codec::None => Downstream::Sink(sink_tx.clone()),
+        Codec::Zstd => {
+            let (fetched_tx, fetched_rx) = std::sync::mpsc::channel::<Fetched>();
+            let fetched_rx = Arc::new(Mutex::new(fetched_rx));
+            for i in 0..cfg.threads.max(1) {
+                let (rx, tx, p) = (fetched_rx.clone(), sink_tx.clone(), pools.clone());
+                encoders.push(
+                    std::thread::Builder::new()
+                        .name(format!("cbtstream-zstd-{i}"))
+                        .spawn(move || encode::worker(rx, tx, p, ecfg))
+                        .map_err(|e| EngineError::Internal(e.to_string()))?,
+                );
+            }
+            Downstream::Compress(fetched_tx)
+        }
+    };
 
     // Planner: hand out jobs in order, within the byte budget.
-    let planner_tx = fetched_tx.clone();
+    let planner_tx = sink_tx.clone();
+    drop(sink_tx);
     let planner_sem = budget_sem.clone();
     let planner = tokio::spawn(async move {
         for (id, item) in plan.items.into_iter().enumerate() {
@@ -231,16 +289,14 @@ pub async fn run(
                     }
                 }
                 PlanItem::Zero { offset, len } => {
-                    if planner_tx
-                        .send(Fetched {
-                            id,
-                            offset,
-                            len,
-                            data: None,
-                            permit: Some(permit),
-                        })
-                        .is_err()
-                    {
+                    let f = Fetched {
+                        id,
+                        offset,
+                        len,
+                        data: None,
+                        permit: Some(permit),
+                    };
+                    if planner_tx.send(ToSink::Fetched(f)).is_err() {
                         return;
                     }
                 }
@@ -255,12 +311,12 @@ pub async fn run(
             conn,
             opts.clone(),
             jobs.clone(),
-            fetched_tx.clone(),
-            pool.clone(),
+            downstream.clone(),
+            pools.clone(),
             cfg.fetch.clone(),
         ));
     }
-    drop(fetched_tx);
+    drop(downstream);
     let mut fetch_result: Result<(), EngineError> = Ok(());
     while let Some(res) = workers.join_next().await {
         match res {
@@ -305,9 +361,17 @@ pub async fn run(
     })
     .await
     .map_err(|e| EngineError::Internal(e.to_string()))?;
-    fetch_result?;
+    let sink_out = sink_res?;
+    if let Err(e) = fetch_result {
+        // When reading stopped because the output failed, the output's error is the one to tell.
+        if matches!(e, EngineError::Fetch(FetchError::OutputClosed)) {
+            sink_out?;
+            encoders_res?;
+        }
+        return Err(e);
+    }
     encoders_res?;
-    let (file, stats): (_, SinkStats) = sink_res??;
+    let (file, stats): (_, SinkStats) = sink_out?;
     sink::commit(&output, file)?;
     Ok(ExportSummary {
         bytes_read: read_bytes,

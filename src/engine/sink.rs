@@ -1,12 +1,13 @@
 //! Order and sink: put records back in offset order (a small reorder window, bounded by the
 //! bytes-in-flight budget) and write them, then the trailer, then make the output durable.
 
-use super::{Encoded, Payload, Record};
-use crate::engine::fetch::BufPool;
+use super::encode::{self, EncodeConfig};
+use super::pool::Pools;
+use super::{Encoded, Payload, Record, ToSink};
 use cbtstream_proto::stream::{Encoder, Header, StreamError};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{IoSlice, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub enum SinkError {
     },
     #[error("stream encoder: {0}")]
     Stream(#[from] StreamError),
+    #[error("encoding: {0}")]
+    Encode(std::io::Error),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -86,14 +89,74 @@ pub fn open(output: &Output) -> Result<Box<dyn Write + Send>, SinkError> {
     })
 }
 
-/// Consume encoded items until the channel closes, writing them in id order.
-/// `expected` is the number of plan items; `progress` is called with bytes of disk covered.
+/// Buffers small writes (record headers, small payloads) and sends large payloads with one
+/// vectored write together with what is buffered, so payload bytes are never copied.
+struct RecordWriter<W: Write> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+const SMALL: usize = 16 * 1024;
+const FLUSH_AT: usize = 256 * 1024;
+
+impl<W: Write> RecordWriter<W> {
+    fn new(inner: W) -> Self {
+        RecordWriter {
+            inner,
+            buf: Vec::with_capacity(FLUSH_AT + SMALL),
+        }
+    }
+
+    fn small(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= FLUSH_AT {
+            self.flush_buf()?;
+        }
+        Ok(())
+    }
+
+    fn payload(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if bytes.len() < SMALL {
+            return self.small(bytes);
+        }
+        let mut bufs = [IoSlice::new(&self.buf), IoSlice::new(bytes)];
+        let mut slices: &mut [IoSlice<'_>] = &mut bufs;
+        while !slices.is_empty() {
+            match self.inner.write_vectored(slices) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn flush_buf(&mut self) -> std::io::Result<()> {
+        self.inner.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<W> {
+        self.flush_buf()?;
+        self.inner.flush()?;
+        Ok(self.inner)
+    }
+}
+
+/// Consume items until the channel closes, writing them in id order. Items that come raw
+/// (no compression) are encoded here. `expected` is the number of plan items; `progress` is
+/// called with bytes of disk covered.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     out: Box<dyn Write + Send>,
     header: &Header,
-    input: Receiver<Encoded>,
+    input: Receiver<ToSink>,
     expected: u64,
-    pool: Arc<BufPool>,
+    pools: Arc<Pools>,
+    cfg: EncodeConfig,
     mut progress: impl FnMut(u64),
 ) -> Result<(Box<dyn Write + Send>, SinkStats), SinkError> {
     let what = "stream".to_string();
@@ -101,20 +164,26 @@ pub fn run(
         what: what.clone(),
         source,
     };
-    let mut w = BufWriter::with_capacity(1 << 20, out);
+    let mut w = RecordWriter::new(out);
     let (mut enc, head) = Encoder::new(header)?;
-    w.write_all(&head).map_err(io)?;
+    w.small(&head).map_err(io)?;
     let mut stats = SinkStats::default();
     let mut waiting: BTreeMap<u64, Encoded> = BTreeMap::new();
     let mut next = 0u64;
     for item in input.iter() {
+        let item = match item {
+            ToSink::Encoded(e) => e,
+            ToSink::Fetched(f) => {
+                encode::encode(f, None, &pools, &cfg).map_err(SinkError::Encode)?
+            }
+        };
         waiting.insert(item.id, item);
         while let Some(item) = waiting.remove(&next) {
             let mut covered = 0;
             for rec in &item.records {
                 match rec {
                     Record::Zero { offset, len } => {
-                        w.write_all(&enc.zero(*offset, *len)?).map_err(io)?;
+                        w.small(&enc.zero(*offset, *len)?).map_err(io)?;
                         stats.zero_bytes += len;
                         covered += len;
                     }
@@ -134,17 +203,32 @@ pub fn run(
                                 .ok_or_else(|| SinkError::Internal("raw payload missing".into()))?,
                         };
                         let h = enc.data(*offset, *len, *codec, *checksum, bytes)?;
-                        w.write_all(&h).map_err(io)?;
-                        w.write_all(bytes).map_err(io)?;
+                        w.small(&h).map_err(io)?;
+                        w.payload(bytes).map_err(io)?;
                         stats.data_bytes += len;
                         covered += len;
                     }
                 }
             }
-            if let Some(raw) = item.raw {
-                pool.put(raw);
+            let Encoded {
+                records,
+                raw,
+                permit,
+                ..
+            } = item;
+            for rec in records {
+                if let Record::Data {
+                    payload: Payload::Compressed(v),
+                    ..
+                } = rec
+                {
+                    pools.out.put(v);
+                }
             }
-            drop(item.permit);
+            if let Some(raw) = raw {
+                pools.read.put(raw);
+            }
+            drop(permit);
             progress(covered);
             next += 1;
         }
@@ -157,13 +241,9 @@ pub fn run(
     stats.records = enc.records();
     let before_trailer = enc.bytes_written();
     let trailer = enc.finish();
-    w.write_all(&trailer).map_err(io)?;
-    w.flush().map_err(io)?;
+    w.small(&trailer).map_err(io)?;
+    let inner = w.finish().map_err(io)?;
     stats.bytes_written = before_trailer + trailer.len() as u64;
-    let inner = w.into_inner().map_err(|e| SinkError::Io {
-        what: what.clone(),
-        source: e.into_error(),
-    })?;
     Ok((inner, stats))
 }
 
