@@ -87,7 +87,13 @@ pub async fn worker(
                 if outstanding.is_empty() {
                     last_progress = Instant::now();
                 }
-                conn.read(job.id, job.offset, job.len, pools.read.get(), tx.clone());
+                conn.read(
+                    job.id,
+                    job.offset,
+                    job.len,
+                    pools.read.get(job.len as usize),
+                    tx.clone(),
+                );
                 outstanding.insert(job.id, job);
             }
             if outstanding.is_empty() {

@@ -8,25 +8,43 @@ use std::sync::Mutex;
 /// in use is bounded by the bytes-in-flight budget, not by the pool.
 const MAX_IDLE: usize = 512;
 
+/// Read buffers by size class (powers of two), so a small read never pins a large buffer:
+/// the memory held is at most twice the bytes in flight.
 #[derive(Default)]
 pub struct BufPool {
-    bufs: Mutex<Vec<BytesMut>>,
+    classes: Mutex<Vec<Vec<BytesMut>>>,
+}
+
+fn class(len: usize) -> usize {
+    len.max(4096).next_power_of_two().trailing_zeros() as usize
 }
 
 impl BufPool {
-    pub fn get(&self) -> BytesMut {
-        self.bufs
+    /// A buffer with room for at least `len` bytes.
+    pub fn get(&self, len: usize) -> BytesMut {
+        let c = class(len);
+        let pooled = self
+            .classes
             .lock()
             .ok()
-            .and_then(|mut v| v.pop())
-            .unwrap_or_default()
+            .and_then(|mut v| v.get_mut(c).and_then(|b| b.pop()));
+        pooled.unwrap_or_else(|| BytesMut::with_capacity(1 << c))
     }
 
     pub fn put(&self, mut b: BytesMut) {
         b.clear();
-        if let Ok(mut v) = self.bufs.lock() {
-            if v.len() < MAX_IDLE {
-                v.push(b);
+        let cap = b.capacity();
+        if cap < 4096 {
+            return;
+        }
+        // The largest class this buffer can serve.
+        let c = (usize::BITS - 1 - cap.leading_zeros()) as usize;
+        if let Ok(mut v) = self.classes.lock() {
+            if v.len() <= c {
+                v.resize_with(c + 1, Vec::new);
+            }
+            if v[c].len() < MAX_IDLE {
+                v[c].push(b);
             }
         }
     }

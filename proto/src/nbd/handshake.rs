@@ -501,3 +501,176 @@ fn parse_option_reply(frame: &[u8]) -> Result<OptionReply<'_>, NbdError> {
         data: r.rest(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::server::*;
+    use proptest::prelude::*;
+
+    /// Drive the client against canned server bytes; returns what it sent and the outcome.
+    fn drive(cfg: HandshakeConfig, server: &[u8]) -> (Vec<u8>, Result<Negotiated, NbdError>) {
+        let mut hs = ClientHandshake::new(cfg).unwrap();
+        let mut sent = Vec::new();
+        let mut buf = BytesMut::new();
+        let mut input = server.chunks(7);
+        loop {
+            match hs.step(&mut buf) {
+                Ok(Step::Send(b)) => sent.extend_from_slice(&b),
+                Ok(Step::StartTls) => hs.tls_established(),
+                Ok(Step::NeedBytes) => match input.next() {
+                    Some(c) => buf.extend_from_slice(c),
+                    None => return (sent, Err(hs.eof())),
+                },
+                Ok(Step::Done(n)) => return (sent, Ok(n)),
+                Err(e) => return (sent, Err(e)),
+            }
+        }
+    }
+
+    /// The options the client sent, in order.
+    fn options(sent: &[u8]) -> Vec<u32> {
+        let mut rest = &sent[4..]; // client flags
+        let mut opts = Vec::new();
+        while let Ok(Some((o, n))) = parse_client_option(rest) {
+            opts.push(o.option);
+            rest = &rest[n..];
+        }
+        opts
+    }
+
+    #[test]
+    fn qemu_like_server_with_extended_headers() {
+        let mut s = Vec::new();
+        encode_greeting(&mut s, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        encode_option_reply(&mut s, OPT_STARTTLS, REP_ACK, &[]);
+        encode_option_reply(&mut s, OPT_EXTENDED_HEADERS, REP_ACK, &[]);
+        let mut ctx = 0u32.to_be_bytes().to_vec();
+        ctx.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+        encode_option_reply(&mut s, OPT_SET_META_CONTEXT, REP_META_CONTEXT, &ctx);
+        encode_option_reply(&mut s, OPT_SET_META_CONTEXT, REP_ACK, &[]);
+        encode_option_reply(
+            &mut s,
+            OPT_GO,
+            REP_INFO,
+            &info_block_size(1, 4096, 32 << 20),
+        );
+        encode_option_reply(&mut s, OPT_GO, REP_INFO, &info_export(1 << 30, 0x158f));
+        encode_option_reply(&mut s, OPT_GO, REP_ACK, &[]);
+        let (sent, n) = drive(HandshakeConfig::new("disk", true), &s);
+        let n = n.unwrap();
+        assert_eq!(
+            options(&sent),
+            vec![
+                OPT_STARTTLS,
+                OPT_EXTENDED_HEADERS,
+                OPT_SET_META_CONTEXT,
+                OPT_GO
+            ]
+        );
+        assert_eq!(
+            u32::from_be_bytes(sent[..4].try_into().unwrap()),
+            FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES
+        );
+        assert!(n.extended && n.structured && !n.via_export_name);
+        assert_eq!(
+            (n.size, n.meta_context, n.block_size),
+            (1 << 30, Some(0), Some((1, 4096, 32 << 20)))
+        );
+        assert!(n.can_multi_conn() && n.read_only());
+        assert_eq!((n.alignment(), n.max_request()), (512, 32 << 20));
+    }
+
+    #[test]
+    fn xenserver_like_server_falls_back_to_export_name() {
+        let mut s = Vec::new();
+        encode_greeting(&mut s, FLAG_FIXED_NEWSTYLE);
+        encode_option_reply(&mut s, OPT_STARTTLS, REP_ACK, &[]);
+        encode_option_reply(&mut s, OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, &[]);
+        encode_option_reply(&mut s, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]);
+        encode_option_reply(&mut s, OPT_GO, REP_ERR_UNSUP, &[]);
+        encode_export_name_reply(&mut s, 10 << 20, 0x0003, false);
+        let (sent, n) = drive(HandshakeConfig::new("/uuid?session_id=x", true), &s);
+        let n = n.unwrap();
+        assert_eq!(
+            options(&sent),
+            vec![
+                OPT_STARTTLS,
+                OPT_EXTENDED_HEADERS,
+                OPT_STRUCTURED_REPLY,
+                OPT_GO,
+                OPT_EXPORT_NAME
+            ]
+        );
+        assert!(!n.structured && !n.extended && n.via_export_name && n.meta_context.is_none());
+        assert_eq!((n.size, n.transmission_flags), (10 << 20, 3));
+        // The export name went out last, with no zero-padding reply expected beyond 134 bytes.
+        assert!(sent.ends_with(b"/uuid?session_id=x"));
+    }
+
+    #[test]
+    fn refusals_are_typed() {
+        // A plaintext server refuses STARTTLS: no downgrade.
+        let mut s = Vec::new();
+        encode_greeting(&mut s, FLAG_FIXED_NEWSTYLE);
+        encode_option_reply(&mut s, OPT_STARTTLS, REP_ERR_POLICY, &[]);
+        assert!(matches!(
+            drive(HandshakeConfig::new("d", true), &s).1,
+            Err(NbdError::TlsNotSupported(_))
+        ));
+        // A TLS-only server answers a plaintext client with TLS_REQD.
+        let mut s = Vec::new();
+        encode_greeting(&mut s, FLAG_FIXED_NEWSTYLE);
+        encode_option_reply(&mut s, OPT_EXTENDED_HEADERS, REP_ERR_TLS_REQD, &[]);
+        assert_eq!(
+            drive(HandshakeConfig::new("d", false), &s).1,
+            Err(NbdError::TlsRequired)
+        );
+        // Closed before the greeting: the connection limit.
+        assert_eq!(
+            drive(HandshakeConfig::new("d", true), &[]).1,
+            Err(NbdError::ClosedBeforeGreeting)
+        );
+        // Unknown export on GO.
+        let mut s = Vec::new();
+        encode_greeting(&mut s, FLAG_FIXED_NEWSTYLE);
+        encode_option_reply(&mut s, OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, &[]);
+        encode_option_reply(&mut s, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]);
+        encode_option_reply(&mut s, OPT_GO, REP_ERR_UNKNOWN, &[]);
+        assert!(matches!(
+            drive(HandshakeConfig::new("d", false), &s).1,
+            Err(NbdError::ExportRefused(_))
+        ));
+        // An oversized option reply is refused before it is buffered.
+        let mut s = Vec::new();
+        encode_greeting(&mut s, FLAG_FIXED_NEWSTYLE);
+        s.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+        s.extend_from_slice(&OPT_STARTTLS.to_be_bytes());
+        s.extend_from_slice(&REP_ACK.to_be_bytes());
+        s.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            drive(HandshakeConfig::new("d", true), &s).1,
+            Err(NbdError::OptionReplyTooLong(u32::MAX))
+        );
+        // Not NBD at all.
+        assert_eq!(
+            drive(
+                HandshakeConfig::new("d", true),
+                b"HTTP/1.1 400 Bad Request\r\n\r\n"
+            )
+            .1,
+            Err(NbdError::BadGreeting)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_server_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512), tls in any::<bool>()) {
+            let mut s = Vec::new();
+            encode_greeting(&mut s, FLAG_FIXED_NEWSTYLE);
+            s.extend_from_slice(&bytes);
+            let _ = drive(HandshakeConfig::new("d", tls), &s);
+            let _ = drive(HandshakeConfig::new("d", tls), &bytes);
+        }
+    }
+}
