@@ -4,7 +4,7 @@
 
 use super::{Address, ConnError, RequestError};
 use crate::tls;
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use cbtstream_proto::nbd::consts::*;
 use cbtstream_proto::nbd::transmission::parse_offset_data_prefix;
 use cbtstream_proto::nbd::{
@@ -102,13 +102,15 @@ pub struct Connection {
     submit: mpsc::UnboundedSender<Submit>,
     pending: Arc<Mutex<PendingMap>>,
     reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
+    writer: Option<JoinHandle<()>>,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         self.reader.abort();
-        self.writer.abort();
+        if let Some(w) = &self.writer {
+            w.abort();
+        }
     }
 }
 
@@ -175,7 +177,7 @@ impl Connection {
             submit,
             pending,
             reader,
-            writer,
+            writer: Some(writer),
         })
     }
 
@@ -189,8 +191,9 @@ impl Connection {
         mut buf: BytesMut,
         reply_to: mpsc::UnboundedSender<Completion>,
     ) {
+        // Reserve only: the reader appends the payload, so the buffer is never zeroed first.
         buf.clear();
-        buf.resize(len as usize, 0);
+        buf.reserve(len as usize);
         self.send(Pending {
             cmd: CMD_READ,
             offset,
@@ -241,8 +244,9 @@ impl Connection {
     /// Send NBD_CMD_DISC and close TLS cleanly, waiting briefly for the writer to finish.
     pub async fn close(mut self) {
         let _ = self.submit.send(Submit::Disconnect);
-        let writer = std::mem::replace(&mut self.writer, tokio::spawn(async {}));
-        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        if let Some(writer) = self.writer.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        }
     }
 }
 
@@ -407,7 +411,7 @@ async fn reader_task(
         Ok(()) => ConnError::Closed,
         Err(e) => e,
     };
-    for (_, (_, p)) in reader.active.drain() {
+    for (_, p) in reader.active.drain() {
         p.complete(Err(RequestError::Connection(err.clone())));
     }
     fail_all(&pending, err);
@@ -418,7 +422,7 @@ struct ReplyReader {
     buf: BytesMut,
     negotiated: Negotiated,
     /// Requests whose structured reply has started.
-    active: HashMap<u64, (u64, Pending)>,
+    active: HashMap<u64, Pending>,
     pending: Arc<Mutex<PendingMap>>,
 }
 
@@ -429,6 +433,39 @@ impl ReplyReader {
             if self.rd.read_buf(&mut self.buf).await? == 0 {
                 return Err(ConnError::Eof);
             }
+        }
+        Ok(())
+    }
+
+    /// Put `n` payload bytes at `range` of the request's buffer. The buffer's length is how
+    /// far it is filled: data that continues it (the usual case: one chunk, or chunks in
+    /// order) is appended straight from the stream into the buffer's spare capacity, with no
+    /// zeroing and no intermediate copy; data past it leaves a zeroed gap; data inside it
+    /// (an earlier chunk arriving late) is written in place. `ReadAssembly` has already
+    /// rejected overlaps, so a range starting inside the filled part also ends inside it.
+    async fn place(
+        &mut self,
+        buf: &mut BytesMut,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), ConnError> {
+        if range.start < buf.len() {
+            return self.read_into(&mut buf[range]).await;
+        }
+        if range.start > buf.len() {
+            buf.resize(range.start, 0);
+        }
+        let n = range.end - range.start;
+        let have = self.buf.len().min(n);
+        buf.extend_from_slice(&self.buf[..have]);
+        self.buf.advance(have);
+        let mut rest = n - have;
+        buf.reserve(rest);
+        while rest > 0 {
+            let got = self.rd.read_buf(&mut (&mut *buf).limit(rest)).await?;
+            if got == 0 {
+                return Err(ConnError::Eof);
+            }
+            rest -= got;
         }
         Ok(())
     }
@@ -485,7 +522,10 @@ impl ReplyReader {
                         return Err(NbdError::UnexpectedSimpleReply.into());
                     }
                     let mut buf = p.buf.take().unwrap_or_default();
-                    self.read_into(&mut buf[..]).await?;
+                    if let Err(e) = self.place(&mut buf, 0..p.len as usize).await {
+                        self.active.insert(cookie, p);
+                        return Err(e);
+                    }
                     p.complete(Ok(Reply::Read(buf)));
                 }
                 ReplyHeader::Chunk {
@@ -495,9 +535,9 @@ impl ReplyReader {
                     offset,
                     length,
                 } => {
-                    let (_, mut p) = match self.active.remove(&cookie) {
-                        Some(a) => a,
-                        None => (cookie, self.take_pending(cookie)?),
+                    let mut p = match self.active.remove(&cookie) {
+                        Some(p) => p,
+                        None => self.take_pending(cookie)?,
                     };
                     if let Some(o) = offset {
                         if o != p.offset {
@@ -508,11 +548,16 @@ impl ReplyReader {
                             .into());
                         }
                     }
-                    self.chunk(&mut p, typ, length).await?;
+                    // On any error the request goes back to `active`, so that the reader's
+                    // exit path fails it instead of leaving its submitter waiting.
+                    if let Err(e) = self.chunk(&mut p, typ, length).await {
+                        self.active.insert(cookie, p);
+                        return Err(e);
+                    }
                     if flags & REPLY_FLAG_DONE != 0 {
-                        self.finish(p)?;
+                        self.finish(cookie, p)?;
                     } else {
-                        self.active.insert(cookie, (cookie, p));
+                        self.active.insert(cookie, p);
                     }
                 }
             }
@@ -536,7 +581,7 @@ impl ReplyReader {
             self.buf.advance(8);
             let range = p.assembly.cover(off, dlen)?;
             let mut buf = p.buf.take().unwrap_or_default();
-            let res = self.read_into(&mut buf[range]).await;
+            let res = self.place(&mut buf, range).await;
             p.buf = Some(buf);
             return res;
         }
@@ -553,7 +598,11 @@ impl ReplyReader {
                 }
                 let range = p.assembly.cover(offset, length)?;
                 if let Some(buf) = p.buf.as_mut() {
-                    buf[range].fill(0);
+                    if range.start < buf.len() {
+                        buf[range].fill(0);
+                    } else {
+                        buf.resize(range.end, 0);
+                    }
                 }
             }
             Chunk::BlockStatus { context, extents } => {
@@ -570,14 +619,16 @@ impl ReplyReader {
         Ok(())
     }
 
-    fn finish(&mut self, mut p: Pending) -> Result<(), ConnError> {
+    fn finish(&mut self, cookie: u64, mut p: Pending) -> Result<(), ConnError> {
         if p.cmd == CMD_BLOCK_STATUS {
             if let Err(Ok(e)) = p.assembly.finish() {
                 p.complete(Err(RequestError::Server(e)));
             } else if p.extents.is_empty() {
+                let expected = p.len;
+                self.active.insert(cookie, p);
                 return Err(NbdError::Incomplete {
                     covered: 0,
-                    expected: p.len,
+                    expected,
                 }
                 .into());
             } else {
@@ -589,6 +640,12 @@ impl ReplyReader {
         match p.assembly.finish() {
             Ok(()) => {
                 let buf = p.buf.take().unwrap_or_default();
+                if buf.len() as u64 != p.len {
+                    let covered = buf.len() as u64;
+                    let expected = p.len;
+                    self.active.insert(cookie, p);
+                    return Err(NbdError::Incomplete { covered, expected }.into());
+                }
                 p.complete(Ok(Reply::Read(buf)));
                 Ok(())
             }
@@ -596,7 +653,144 @@ impl ReplyReader {
                 p.complete(Err(RequestError::Server(server)));
                 Ok(())
             }
-            Err(Err(proto)) => Err(proto.into()),
+            Err(Err(proto)) => {
+                self.active.insert(cookie, p);
+                Err(proto.into())
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The client against a scripted server on a Unix socket: structured replies whose
+    //! chunks arrive out of order, with holes, and chunks that overlap.
+    use super::*;
+    use cbtstream_proto::nbd::server::*;
+    use cbtstream_proto::nbd::transmission::parse_request;
+    use tokio::net::UnixListener;
+
+    async fn read_some(s: &mut tokio::net::UnixStream, buf: &mut Vec<u8>) {
+        let mut tmp = [0u8; 4096];
+        let n = s.read(&mut tmp).await.unwrap();
+        assert!(n > 0, "client closed");
+        buf.extend_from_slice(&tmp[..n]);
+    }
+
+    /// Plaintext handshake: structured replies yes, extended headers and meta context no.
+    async fn serve_handshake(s: &mut tokio::net::UnixStream, size: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_greeting(&mut out, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        s.write_all(&out).await.unwrap();
+        let mut buf = Vec::new();
+        while buf.len() < 4 {
+            read_some(s, &mut buf).await;
+        }
+        buf.drain(..4);
+        loop {
+            let (opt, n) = loop {
+                if let Some(x) = parse_client_option(&buf).unwrap() {
+                    break x;
+                }
+                read_some(s, &mut buf).await;
+            };
+            buf.drain(..n);
+            let mut out = Vec::new();
+            match opt.option {
+                OPT_STRUCTURED_REPLY => encode_option_reply(&mut out, opt.option, REP_ACK, &[]),
+                OPT_GO => {
+                    encode_option_reply(&mut out, opt.option, REP_INFO, &info_export(size, 0x0003));
+                    encode_option_reply(&mut out, opt.option, REP_ACK, &[]);
+                    s.write_all(&out).await.unwrap();
+                    return buf;
+                }
+                _ => encode_option_reply(&mut out, opt.option, REP_ERR_UNSUP, &[]),
+            }
+            s.write_all(&out).await.unwrap();
+        }
+    }
+
+    fn data_chunk(out: &mut Vec<u8>, cookie: u64, offset: u64, byte: u8, len: usize, done: bool) {
+        let flags = if done { REPLY_FLAG_DONE } else { 0 };
+        encode_chunk_header(out, None, flags, CHUNK_OFFSET_DATA, cookie, 8 + len as u64);
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend(std::iter::repeat_n(byte, len));
+    }
+
+    fn hole_chunk(out: &mut Vec<u8>, cookie: u64, offset: u64, len: u32) {
+        encode_chunk_header(out, None, 0, CHUNK_OFFSET_HOLE, cookie, 12);
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+
+    #[tokio::test]
+    async fn chunks_out_of_order_with_holes_and_overlaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = serve_handshake(&mut s, 1 << 20).await;
+            // Two reads: the first answered out of order with a hole, the second with
+            // chunks that overlap.
+            let mut reqs = Vec::new();
+            while reqs.len() < 2 {
+                match parse_request(&buf, false).unwrap() {
+                    Some((r, n)) => {
+                        buf.drain(..n);
+                        reqs.push(r);
+                    }
+                    None => read_some(&mut s, &mut buf).await,
+                }
+            }
+            let (a, b) = (reqs[0], reqs[1]);
+            let mut out = Vec::new();
+            data_chunk(&mut out, a.cookie, 8192, b'C', 4096, false);
+            hole_chunk(&mut out, a.cookie, 4096, 4096);
+            data_chunk(&mut out, a.cookie, 0, b'A', 4096, true);
+            data_chunk(&mut out, b.cookie, 0, b'X', 4096, false);
+            data_chunk(&mut out, b.cookie, 2048, b'Y', 4096, true);
+            s.write_all(&out).await.unwrap();
+            let _ = s.read(&mut [0u8; 64]).await;
+        });
+        let opts = ConnectOptions {
+            address: Address::Unix(path),
+            export: "e".into(),
+            tls: None,
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            extended_headers: true,
+            meta_context: true,
+        };
+        let conn = Connection::connect(&opts).await.unwrap();
+        assert!(conn.negotiated.structured && !conn.negotiated.extended);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // A pooled buffer with stale contents: holes must still read as zeroes.
+        let mut stale = BytesMut::new();
+        stale.extend_from_slice(&[0xee; 20000]);
+        conn.read(1, 0, 12288, stale, tx.clone());
+        conn.read(2, 0, 8192, BytesMut::new(), tx.clone());
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let Ok(Reply::Read(data)) = first.result else {
+            panic!("first read failed")
+        };
+        assert_eq!(first.tag, 1);
+        assert!(data[..4096].iter().all(|&b| b == b'A'));
+        assert!(data[4096..8192].iter().all(|&b| b == 0));
+        assert!(data[8192..].iter().all(|&b| b == b'C'));
+        let second = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.tag, 2);
+        match second.result {
+            Err(RequestError::Connection(ConnError::Protocol(NbdError::Overlap(_)))) => {}
+            other => panic!("expected an overlap error, got {:?}", other.map(|_| ())),
+        }
+        drop(conn);
+        server.abort();
     }
 }
