@@ -14,6 +14,8 @@ pub enum Code {
     Integrity = 4,
     /// Writing the output or the image failed (disk full, broken pipe, permissions).
     Output = 5,
+    /// Stopped by SIGINT or SIGTERM; nothing was committed.
+    Interrupted = 130,
 }
 
 /// An error with the exit code it maps to.

@@ -125,6 +125,21 @@ pub fn created_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resolves on SIGINT or SIGTERM, with the signal's name.
+pub async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
 pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
     let uri: NbdUri = args.nbd.parse().code(Code::Usage)?;
     let opts = connect_options(&args, &uri)?;
@@ -232,12 +247,25 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
     };
     let output = Output::from_arg(&args.output);
     let pb = progress_bar(plan.read_bytes + plan.zero_bytes);
-    let summary = engine::run(first, &opts, plan, header.clone(), output, &cfg, pb.clone())
-        .await
-        .map_err(|e| Failure {
-            code: engine_code(&e),
-            error: e.into(),
-        })?;
+    let run = engine::run(
+        first,
+        &opts,
+        plan,
+        header.clone(),
+        output.clone(),
+        &cfg,
+        pb.clone(),
+    );
+    let summary = tokio::select! {
+        r = run => r.map_err(|e| Failure { code: engine_code(&e), error: e.into() })?,
+        sig = shutdown_signal() => {
+            // Dropping the engine closes the NBD connections; the partial output goes.
+            if let Output::File(path) = &output {
+                let _ = std::fs::remove_file(crate::engine::sink::partial_path(path));
+            }
+            return Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed")));
+        }
+    };
     pb.finish_and_clear();
     tracing::info!(
         point_id = %header.point_id,

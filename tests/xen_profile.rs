@@ -287,3 +287,53 @@ async fn closed_output_pipe_stops_the_export() {
         "the export went on reading after the output closed: {reads} reads"
     );
 }
+
+/// SIGTERM in the middle of an export: exit 130, no output under the final name, and no
+/// partial file left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_export_leaves_nothing() {
+    let x = xen(16).await;
+    x.server.faults.stall(StallAt::Request(2));
+    let out = x.dir.join("full.cbts");
+    let child = std::process::Command::new(BIN)
+        .args([
+            "export",
+            "--nbd",
+            &x.uri(),
+            "--tls-cert",
+            p(&x.cert.cert_pem_path),
+            "--tls-server-name",
+            "localhost",
+        ])
+        .args(["--full", "--connections", "1", "-o", p(&out)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The export is certainly under way once the server holds its second request.
+    let f = x.server.faults.clone();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        f.wait_until(|f| f.stalls() == 1),
+    )
+    .await
+    .expect("the export never reached the server");
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("SIGTERM"));
+    assert!(!out.exists());
+    assert!(!x.dir.join("full.cbts.partial").exists());
+}
