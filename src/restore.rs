@@ -615,6 +615,24 @@ pub fn restore(to: &Path, inputs: &[PathBuf]) -> Result<RestoreReport, RestoreEr
     Ok(report)
 }
 
+/// Where the image will be before a stream: (point, source, where that comes from): the
+/// previous stream of this restore, or else the image's recorded complete state.
+fn before(
+    previous: Option<(String, String, String)>,
+    to: &Path,
+    input: &str,
+) -> Result<(String, String, String), RestoreError> {
+    if let Some(p) = previous {
+        return Ok(p);
+    }
+    let state = complete_image_state(to, input)?;
+    Ok((
+        state.point_id,
+        state.source_id,
+        format!("the image {}", to.display()),
+    ))
+}
+
 /// Checks that each stream follows on from the previous one, and the first incremental from
 /// the image's recorded state.
 fn check_chain(to: &Path, streams: &[(Input, Header)]) -> Result<(), RestoreError> {
@@ -623,17 +641,7 @@ fn check_chain(to: &Path, streams: &[(Input, Header)]) -> Result<(), RestoreErro
     for (i, (input, h)) in streams.iter().enumerate() {
         if h.incremental && h.base_id.is_none() {
             // An incremental whose base was not named: it applies onto any complete image.
-            let (_, source, from) = match current.take() {
-                Some(c) => c,
-                None => {
-                    let state = complete_image_state(to, &input.name)?;
-                    (
-                        state.point_id,
-                        state.source_id,
-                        format!("the image {}", to.display()),
-                    )
-                }
-            };
+            let (_, source, from) = before(current.take(), to, &input.name)?;
             tracing::warn!(
                 input = %input.name,
                 "incremental without a base id: applied onto {from} without checking that it is the right base"
@@ -651,17 +659,7 @@ fn check_chain(to: &Path, streams: &[(Input, Header)]) -> Result<(), RestoreErro
             current = Some((h.point_id.clone(), h.source_id.clone(), input.name.clone()));
             continue;
         };
-        let (point, source, from) = match current.take() {
-            Some(c) => c,
-            None => {
-                let state = complete_image_state(to, &input.name)?;
-                (
-                    state.point_id,
-                    state.source_id,
-                    format!("the image {}", to.display()),
-                )
-            }
-        };
+        let (point, source, from) = before(current.take(), to, &input.name)?;
         if *base != point {
             return Err(RestoreError::ChainMismatch {
                 input: input.name.clone(),

@@ -32,18 +32,7 @@ fn fixture(seed: u64) -> Fixture {
 }
 
 fn export(server: &NbdServer, pki: &TestPki, out: &Path, extra: &[&str]) -> std::process::Output {
-    let uri = server.uri();
-    let mut args = vec![
-        "export",
-        "--nbd",
-        &uri,
-        "--tls-ca",
-        p(&pki.ca_pem_path),
-        "-o",
-        p(out),
-    ];
-    args.extend_from_slice(extra);
-    run(&args)
+    export_tls(&server.uri(), &pki.ca_pem_path, out, extra)
 }
 
 /// Full export, then three incrementals with random writes in between, each restored and

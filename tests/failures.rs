@@ -178,18 +178,12 @@ fn permanent_read_error_names_the_offset() {
     )
     .unwrap();
     let out = dir.join("x.cbts");
-    let o = run(&[
-        "export",
-        "--nbd",
+    let o = export_tls(
         &server.uri(),
-        "--tls-ca",
-        p(&pki.ca_pem_path),
-        "--full",
-        "-o",
-        p(&out),
-        "--retries",
-        "2",
-    ]);
+        &pki.ca_pem_path,
+        &out,
+        &["--full", "--retries", "2"],
+    );
     assert_eq!(code(&o), 3, "{}", stderr(&o));
     let e = stderr(&o);
     assert!(
@@ -213,20 +207,12 @@ fn transient_read_errors_are_retried() {
     .unwrap();
     let out = dir.join("x.cbts");
     let restored = dir.join("r.raw");
-    ok(run(&[
-        "export",
-        "--nbd",
+    ok(export_tls(
         &server.uri(),
-        "--tls-ca",
-        p(&pki.ca_pem_path),
-        "--full",
-        "-o",
-        p(&out),
-        "--retries",
-        "12",
-        "--request-size",
-        "64",
-    ]));
+        &pki.ca_pem_path,
+        &out,
+        &["--full", "--retries", "12", "--request-size", "64"],
+    ));
     ok(run(&["restore", "--to", p(&restored), p(&out)]));
     assert_same(&restored, &img);
 }
@@ -247,17 +233,12 @@ fn bad_bitmaps_are_refused() {
     ];
     for (b64, want) in cases {
         let bm = bitmap_file(&dir, "bm", b64);
-        let o = run(&[
-            "export",
-            "--nbd",
+        let o = export_tls(
             &server.uri(),
-            "--tls-ca",
-            p(&pki.ca_pem_path),
-            "--changed-blocks",
-            p(&bm),
-            "-o",
-            p(&out),
-        ]);
+            &pki.ca_pem_path,
+            &out,
+            &["--changed-blocks", p(&bm)],
+        );
         assert_eq!(code(&o), 2, "{}", stderr(&o));
         assert!(stderr(&o).contains(want), "{}", stderr(&o));
     }
@@ -265,17 +246,12 @@ fn bad_bitmaps_are_refused() {
     let mut bytes = vec![0u8; (blocks as usize).div_ceil(8) + 1];
     bytes[blocks as usize / 8] = 0x80;
     let bm = bitmap_file(&dir, "bm", &cbtstream_proto_b64(&bytes));
-    let o = run(&[
-        "export",
-        "--nbd",
+    let o = export_tls(
         &server.uri(),
-        "--tls-ca",
-        p(&pki.ca_pem_path),
-        "--changed-blocks",
-        p(&bm),
-        "-o",
-        p(&out),
-    ]);
+        &pki.ca_pem_path,
+        &out,
+        &["--changed-blocks", p(&bm)],
+    );
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("past the end"), "{}", stderr(&o));
 }
@@ -294,18 +270,12 @@ fn damaged_streams_are_refused() {
     let (_t, dir, pki, img) = setup();
     let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
     let good = dir.join("good.cbts");
-    ok(run(&[
-        "export",
-        "--nbd",
+    ok(export_tls(
         &server.uri(),
-        "--tls-ca",
-        p(&pki.ca_pem_path),
-        "--full",
-        "--point-id",
-        "p0",
-        "-o",
-        p(&good),
-    ]));
+        &pki.ca_pem_path,
+        &good,
+        &["--full", "--point-id", "p0"],
+    ));
     let bytes = std::fs::read(&good).unwrap();
     let bad = dir.join("bad.cbts");
     let mut prng = Prng::new(99);
@@ -332,19 +302,12 @@ fn damaged_streams_are_refused() {
         // The image is marked incomplete: an incremental onto it is refused.
         let inc = dir.join("inc.cbts");
         let bm = bitmap_file(&dir, "empty", &CbtBitmap::empty(SIZE).to_base64());
-        ok(run(&[
-            "export",
-            "--nbd",
+        ok(export_tls(
             &server.uri(),
-            "--tls-ca",
-            p(&pki.ca_pem_path),
-            "--changed-blocks",
-            p(&bm),
-            "--base-id",
-            "p0",
-            "-o",
-            p(&inc),
-        ]));
+            &pki.ca_pem_path,
+            &inc,
+            &["--changed-blocks", p(&bm), "--base-id", "p0"],
+        ));
         if target.exists() {
             let o = run(&["restore", "--to", p(&target), p(&inc)]);
             assert_ne!(
@@ -364,35 +327,27 @@ fn chain_mistakes_are_refused() {
     let (_t, dir, pki, img) = setup();
     let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
     let full = dir.join("full.cbts");
-    ok(run(&[
-        "export",
-        "--nbd",
+    ok(export_tls(
         &server.uri(),
-        "--tls-ca",
-        p(&pki.ca_pem_path),
-        "--full",
-        "--point-id",
-        "p0",
-        "-o",
-        p(&full),
-    ]));
+        &pki.ca_pem_path,
+        &full,
+        &["--full", "--point-id", "p0"],
+    ));
     let bm = bitmap_file(&dir, "empty", &CbtBitmap::empty(SIZE).to_base64());
     let inc = dir.join("inc.cbts");
-    ok(run(&[
-        "export",
-        "--nbd",
+    ok(export_tls(
         &server.uri(),
-        "--tls-ca",
-        p(&pki.ca_pem_path),
-        "--changed-blocks",
-        p(&bm),
-        "--base-id",
-        "other",
-        "--point-id",
-        "p1",
-        "-o",
-        p(&inc),
-    ]));
+        &pki.ca_pem_path,
+        &inc,
+        &[
+            "--changed-blocks",
+            p(&bm),
+            "--base-id",
+            "other",
+            "--point-id",
+            "p1",
+        ],
+    ));
     let target = dir.join("r.raw");
     // Incremental onto a missing image.
     let o = run(&["restore", "--to", p(&target), p(&inc)]);
@@ -416,16 +371,12 @@ fn incremental_without_base_applies_onto_any_image() {
     let (_t, dir, pki, img) = setup();
     let server = NbdServer::qemu_nbd(&img, Some(&pki), QemuOpts::default()).unwrap();
     let full = dir.join("full.cbts");
-    ok(run(&[
-        "export",
-        "--nbd",
+    ok(export_tls(
         &server.uri(),
-        "--tls-ca",
-        p(&pki.ca_pem_path),
-        "--full",
-        "-o",
-        p(&full),
-    ]));
+        &pki.ca_pem_path,
+        &full,
+        &["--full"],
+    ));
     let target = dir.join("r.raw");
     ok(run(&["restore", "--to", p(&target), p(&full)]));
     let changes = mutate_blocks(&img, 5, 6).unwrap();
@@ -435,17 +386,12 @@ fn incremental_without_base_applies_onto_any_image() {
         &CbtBitmap::from_changes(&changes, SIZE).to_base64(),
     );
     let inc = dir.join("inc.cbts");
-    let o = ok(run(&[
-        "export",
-        "--nbd",
+    let o = ok(export_tls(
         &server.uri(),
-        "--tls-ca",
-        p(&pki.ca_pem_path),
-        "--changed-blocks",
-        p(&bm),
-        "-o",
-        p(&inc),
-    ]));
+        &pki.ca_pem_path,
+        &inc,
+        &["--changed-blocks", p(&bm)],
+    ));
     assert!(stderr(&o).contains("without --base-id"), "{}", stderr(&o));
     let o = ok(run(&["inspect", p(&inc)]));
     assert!(String::from_utf8_lossy(&o.stdout).contains("onto any image"));

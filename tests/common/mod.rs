@@ -63,3 +63,10 @@ pub fn bitmap_file(dir: &Path, name: &str, b64: &str) -> PathBuf {
     std::fs::write(&path, format!("{b64}\n")).unwrap();
     path
 }
+
+/// `cbtstream export --nbd URI --tls-ca CA -o OUT EXTRA...`
+pub fn export_tls(uri: &str, ca: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["export", "--nbd", uri, "--tls-ca", p(ca), "-o", p(out)];
+    args.extend_from_slice(extra);
+    run(&args)
+}
