@@ -317,3 +317,54 @@ fn export_pipes_into_restore() {
     assert!(json["bytes_written"].as_u64().unwrap() > 0);
     assert_same(&restored, &f.img);
 }
+
+/// nbds+unix:// (TLS over a Unix socket), with qemu-nbd.
+#[test]
+fn tls_over_unix_socket() {
+    if !require_tools("tls_over_unix_socket", &["qemu-nbd"]) {
+        return;
+    }
+    let f = fixture(23);
+    let sock = f.dir.join("nbd.sock");
+    let mut child = std::process::Command::new("qemu-nbd")
+        .args([
+            "-r",
+            "-t",
+            "-f",
+            "raw",
+            "--shared=0",
+            "-x",
+            "disk",
+            "-k",
+            p(&sock),
+        ])
+        .arg("--object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=off",
+            p(&f.pki.dir)
+        ))
+        .args(["--tls-creds", "tls0", p(&f.img)])
+        .spawn()
+        .unwrap();
+    // Readiness: the socket appears (bounded wait).
+    for _ in 0..500 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = f.dir.join("full.cbts");
+    let uri = format!("nbds+unix:///disk?socket={}", p(&sock));
+    let o = export_tls(
+        &uri,
+        &f.pki.ca_pem_path,
+        &out,
+        &["--full", "--tls-server-name", "localhost"],
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    ok(o);
+    let restored = f.dir.join("r.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&out)]));
+    assert_same(&restored, &f.img);
+}

@@ -337,3 +337,65 @@ async fn sigterm_mid_export_leaves_nothing() {
     assert!(!out.exists());
     assert!(!x.dir.join("full.cbts.partial").exists());
 }
+
+/// XenServer's self-signed certificate (no basicConstraints) given as a CA file is accepted as
+/// its own trust anchor; a pin of it works too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_signed_leaf_works_as_ca_and_pin() {
+    let x = xen(16).await;
+    let out = x.dir.join("full.cbts");
+    let (uri, cert, outp) = (x.uri(), x.cert.cert_pem_path.clone(), out.clone());
+    let pin: String = {
+        let o = std::process::Command::new("sha256sum")
+            .arg(x.cert.dir.join("cert.der"))
+            .output();
+        match o {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+            _ => {
+                std::fs::write(x.dir.join("cert.der"), &x.cert.cert_der).unwrap();
+                let o = std::process::Command::new("sha256sum")
+                    .arg(x.dir.join("cert.der"))
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .to_string()
+            }
+        }
+    };
+    tokio::task::spawn_blocking(move || {
+        ok(run(&[
+            "export",
+            "--nbd",
+            &uri,
+            "--tls-ca",
+            p(&cert),
+            "--tls-server-name",
+            "localhost",
+            "--full",
+            "-o",
+            p(&outp),
+        ]));
+        ok(run(&[
+            "export",
+            "--nbd",
+            &uri,
+            "--tls-pin",
+            &pin,
+            "--full",
+            "-o",
+            p(&outp),
+        ]));
+    })
+    .await
+    .unwrap();
+    let restored = x.dir.join("r.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&out)]));
+    assert_same(&restored, &x.img);
+}
