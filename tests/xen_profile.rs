@@ -345,30 +345,16 @@ async fn self_signed_leaf_works_as_ca_and_pin() {
     let x = xen(16).await;
     let out = x.dir.join("full.cbts");
     let (uri, cert, outp) = (x.uri(), x.cert.cert_pem_path.clone(), out.clone());
-    let pin: String = {
-        let o = std::process::Command::new("sha256sum")
-            .arg(x.cert.dir.join("cert.der"))
-            .output();
-        match o {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .to_string(),
-            _ => {
-                std::fs::write(x.dir.join("cert.der"), &x.cert.cert_der).unwrap();
-                let o = std::process::Command::new("sha256sum")
-                    .arg(x.dir.join("cert.der"))
-                    .output()
-                    .unwrap();
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .to_string()
-            }
-        }
-    };
+    std::fs::write(x.dir.join("cert.der"), &x.cert.cert_der).unwrap();
+    let o = std::process::Command::new("sha256sum")
+        .arg(x.dir.join("cert.der"))
+        .output()
+        .unwrap();
+    let pin = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
     tokio::task::spawn_blocking(move || {
         ok(run(&[
             "export",
