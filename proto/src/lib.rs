@@ -10,3 +10,4 @@ pub mod cbt;
 pub mod nbd;
 pub mod reader;
 pub mod stream;
+pub mod xmlrpc;
