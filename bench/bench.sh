@@ -144,7 +144,8 @@ print("|---|---|---|---|")
 for name in order:
     r = rows[name]
     mbs = [x[0] for x in r]; cpu = [x[1] for x in r]; rss = [x[2] for x in r]
-    print(f"| {name} | {statistics.median(mbs):.0f} ({min(mbs):.0f}-{max(mbs):.0f}) | {statistics.median(cpu):.2f} | {max(rss):.0f} |")
+    label = name.replace("|", "\\|")
+    print(f"| {label} | {statistics.median(mbs):.0f} ({min(mbs):.0f}-{max(mbs):.0f}) | {statistics.median(cpu):.2f} | {max(rss):.0f} |")
 PY
 echo
 echo "$(date -u +%F), $(nproc) cores, $(uname -r), qemu-nbd $(qemu-nbd --version | head -1 | awk '{print $2}'), nbdcopy $(nbdcopy --version | head -1 | awk '{print $2}'), zstd $(zstd -V | grep -o 'v[0-9.]*'), image $SIZE_MIB MiB, $ROUNDS rounds"

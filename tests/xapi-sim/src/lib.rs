@@ -1,0 +1,1 @@
+//! XenServer simulator (work in progress).
