@@ -28,6 +28,8 @@ enum Command {
     Restore(RestoreArgs),
     /// Check a stream (every checksum and the trailer) and print what it holds.
     Inspect(InspectArgs),
+    /// Remove snapshots that cbtstream took but did not commit (left by a killed run).
+    Gc(GcArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -58,22 +60,32 @@ pub struct TlsArgs {
     pub allow_plaintext: bool,
 }
 
+/// How to reach and authenticate to XenAPI.
 #[derive(Args, Debug, Clone)]
-pub struct ExportArgs {
-    /// NBD URI of the disk: nbds://host[:port]/export, nbd://, nbd+unix:///export?socket=PATH.
-    #[arg(long, value_name = "URI")]
-    pub nbd: String,
-    /// The changed-block bitmap (base64, as VDI.list_changed_blocks returns it); "-" for stdin.
-    #[arg(long, value_name = "FILE|-", conflicts_with = "full")]
-    pub changed_blocks: Option<PathBuf>,
-    /// Export the whole disk (skipping what the server reports as zero).
+pub struct XapiArgs {
+    /// XenAPI user.
+    #[arg(long, default_value = "root")]
+    pub user: String,
+    /// File holding the XenAPI password (else $XAPI_PASSWORD). Never on the command line.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// PEM CA file for the pool master's certificate (a self-signed one works too).
+    #[arg(long, value_name = "FILE", group = "xapi_trust")]
+    pub xapi_ca: Option<PathBuf>,
+    /// Trust the pool master's certificate whose DER has this SHA-256 (64 hex digits).
+    #[arg(long, value_name = "SHA256", group = "xapi_trust")]
+    pub xapi_pin: Option<String>,
+    /// Accept any certificate from the pool master: encrypted but NOT authenticated.
+    #[arg(long, group = "xapi_trust")]
+    pub xapi_insecure: bool,
+    /// Allow an http:// XenAPI URL: the password crosses the network unencrypted.
     #[arg(long)]
-    pub full: bool,
-    /// Output file, or "-" for stdout. A file is written as PATH.partial and renamed when done.
-    #[arg(short, long, value_name = "PATH|-")]
-    pub output: PathBuf,
-    #[command(flatten)]
-    pub tls: TlsArgs,
+    pub xapi_allow_plaintext: bool,
+}
+
+/// The data plane's knobs, shared by both sources.
+#[derive(Args, Debug, Clone)]
+pub struct DataPlaneArgs {
     /// NBD connections (used when the server allows multi-conn or the export is read-only; at most 16).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub connections: u16,
@@ -92,15 +104,6 @@ pub struct ExportArgs {
     /// Compression threads (default: the number of cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Id of the point in time this export captures (default: a fresh UUID).
-    #[arg(long, value_name = "ID")]
-    pub point_id: Option<String>,
-    /// Id of the point in time this incremental applies on top of.
-    #[arg(long, value_name = "ID")]
-    pub base_id: Option<String>,
-    /// Id of the source disk, recorded in the stream header.
-    #[arg(long, value_name = "ID", default_value = "")]
-    pub source_id: String,
     /// Seconds to wait for a connection and for the NBD handshake.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
@@ -116,6 +119,83 @@ pub struct ExportArgs {
     /// Do not try NBD extended headers (for servers that mishandle the option).
     #[arg(long, hide = true)]
     pub no_extended_headers: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["nbd", "xapi"])))]
+pub struct ExportArgs {
+    /// NBD URI of the disk: nbds://host[:port]/export, nbd://, nbd+unix:///export?socket=PATH.
+    #[arg(long, value_name = "URI")]
+    pub nbd: Option<String>,
+    /// XenAPI URL of the pool master (https://host/): back up a VDI with CBT.
+    #[arg(long, value_name = "URL", requires = "vdi")]
+    pub xapi: Option<String>,
+    /// With --nbd: the changed-block bitmap (base64, as VDI.list_changed_blocks returns it); "-" for stdin.
+    #[arg(long, value_name = "FILE|-", conflicts_with_all = ["full", "xapi"])]
+    pub changed_blocks: Option<PathBuf>,
+    /// Export the whole disk (with --nbd, skipping what the server reports as zero).
+    #[arg(long)]
+    pub full: bool,
+    /// Output file, or "-" for stdout. A file is written as PATH.partial and renamed when done.
+    #[arg(short, long, value_name = "PATH|-")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// With --nbd: id of the point in time this export captures (default: a fresh UUID).
+    #[arg(long, value_name = "ID", conflicts_with = "xapi")]
+    pub point_id: Option<String>,
+    /// With --nbd: id of the point in time this incremental applies on top of.
+    #[arg(long, value_name = "ID", conflicts_with = "xapi")]
+    pub base_id: Option<String>,
+    /// With --nbd: id of the source disk, recorded in the stream header.
+    #[arg(long, value_name = "ID", default_value = "", conflicts_with = "xapi")]
+    pub source_id: String,
+    /// With --xapi: the VDI to back up.
+    #[arg(long, value_name = "UUID", requires = "xapi")]
+    pub vdi: Option<String>,
+    /// With --xapi: the chain's state file (created by the first export, updated by each).
+    #[arg(long, value_name = "FILE", requires = "xapi", conflicts_with = "base")]
+    pub state: Option<PathBuf>,
+    /// With --xapi: start the incremental from this snapshot instead of the state file's base.
+    #[arg(
+        long,
+        value_name = "SNAPSHOT_UUID",
+        requires = "xapi",
+        conflicts_with = "full"
+    )]
+    pub base: Option<String>,
+    /// With --xapi: turn CBT on for the VDI if it is off (the export is then a full one).
+    #[arg(long, requires = "xapi")]
+    pub enable_cbt: bool,
+    /// With --xapi: when the chain is broken (base gone, CBT reset), do a full export instead of failing.
+    #[arg(long, requires = "xapi")]
+    pub fallback_full: bool,
+    /// With --xapi: how many bases to keep on the host (1: only the newest).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub keep_bases: u32,
+    #[command(flatten)]
+    pub xapi_args: XapiArgs,
+    #[command(flatten)]
+    pub dp: DataPlaneArgs,
+}
+
+/// `cbtstream gc`: remove snapshots left by killed runs.
+#[derive(Args, Debug, Clone)]
+pub struct GcArgs {
+    /// XenAPI URL of the pool master.
+    #[arg(long, value_name = "URL")]
+    pub xapi: String,
+    /// The VDI whose leftover snapshots to remove.
+    #[arg(long, value_name = "UUID")]
+    pub vdi: String,
+    /// The chain's state file: its bases are kept.
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// List what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub xapi_args: XapiArgs,
 }
 
 #[derive(Args, Debug)]
@@ -160,7 +240,11 @@ pub fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let result = match cli.command {
+        Command::Export(args) if args.xapi.is_some() => {
+            run_async(crate::backup::export_xapi(*args))
+        }
         Command::Export(args) => run_async(crate::export::export_nbd(*args)),
+        Command::Gc(args) => run_async(crate::backup::gc(args)),
         Command::Restore(args) => restore(args),
         Command::Inspect(args) => inspect(args),
     };

@@ -1,10 +1,11 @@
-//! `cbtstream export --nbd URI`: the data plane on its own, for any NBD server.
+//! `cbtstream export --nbd URI`: the data plane on its own, for any NBD server; and
+//! [`run_data_plane`], which the XenServer flow (`backup`) uses too.
 
-use crate::cli::{CompressArg, ExportArgs, TlsArgs};
+use crate::cli::{CompressArg, DataPlaneArgs, ExportArgs, TlsArgs};
 use crate::engine::fetch::{self, FetchConfig};
 use crate::engine::plan::Plan;
 use crate::engine::sink::Output;
-use crate::engine::{self, EngineConfig, EngineError};
+use crate::engine::{self, EngineConfig, EngineError, ExportSummary};
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::nbd::{Address, ConnectOptions, Connection, NbdUri};
 use crate::tls::{self, Trust};
@@ -44,7 +45,7 @@ fn read_bitmap(path: &Path) -> Result<Vec<u8>, Failure> {
     cbt::decode_base64(&text).code(Code::Usage)
 }
 
-pub fn connect_options(args: &ExportArgs, uri: &NbdUri) -> Result<ConnectOptions, Failure> {
+fn connect_options(args: &ExportArgs, uri: &NbdUri) -> Result<ConnectOptions, Failure> {
     let t = &args.tls;
     let tls_flags = t.tls_ca.is_some()
         || t.tls_cert.is_some()
@@ -75,14 +76,14 @@ pub fn connect_options(args: &ExportArgs, uri: &NbdUri) -> Result<ConnectOptions
         }
         None
     };
-    let timeout = Duration::from_secs(args.connect_timeout.max(1));
+    let timeout = Duration::from_secs(args.dp.connect_timeout.max(1));
     Ok(ConnectOptions {
         address: uri.address.clone(),
         export: uri.export.clone(),
         tls,
         connect_timeout: timeout,
         handshake_timeout: timeout,
-        extended_headers: !args.no_extended_headers,
+        extended_headers: !args.dp.no_extended_headers,
         meta_context: true,
     })
 }
@@ -103,7 +104,7 @@ pub fn progress_bar(total: u64) -> indicatif::ProgressBar {
     pb
 }
 
-fn engine_code(e: &EngineError) -> Code {
+pub fn engine_code(e: &EngineError) -> Code {
     match e {
         EngineError::Fetch(_) => Code::Source,
         EngineError::Sink(crate::engine::sink::SinkError::Io { .. }) => Code::Output,
@@ -141,14 +142,11 @@ pub async fn shutdown_signal() -> &'static str {
 }
 
 pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
-    let uri: NbdUri = args.nbd.parse().code(Code::Usage)?;
+    let Some(nbd) = &args.nbd else {
+        return Err(fail(Code::Usage, "give --nbd URI or --xapi URL"));
+    };
+    let uri: NbdUri = nbd.parse().code(Code::Usage)?;
     let opts = connect_options(&args, &uri)?;
-    if args.request_size % 64 != 0 || !(64..=32768).contains(&args.request_size) {
-        return Err(fail(
-            Code::Usage,
-            "--request-size must be a multiple of 64 KiB between 64 and 32768",
-        ));
-    }
     if args.changed_blocks.is_none() && !args.full {
         return Err(fail(
             Code::Usage,
@@ -162,11 +160,51 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
         Some(p) => Some(read_bitmap(p)?),
         None => None,
     };
-
+    if bitmap.is_some() && args.base_id.is_none() {
+        tracing::warn!(
+            "incremental export without --base-id: restore will apply it onto any image"
+        );
+    }
     let first = Connection::connect(&opts).await.code(Code::Source)?;
+    let ids = StreamIds {
+        source_id: args.source_id.clone(),
+        point_id: args
+            .point_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        base_id: args.base_id.clone(),
+    };
+    run_data_plane(first, &opts, bitmap, ids, &args.dp, &args.output).await?;
+    Ok(())
+}
+
+/// The ids that go into the stream header.
+pub struct StreamIds {
+    pub source_id: String,
+    pub point_id: String,
+    pub base_id: Option<String>,
+}
+
+/// Plan, read, encode and write one export from an open connection: an incremental when
+/// `bitmap` is given, else a full export. Shared by `--nbd` and `--xapi`. On success the
+/// output is complete and durable.
+pub async fn run_data_plane(
+    first: Connection,
+    opts: &ConnectOptions,
+    bitmap: Option<Vec<u8>>,
+    ids: StreamIds,
+    dp: &DataPlaneArgs,
+    output: &Path,
+) -> Result<ExportSummary, Failure> {
+    if dp.request_size % 64 != 0 || !(64..=32768).contains(&dp.request_size) {
+        return Err(fail(
+            Code::Usage,
+            "--request-size must be a multiple of 64 KiB between 64 and 32768",
+        ));
+    }
     let n = first.negotiated.clone();
     let size = n.size;
-    let mut connections = usize::from(args.connections);
+    let mut connections = usize::from(dp.connections);
     if connections > 1 && !(n.can_multi_conn() || n.read_only()) {
         tracing::info!(
             "the server allows neither multi-conn nor read-only access: using one connection"
@@ -174,7 +212,7 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
         connections = 1;
     }
     // Requests: what was asked, within the server's maximum, in whole CBT blocks.
-    let request = (args.request_size * 1024).min(n.max_request()) / CBT_BLOCK * CBT_BLOCK;
+    let request = (dp.request_size * 1024).min(n.max_request()) / CBT_BLOCK * CBT_BLOCK;
     if request == 0 {
         return Err(fail(
             Code::Source,
@@ -184,14 +222,19 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
             ),
         ));
     }
-    let timeout = Duration::from_secs(args.request_timeout.max(1));
+    let timeout = Duration::from_secs(dp.request_timeout.max(1));
     let plan = match &bitmap {
         Some(bm) => Plan::from_bitmap(bm, size, request).code(Code::Usage)?,
         None if n.meta_context.is_some() => {
-            let map = fetch::allocation_map(&first, size, n.alignment(), timeout)
-                .await
-                .code(Code::Source)?;
-            Plan::from_allocation(&map, request)
+            match fetch::allocation_map(&first, size, n.alignment(), timeout).await {
+                Ok(map) => Plan::from_allocation(&map, request),
+                // Block status only saves reads: without it, read everything.
+                Err(fetch::FetchError::Read { error, .. }) => {
+                    tracing::warn!("block status failed ({error}); reading the whole disk");
+                    Plan::full(size, request)
+                }
+                Err(e) => return Err(e).code(Code::Source),
+            }
         }
         None => Plan::full(size, request),
     };
@@ -202,54 +245,45 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
         items = plan.items.len(),
         "planned"
     );
-    let full = bitmap.is_none();
-    if !full && args.base_id.is_none() {
-        tracing::warn!(
-            "incremental export without --base-id: restore will apply it onto any image"
-        );
-    }
     let header = Header {
         virtual_size: size,
         block_size: CBT_BLOCK as u32,
-        source_id: args.source_id.clone(),
-        point_id: args
-            .point_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        incremental: !full,
-        base_id: args.base_id.clone(),
+        source_id: ids.source_id,
+        point_id: ids.point_id,
+        incremental: bitmap.is_some(),
+        base_id: if bitmap.is_some() { ids.base_id } else { None },
         created_unix_secs: created_now(),
-        codec: match args.compress {
+        codec: match dp.compress {
             CompressArg::Zstd => Codec::Zstd,
             CompressArg::None => Codec::None,
         },
     };
     header.validate().code(Code::Usage)?;
-    let threads = args
+    let threads = dp
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let inflight = usize::from(args.inflight);
+    let inflight = usize::from(dp.inflight);
     let cfg = EngineConfig {
         connections,
         fetch: FetchConfig {
             inflight,
             request_timeout: timeout,
-            retries: args.retries,
-            reconnects: args.retries.max(1) + 2,
+            retries: dp.retries,
+            reconnects: dp.retries.max(1) + 2,
         },
         codec: header.codec,
-        level: args.level,
+        level: dp.level,
         threads,
         // Enough for every connection's reads in flight plus a reorder window, capped so
         // memory stays flat: 32 MiB at most by default.
         budget: (connections as u64 * inflight as u64 * request).clamp(8 << 20, 32 << 20),
         block: CBT_BLOCK,
     };
-    let output = Output::from_arg(&args.output);
+    let output = Output::from_arg(output);
     let pb = progress_bar(plan.read_bytes + plan.zero_bytes);
     let run = engine::run(
         first,
-        &opts,
+        opts,
         plan,
         header.clone(),
         output.clone(),
@@ -275,8 +309,8 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
         seconds = summary.seconds,
         "export complete"
     );
-    if args.json {
+    if dp.json {
         eprintln!("{}", summary.json());
     }
-    Ok(())
+    Ok(summary)
 }

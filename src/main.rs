@@ -1,5 +1,7 @@
 //! cbtstream: incremental backups of XenServer / XCP-ng virtual disks over NBD.
 
+mod backup;
+mod chain;
 mod cli;
 mod engine;
 mod exit;
@@ -7,6 +9,7 @@ mod export;
 mod nbd;
 mod restore;
 mod tls;
+mod xapi;
 
 fn main() -> std::process::ExitCode {
     cli::main()

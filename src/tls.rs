@@ -152,7 +152,9 @@ pub fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsError> {
             }))
             .with_no_client_auth(),
         Trust::InsecureNoVerify => {
-            tracing::warn!("TLS certificate verification is DISABLED (--tls-insecure-no-verify): the server is not authenticated");
+            tracing::warn!(
+                "TLS certificate verification is DISABLED: the server is not authenticated"
+            );
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(ExactVerifier {
