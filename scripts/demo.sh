@@ -1,79 +1,89 @@
 #!/usr/bin/env bash
-# The demo: a generated disk served over TLS by qemu-nbd (on a Unix socket), exported in full,
-# changed, exported incrementally straight into `cbtstream restore` through a pipe, and
-# checked byte for byte against the disk at each point.
+# The demo, on the embedded XenServer simulator (tests/xapi-sim): it speaks XenAPI over HTTPS,
+# keeps real CBT logs over real disk images and serves snapshots over NBD with TLS, like a
+# XenServer host. The story:
+#   1. the guest writes data; a full export to a file (the chain's state file is created);
+#   2. the guest writes more; the incremental export is piped straight into `restore`;
+#   3. the restored image is compared with the VDI byte for byte; the host keeps only one
+#      snapshot, of type cbt_metadata, as the base for the next run.
 #
 #   scripts/install-deps.sh && scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SIZE_MIB=${DEMO_SIZE_MIB:-512}
-cargo build --release --quiet
+SIZE_MIB=${DEMO_SIZE_MIB:-256}
+cargo build --release --quiet -p cbtstream -p cbtstream-xapi-sim
 BIN=$PWD/target/release/cbtstream
+SIM=$PWD/target/release/xapi-sim
 work=$(mktemp -d)
 cleanup() {
-    [ -f "$work/qemu.pid" ] && kill "$(cat "$work/qemu.pid")" 2>/dev/null || true
+    [ -n "${SIM_PID:-}" ] && kill "$SIM_PID" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
 cd "$work"
 
-echo "== certificates (a CA and a server certificate for localhost)"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca-key.pem -out ca-cert.pem \
-    -days 2 -subj /CN=demo-ca -addext basicConstraints=critical,CA:TRUE 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server-key.pem -out server.csr \
-    -subj /CN=localhost 2>/dev/null
-openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out server-cert.pem -days 2 \
-    -extfile <(printf "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth") 2>/dev/null
+echo "== XenServer simulator with a ${SIZE_MIB} MiB VDI, CBT on"
+"$SIM" --data-dir sim --disk-size $((SIZE_MIB << 20)) > sim.json 2> sim.log &
+SIM_PID=$!
+for _ in $(seq 200); do [ -s sim.json ] && break; sleep 0.05; done
+read -r URL CA VDI PW < <(python3 -c 'import json; j=json.load(open("sim.json")); print(j["url"], j["ca"], j["vdi"], j["password"])')
+export XAPI_PASSWORD=$PW   # the password never goes on a command line
+echo "   $URL  VDI $VDI"
 
-echo "== a ${SIZE_MIB} MiB disk: a quarter random, a quarter zero, half text"
-q=$((SIZE_MIB / 4))
-head -c $((q << 20)) /dev/urandom > disk.raw
-truncate -s $((2 * q << 20)) disk.raw
-python3 - "$((2 * q << 20))" <<'PY2' >> disk.raw
-import glob, os, sys
-n = int(sys.argv[1]); text = bytearray()
-for p in glob.glob("/usr/share/common-licenses/*") + glob.glob("/usr/share/doc/*/copyright"):
-    try:
-        text += open(p, "rb").read()
-    except OSError:
-        pass
-    if len(text) > 8 << 20:
-        break
-text = bytes(text) or b"lorem ipsum dolor sit amet "
-sys.stdout.buffer.write((text * (n // len(text) + 1))[:n])
-PY2
-
-echo "== qemu-nbd, TLS, read-only, on a Unix socket"
-qemu-nbd --fork --pid-file "$work/qemu.pid" -r -t -f raw --shared=0 -x disk -k "$work/nbd.sock" \
-    --object tls-creds-x509,id=tls0,dir="$work",endpoint=server,verify-peer=off --tls-creds tls0 disk.raw
-URI="nbds+unix:///disk?socket=$work/nbd.sock"
-TLS=(--tls-ca ca-cert.pem --tls-server-name localhost)
-
-echo "== full export"
-"$BIN" export --nbd "$URI" "${TLS[@]}" --full --point-id p0 -o full.cbts --json
-ls -l full.cbts | awk '{print "   stream:", $5, "bytes"}'
-"$BIN" inspect full.cbts | sed 's/^/   /'
-"$BIN" restore --to restored.raw full.cbts
-cmp restored.raw disk.raw && echo "   restored image == disk"
-
-echo "== the guest writes: 200 random writes, some across 64 KiB boundaries"
-python3 - "$((SIZE_MIB << 20))" <<'PY'
-import base64, os, random, sys
-size = int(sys.argv[1]); r = random.Random(42)
-blocks = (size + 65535) // 65536
-bm = bytearray((blocks + 7) // 8)
-with open("disk.raw", "r+b") as f:
-    for _ in range(200):
-        n = r.randrange(512, 300_000); off = r.randrange(0, size - n)
-        f.seek(off); f.write(os.urandom(n))
-        for b in range(off // 65536, (off + n - 1) // 65536 + 1):
-            bm[b // 8] |= 0x80 >> (b % 8)
-open("changed.b64", "w").write(base64.b64encode(bm).decode())
-print(f"   {sum(bin(x).count('1') for x in bm)} of {blocks} blocks changed")
+# The guest writes, through the simulator's test API (sim.write), with Python's XML-RPC client.
+guest_writes() {
+    python3 - "$URL" "$CA" "$VDI" "$1" "$((SIZE_MIB << 20))" <<'PY'
+import base64, os, random, ssl, sys, xmlrpc.client
+url, ca, vdi_uuid, round_, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+ctx = ssl.create_default_context(cafile=ca); ctx.check_hostname = False
+x = xmlrpc.client.ServerProxy(url, context=ctx)
+s = x.session.login_with_password("root", os.environ["XAPI_PASSWORD"], "1.1", "demo")["Value"]
+vdi = x.VDI.get_by_uuid(s, vdi_uuid)["Value"]
+r = random.Random(round_)
+text = b"".join(open(p, "rb").read() for p in ["/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0"] if os.path.exists(p)) or b"lorem ipsum "
+n = 24 if round_ == 1 else 40
+written = 0
+for i in range(n):
+    length = r.choice([4096, 65536, 300_000, 1 << 20])
+    off = r.randrange(0, size - length) // 512 * 512
+    data = os.urandom(length) if i % 2 else (text * (length // len(text) + 1))[:length]
+    res = x.sim.write(s, vdi, str(off), base64.b64encode(data).decode())
+    assert res["Status"] == "Success", res
+    written += length
+print(f"   guest wrote {written} bytes in {n} writes")
+x.session.logout(s)
 PY
+}
 
-echo "== incremental export, piped into restore"
-"$BIN" export --nbd "$URI" "${TLS[@]}" --changed-blocks changed.b64 --base-id p0 --point-id p1 -o - --json \
-    | "$BIN" restore --to restored.raw -
-cmp restored.raw disk.raw && echo "   restored image == disk after the incremental"
+snapshots() {
+    python3 - "$URL" "$CA" "$VDI" <<'PY'
+import os, ssl, sys, xmlrpc.client
+url, ca, vdi_uuid = sys.argv[1:4]
+ctx = ssl.create_default_context(cafile=ca); ctx.check_hostname = False
+x = xmlrpc.client.ServerProxy(url, context=ctx)
+s = x.session.login_with_password("root", os.environ["XAPI_PASSWORD"], "1.1", "demo")["Value"]
+vdi = x.VDI.get_by_uuid(s, vdi_uuid)["Value"]
+for ref in x.VDI.get_snapshots(s, vdi)["Value"]:
+    rec = x.VDI.get_record(s, ref)["Value"]
+    print(f"   snapshot {rec['uuid']}: type {rec['type']}")
+x.session.logout(s)
+PY
+}
+
+XAPI=(--xapi "$URL" --xapi-ca "$CA" --vdi "$VDI" --state chain.json)
+
+echo "== 1. guest writes, then a full export"
+guest_writes 1
+"$BIN" export "${XAPI[@]}" -o full.cbts --json
+"$BIN" restore --to restored.raw full.cbts
+cmp restored.raw "sim/$VDI.raw" && echo "   restored image == VDI"
+snapshots
+
+echo "== 2. guest writes, then an incremental piped into restore"
+guest_writes 2
+"$BIN" export "${XAPI[@]}" -o - --json | "$BIN" restore --to restored.raw -
+cmp restored.raw "sim/$VDI.raw" && echo "   restored image == VDI after the incremental"
+snapshots
+echo "   chain state: $(python3 -c 'import json; j=json.load(open("chain.json")); print("base", j["base"], "cbt_metadata" if j["base_is_metadata"] else "full")')"
+"$BIN" gc --xapi "$URL" --xapi-ca "$CA" --vdi "$VDI" --state chain.json --dry-run
 echo "== demo OK"

@@ -192,7 +192,6 @@ pub struct Backoff {
     pub max: Duration,
 }
 
-
 /// Run `op` up to `attempts` times (at least once), sleeping with `backoff` between tries,
 /// while it fails with one of the XenAPI failure `codes`. Any other outcome is returned at
 /// once; after the last attempt its error is returned.

@@ -1,0 +1,248 @@
+//! Helpers shared by the simulator's integration tests: a started simulator with a logged-in
+//! client, bitmap decoding, and a tiny raw NBD client (enough to hold a connection open and
+//! read, the way a backup client does against xapi-nbd).
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use cbtstream_proto::xmlrpc::{Value, XenApiError};
+use cbtstream_xapi_sim::{SimConfig, Simulator, XapiClient};
+use tempfile::TempDir;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+pub const BLOCK: u64 = 64 * 1024;
+
+/// Every test body runs under this bound.
+pub async fn bounded<T>(f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("the test took more than 60 s")
+}
+
+pub struct Env {
+    pub sim: Simulator,
+    pub c: XapiClient,
+    pub session: String,
+    pub vdi: String,
+    /// Kept last so the simulator is dropped before its files.
+    pub dir: TempDir,
+}
+
+impl Env {
+    pub async fn start(tweak: impl FnOnce(&mut SimConfig)) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = SimConfig::for_tests(dir.path());
+        tweak(&mut cfg);
+        let sim = Simulator::start(cfg).await.unwrap();
+        let c = sim.client().unwrap();
+        let session = c.login(sim.user(), sim.password()).await.unwrap();
+        let vdi = sim.vdi_ref().to_owned();
+        Env {
+            sim,
+            c,
+            session,
+            vdi,
+            dir,
+        }
+    }
+
+    /// `method(session, args...)`, which must succeed.
+    pub async fn call(&self, method: &str, args: &[&str]) -> Value {
+        self.c
+            .call(method, &self.params(args))
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e:#}"))
+    }
+
+    /// `method(session, args...)` with arguments of any type, which must succeed.
+    pub async fn call_values(&self, method: &str, args: Vec<Value>) -> Value {
+        let mut params = vec![Value::from(self.session.as_str())];
+        params.extend(args);
+        self.c
+            .call(method, &params)
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e:#}"))
+    }
+
+    /// `method(session, args...)`, which must fail.
+    pub async fn fail(&self, method: &str, args: &[&str]) -> XenApiError {
+        self.c
+            .call_err(method, &self.params(args))
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e:#}"))
+    }
+
+    pub fn params(&self, args: &[&str]) -> Vec<Value> {
+        std::iter::once(self.session.as_str())
+            .chain(args.iter().copied())
+            .map(Value::from)
+            .collect()
+    }
+
+    pub async fn snapshot(&self, vdi: &str) -> String {
+        self.c
+            .call(
+                "VDI.snapshot",
+                &[
+                    self.session.as_str().into(),
+                    vdi.into(),
+                    Value::Struct(Default::default()),
+                ],
+            )
+            .await
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8]) {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+        self.call("sim.write", &[&self.vdi, &offset.to_string(), &b64])
+            .await;
+    }
+
+    /// The changed blocks between two VDIs; checks the bitmap length for `size`.
+    pub async fn changed(&self, from: &str, to: &str, size: u64) -> Vec<u64> {
+        let v = self.call("VDI.list_changed_blocks", &[from, to]).await;
+        blocks_of(v.as_str().unwrap(), size)
+    }
+
+    pub async fn uuid_of(&self, vdi: &str) -> String {
+        self.call("VDI.get_uuid", &[vdi])
+            .await
+            .into_string()
+            .unwrap()
+    }
+
+    pub async fn nbd_info(&self, vdi: &str) -> (u16, String) {
+        let v = self.call("VDI.get_nbd_info", &[vdi]).await;
+        let recs = v.as_array().unwrap();
+        assert_eq!(recs.len(), 1);
+        let port = recs[0].get("port").unwrap().as_i64_str().unwrap();
+        let name = recs[0].get("exportname").unwrap().as_str().unwrap();
+        (u16::try_from(port).unwrap(), name.to_owned())
+    }
+
+    pub async fn nbd_connect(&self, vdi: &str) -> Result<Nbd> {
+        let (port, name) = self.nbd_info(vdi).await;
+        Nbd::connect(port, &name, self.sim.cert_der()).await
+    }
+}
+
+/// Decodes a `list_changed_blocks` result (MSB first) into block numbers, checking its
+/// length is `ceil(ceil(size / 64 KiB) / 8)` and that no bit past the disk end is set.
+pub fn blocks_of(b64: &str, size: u64) -> Vec<u64> {
+    let raw = cbtstream_proto::cbt::decode_base64(b64.as_bytes()).unwrap();
+    let nblocks = size.div_ceil(BLOCK);
+    assert_eq!(raw.len() as u64, nblocks.div_ceil(8), "bitmap length");
+    let set: Vec<u64> = (0..raw.len() as u64 * 8)
+        .filter(|&i| raw[(i / 8) as usize] & (0x80 >> (i % 8)) != 0)
+        .collect();
+    assert!(
+        set.iter().all(|&b| b < nblocks),
+        "bits past the end: {set:?}"
+    );
+    set
+}
+
+pub fn assert_code(e: &XenApiError, code: &str, args: &[&str]) {
+    assert_eq!(e.code(), Some(code), "{}", e.unredacted());
+    assert_eq!(e.args().unwrap(), args, "{}", e.unredacted());
+}
+
+/// A minimal NBD client with xapi-nbd's handshake: fixed newstyle, STARTTLS, EXPORT_NAME,
+/// then simple READ requests.
+pub struct Nbd {
+    s: TlsStream<TcpStream>,
+    pub size: u64,
+    handle: u64,
+}
+
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+
+async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, opt: u32, data: &[u8]) -> Result<()> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    s.write_all(&b).await?;
+    s.flush().await?;
+    Ok(())
+}
+
+async fn read_n<S: AsyncRead + Unpin>(s: &mut S, n: usize) -> Result<Vec<u8>> {
+    let mut b = vec![0; n];
+    s.read_exact(&mut b).await?;
+    Ok(b)
+}
+
+impl Nbd {
+    pub async fn connect(port: u16, export: &str, cert_der: &[u8]) -> Result<Nbd> {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+        let g = read_n(&mut tcp, 18).await.context("greeting")?;
+        ensure!(g[..8] == *b"NBDMAGIC", "bad greeting");
+        tcp.write_all(&1u32.to_be_bytes()).await?; // C_FIXED_NEWSTYLE
+        send_option(&mut tcp, 5, &[]).await?; // STARTTLS
+        let r = read_n(&mut tcp, 20).await.context("STARTTLS reply")?;
+        ensure!(r[12..16] == 1u32.to_be_bytes(), "STARTTLS was not acked");
+        let cfg = cbtstream_testkit::rustls_client_config(&[cert_der.to_vec()])?;
+        let mut s = TlsConnector::from(cfg)
+            .connect(ServerName::try_from("localhost")?, tcp)
+            .await
+            .context("TLS")?;
+        send_option(&mut s, 1, export.as_bytes()).await?; // EXPORT_NAME
+        let r = read_n(&mut s, 134)
+            .await
+            .context("the export was refused (connection closed)")?;
+        let size = u64::from_be_bytes(r[..8].try_into()?);
+        Ok(Nbd { s, size, handle: 0 })
+    }
+
+    pub async fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>> {
+        self.handle += 1;
+        let mut b = Vec::with_capacity(28);
+        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes()); // flags 0, READ
+        b.extend_from_slice(&self.handle.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        self.s.write_all(&b).await?;
+        self.s.flush().await?;
+        let r = read_n(&mut self.s, 16).await?;
+        ensure!(r[..4] == 0x6744_6698u32.to_be_bytes(), "bad reply magic");
+        let err = u32::from_be_bytes(r[4..8].try_into()?);
+        if err != 0 {
+            bail!("NBD error {err}");
+        }
+        read_n(&mut self.s, len as usize).await
+    }
+
+    /// Reads the whole export in 1 MiB requests (the last one clamped).
+    pub async fn read_all(&mut self) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.size as usize);
+        while (out.len() as u64) < self.size {
+            let n = (self.size - out.len() as u64).min(1 << 20);
+            out.extend(self.read(out.len() as u64, n as u32).await?);
+        }
+        Ok(out)
+    }
+
+    /// NBD_CMD_DISC, then close.
+    pub async fn disconnect(mut self) {
+        let mut b = Vec::with_capacity(28);
+        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        b.extend_from_slice(&2u32.to_be_bytes());
+        b.extend_from_slice(&[0; 20]);
+        let _ = self.s.write_all(&b).await;
+        let _ = self.s.shutdown().await;
+    }
+}

@@ -1,0 +1,475 @@
+//! The XenServer flow end to end against the simulator: a full export and incrementals with
+//! guest writes in between, each point restored and compared byte for byte; after every run
+//! exactly one snapshot of the VDI remains, of type cbt_metadata. And the failure paths: each
+//! leaves no extra snapshot, keeps the state and the old base, and the next run succeeds.
+
+mod common;
+
+use cbtstream_proto::xmlrpc::Value;
+use cbtstream_xapi_sim::{SimConfig, Simulator};
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+const SIZE: u64 = (3 << 20) + 512; // a multiple of 512, not of 64 KiB
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    sim: Simulator,
+}
+
+async fn env() -> Env {
+    env_with(|_| {}).await
+}
+
+async fn env_with(tweak: impl FnOnce(&mut SimConfig)) -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mut cfg = SimConfig::for_tests(dir.join("sim"));
+    cfg.disk_size = SIZE;
+    tweak(&mut cfg);
+    let sim = Simulator::start(cfg).await.unwrap();
+    Env {
+        _tmp: tmp,
+        dir,
+        sim,
+    }
+}
+
+impl Env {
+    fn state(&self) -> PathBuf {
+        self.dir.join("chain.json")
+    }
+
+    /// `cbtstream export --xapi ... --vdi ...` with the password in the environment.
+    async fn export(&self, out: &Path, extra: &[&str]) -> Output {
+        self.export_via(&self.sim.url(), out, extra).await
+    }
+
+    async fn export_via(&self, url: &str, out: &Path, extra: &[&str]) -> Output {
+        let mut args: Vec<String> = vec![
+            "export".into(),
+            "--xapi".into(),
+            url.into(),
+            "--xapi-ca".into(),
+            p(self.sim.ca_path()).into(),
+            "--vdi".into(),
+            self.sim.vdi_uuid().into(),
+            "-o".into(),
+            p(out).into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let pw = self.sim.password().to_string();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(BIN)
+                .args(&args)
+                .env("XAPI_PASSWORD", pw)
+                .env("SOURCE_DATE_EPOCH", "1795000000")
+                .env_remove("CBTSTREAM_LOG")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn gc(&self, extra: &[&str]) -> Output {
+        let mut args: Vec<String> = vec![
+            "gc".into(),
+            "--xapi".into(),
+            self.sim.url(),
+            "--xapi-ca".into(),
+            p(self.sim.ca_path()).into(),
+            "--vdi".into(),
+            self.sim.vdi_uuid().into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let pw = self.sim.password().to_string();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(BIN)
+                .args(&args)
+                .env("XAPI_PASSWORD", pw)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// (uuid, type, tagged by cbtstream) of every snapshot of the VDI.
+    fn snapshots(&self) -> Vec<(String, String, bool)> {
+        let session = self
+            .sim
+            .call_local(
+                "session.login_with_password",
+                &[self.sim.user().into(), self.sim.password().into()],
+            )
+            .unwrap();
+        let rec = self.sim.vdi_record(self.sim.vdi_uuid()).unwrap();
+        let mut out = Vec::new();
+        for r in rec
+            .get("snapshots")
+            .and_then(Value::as_array)
+            .map(<[Value]>::to_vec)
+            .unwrap_or_default()
+        {
+            let s = self
+                .sim
+                .call_local("VDI.get_record", &[session.clone(), r])
+                .unwrap();
+            let uuid = s.get("uuid").and_then(Value::as_str).unwrap().to_string();
+            let typ = s.get("type").and_then(Value::as_str).unwrap().to_string();
+            let tagged = s
+                .get("other_config")
+                .and_then(|m| m.get("cbtstream_snapshot_of"))
+                .is_some();
+            out.push((uuid, typ, tagged));
+        }
+        out
+    }
+
+    fn live_image(&self) -> PathBuf {
+        self.sim.vdi_path(self.sim.vdi_uuid()).unwrap()
+    }
+
+    /// Guest writes: across a 64 KiB boundary, an aligned block, and the last partial block.
+    fn guest_writes(&self, seed: u8) {
+        let vdi = self.sim.vdi_uuid().to_string();
+        let pattern = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect()
+        };
+        self.sim
+            .write(&vdi, 65536 - 100 + u64::from(seed) * 4096, &pattern(300))
+            .unwrap();
+        self.sim.write(&vdi, 10 * 65536, &pattern(65536)).unwrap();
+        self.sim.write(&vdi, SIZE - 512, &pattern(512)).unwrap();
+    }
+}
+
+fn state_base(path: &Path) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["base"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_then_three_incrementals() {
+    let e = env().await;
+    e.guest_writes(1);
+    let restored = e.dir.join("restored.raw");
+    let state = e.state();
+    let full = e.dir.join("full.cbts");
+    let o = ok(e.export(&full, &["--state", p(&state), "-vv"]).await);
+    // Secrets never reach the log, even at -vv.
+    let log = stderr(&o);
+    assert!(!log.contains(e.sim.password()), "password in the log");
+    assert!(!log.contains("session_id="), "export name in the log");
+    assert!(!log.contains("OpaqueRef:"), "a reference in the log: {log}");
+    ok(run(&["restore", "--to", p(&restored), p(&full)]));
+    assert_same(&restored, &e.live_image());
+    let snaps = e.snapshots();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].1, "cbt_metadata");
+    assert_eq!(state_base(&state), snaps[0].0);
+    assert!(!std::fs::read_to_string(&state)
+        .unwrap()
+        .contains(e.sim.password()));
+
+    for i in 1..=3u8 {
+        e.guest_writes(i + 1);
+        let inc = e.dir.join(format!("inc{i}.cbts"));
+        ok(e.export(&inc, &["--state", p(&state)]).await);
+        ok(run(&["restore", "--to", p(&restored), p(&inc)]));
+        assert_same(&restored, &e.live_image());
+        let snaps = e.snapshots();
+        assert_eq!(snaps.len(), 1, "after incremental {i}: {snaps:?}");
+        assert_eq!(snaps[0].1, "cbt_metadata");
+        assert_eq!(state_base(&state), snaps[0].0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_leave_the_chain_as_it_was() {
+    let e = env().await;
+    let state = e.state();
+    let restored = e.dir.join("restored.raw");
+    let full = e.dir.join("full.cbts");
+    ok(e.export(&full, &["--state", p(&state)]).await);
+    ok(run(&["restore", "--to", p(&restored), p(&full)]));
+    let base0 = state_base(&state);
+    let state0 = std::fs::read(&state).unwrap();
+
+    // The snapshot fails.
+    e.guest_writes(7);
+    e.sim.fail_next(
+        "VDI.snapshot",
+        "SR_BACKEND_FAILURE_44",
+        &["", "no space", ""],
+        Some(1),
+    );
+    let out = e.dir.join("x.cbts");
+    let o = e.export(&out, &["--state", p(&state)]).await;
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert_eq!(std::fs::read(&state).unwrap(), state0);
+    assert_eq!(e.snapshots().len(), 1);
+
+    // The chain is broken: a clear error, the new snapshot removed; --fallback-full works.
+    e.sim.fail_next(
+        "VDI.list_changed_blocks",
+        "SR_BACKEND_FAILURE_460",
+        &["", "Failed to calculate changed blocks for given VDIs. [opterr=Source and target VDI are unrelated]", ""],
+        Some(1),
+    );
+    let o = e.export(&out, &["--state", p(&state)]).await;
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--fallback-full"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&state).unwrap(), state0);
+    assert_eq!(e.snapshots().len(), 1, "{:?}", e.snapshots());
+    assert!(!out.exists());
+
+    // data_destroy answers VDI_IN_USE a few times: retried, and it succeeds.
+    e.sim.fail_next(
+        "VDI.data_destroy",
+        "VDI_IN_USE",
+        &["OpaqueRef:x", "data_destroy"],
+        Some(3),
+    );
+    let inc = e.dir.join("inc1.cbts");
+    ok(e.export(&inc, &["--state", p(&state)]).await);
+    ok(run(&["restore", "--to", p(&restored), p(&inc)]));
+    assert_same(&restored, &e.live_image());
+    let snaps = e.snapshots();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].1, "cbt_metadata");
+    assert_ne!(state_base(&state), base0);
+
+    // data_destroy fails for good: the export still succeeds, the full snapshot is the base.
+    e.guest_writes(8);
+    e.sim.fail_next(
+        "VDI.data_destroy",
+        "SR_BACKEND_FAILURE_1",
+        &["", "broken", ""],
+        None,
+    );
+    let inc2 = e.dir.join("inc2.cbts");
+    let o = ok(e.export(&inc2, &["--state", p(&state)]).await);
+    assert!(stderr(&o).contains("data_destroy failed"), "{}", stderr(&o));
+    e.sim.clear_failures();
+    ok(run(&["restore", "--to", p(&restored), p(&inc2)]));
+    assert_same(&restored, &e.live_image());
+    // And the next run works from that base.
+    e.guest_writes(9);
+    let inc3 = e.dir.join("inc3.cbts");
+    ok(e.export(&inc3, &["--state", p(&state)]).await);
+    ok(run(&["restore", "--to", p(&restored), p(&inc3)]));
+    assert_same(&restored, &e.live_image());
+    let snaps = e.snapshots();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+
+    // The output pipe closes early: failure, state untouched, no snapshot left.
+    let before = std::fs::read(&state).unwrap();
+    let o = e
+        .export(Path::new("/dev/full"), &["--state", p(&state)])
+        .await;
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+    assert_eq!(e.snapshots().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_removes_what_a_killed_run_left() {
+    let e = env().await;
+    let state = e.state();
+    ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
+        .await);
+    // A killed run leaves a tagged snapshot: make one the way the flow does.
+    let session = e
+        .sim
+        .call_local(
+            "session.login_with_password",
+            &[e.sim.user().into(), e.sim.password().into()],
+        )
+        .unwrap();
+    let vdi: Value = e.sim.vdi_ref_of(e.sim.vdi_uuid()).unwrap().into();
+    let snap = e
+        .sim
+        .call_local(
+            "VDI.snapshot",
+            &[session.clone(), vdi, Value::Struct(Default::default())],
+        )
+        .unwrap();
+    e.sim
+        .call_local(
+            "VDI.add_to_other_config",
+            &[
+                session,
+                snap,
+                "cbtstream_snapshot_of".into(),
+                e.sim.vdi_uuid().into(),
+            ],
+        )
+        .unwrap();
+    assert_eq!(e.snapshots().len(), 2);
+    let o = ok(e.gc(&["--state", p(&state), "--dry-run"]).await);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("would remove"));
+    assert_eq!(e.snapshots().len(), 2);
+    ok(e.gc(&["--state", p(&state)]).await);
+    let snaps = e.snapshots();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0].0, state_base(&state));
+    // The chain still works.
+    e.guest_writes(3);
+    ok(e.export(&e.dir.join("inc.cbts"), &["--state", p(&state)])
+        .await);
+}
+
+fn login(e: &Env) -> Value {
+    e.sim
+        .call_local(
+            "session.login_with_password",
+            &[e.sim.user().into(), e.sim.password().into()],
+        )
+        .unwrap()
+}
+
+/// The disk grows between two backups: the incremental carries the new size and restore
+/// grows the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_grows_between_backups() {
+    let e = env().await;
+    let state = e.state();
+    let restored = e.dir.join("restored.raw");
+    ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
+        .await);
+    ok(run(&[
+        "restore",
+        "--to",
+        p(&restored),
+        p(&e.dir.join("full.cbts")),
+    ]));
+    let vdi: Value = e.sim.vdi_ref_of(e.sim.vdi_uuid()).unwrap().into();
+    let bigger = SIZE + (1 << 20) + 512;
+    e.sim
+        .call_local("VDI.resize", &[login(&e), vdi, bigger.to_string().into()])
+        .unwrap();
+    e.sim
+        .write(e.sim.vdi_uuid(), bigger - 4096, &[0x5a; 4096])
+        .unwrap();
+    let inc = e.dir.join("inc.cbts");
+    ok(e.export(&inc, &["--state", p(&state)]).await);
+    ok(run(&["restore", "--to", p(&restored), p(&inc)]));
+    assert_eq!(std::fs::metadata(&restored).unwrap().len(), bigger);
+    assert_same(&restored, &e.live_image());
+}
+
+/// HOST_IS_SLAVE: the export follows the redirect to the pool master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_host_is_slave_to_the_master() {
+    let e = env_with(|c| c.slave_listener = Some("127.0.0.1:0".parse().unwrap())).await;
+    let slave = e.sim.slave_url().unwrap();
+    let state = e.state();
+    ok(
+        e.export_via(&slave, &e.dir.join("full.cbts"), &["--state", p(&state)])
+            .await,
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(
+        v["host"].as_str().unwrap().trim_end_matches('/'),
+        e.sim.url().trim_end_matches('/')
+    );
+}
+
+/// CBT off: a clear error with a hint; --enable-cbt turns it on and does a full export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbt_off_needs_enable_cbt() {
+    let e = env_with(|c| c.cbt_enabled = false).await;
+    let state = e.state();
+    let out = e.dir.join("full.cbts");
+    let o = e.export(&out, &["--state", p(&state)]).await;
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--enable-cbt"), "{}", stderr(&o));
+    assert!(e.snapshots().is_empty());
+    ok(e.export(&out, &["--state", p(&state), "--enable-cbt"])
+        .await);
+    let restored = e.dir.join("r.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&out)]));
+    assert_same(&restored, &e.live_image());
+}
+
+/// No network with the nbd purpose: a clear error, no snapshot left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_nbd_network_is_a_clear_error() {
+    let e = env().await;
+    e.sim.set_nbd_available(false);
+    let o = e
+        .export(&e.dir.join("full.cbts"), &["--state", p(&e.state())])
+        .await;
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("purpose"), "{}", stderr(&o));
+    assert!(e.snapshots().is_empty(), "{:?}", e.snapshots());
+    assert!(!e.state().exists());
+}
+
+/// SIGTERM mid-export: exit 130, the snapshot removed, the state as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_export_removes_the_snapshot() {
+    use cbtstream_testkit::xen_nbd::StallAt;
+    let e = env().await;
+    let state = e.state();
+    ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
+        .await);
+    let before = std::fs::read(&state).unwrap();
+    e.guest_writes(4);
+    let faults = e.sim.nbd().faults.clone();
+    faults.stall(StallAt::Request(faults.requests() + 1));
+    let out = e.dir.join("inc.cbts");
+    let child = std::process::Command::new(BIN)
+        .args([
+            "export",
+            "--xapi",
+            &e.sim.url(),
+            "--xapi-ca",
+            p(e.sim.ca_path()),
+            "--vdi",
+            e.sim.vdi_uuid(),
+        ])
+        .args(["--state", p(&state), "-o", p(&out)])
+        .env("XAPI_PASSWORD", e.sim.password())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let f = faults.clone();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        f.wait_until(|f| f.stalls() == 1),
+    )
+    .await
+    .expect("the export never reached the NBD server");
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+    assert!(!out.exists());
+    let snaps = e.snapshots();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].1, "cbt_metadata");
+    // And the next run works.
+    faults.release_stall();
+    ok(e.export(&out, &["--state", p(&state)]).await);
+}
