@@ -473,3 +473,169 @@ async fn sigterm_mid_export_removes_the_snapshot() {
     faults.release_stall();
     ok(e.export(&out, &["--state", p(&state)]).await);
 }
+
+/// The session expires in the middle of the export: the reads already under way finish, the
+/// client logs in again for the commit, and the chain advances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiring_mid_run_is_survived() {
+    use cbtstream_testkit::xen_nbd::StallAt;
+    let e = env().await;
+    let state = e.state();
+    let restored = e.dir.join("restored.raw");
+    ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
+        .await);
+    ok(run(&[
+        "restore",
+        "--to",
+        p(&restored),
+        p(&e.dir.join("full.cbts")),
+    ]));
+    e.guest_writes(5);
+    let faults = e.sim.nbd().faults.clone();
+    faults.stall(StallAt::Request(faults.requests() + 1));
+    let out = e.dir.join("inc.cbts");
+    let args = ["--state", p(&state), "--connections", "1"];
+    let run_export = e.export(&out, &args);
+    let expire = async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            faults.wait_until(|f| f.stalls() == 1),
+        )
+        .await
+        .expect("the export never reached the NBD server");
+        e.sim.expire_sessions();
+        faults.release_stall();
+    };
+    let (o, ()) = tokio::join!(run_export, expire);
+    ok(o);
+    ok(run(&["restore", "--to", p(&restored), p(&out)]));
+    assert_same(&restored, &e.live_image());
+    let snaps = e.snapshots();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].1, "cbt_metadata");
+}
+
+/// The reader of the stream goes away (`| head -c 1000`): exit 5, the state as it was, no
+/// snapshot left, and the next run succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_output_pipe_keeps_the_chain() {
+    let e = env().await;
+    let state = e.state();
+    ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
+        .await);
+    let before = std::fs::read(&state).unwrap();
+    // Far more than a pipe holds, so the export must still be writing when `head` leaves.
+    let noise: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    e.sim.write(e.sim.vdi_uuid(), 0, &noise).unwrap();
+    let (url, ca, vdi, pw, st) = (
+        e.sim.url(),
+        e.sim.ca_path().to_path_buf(),
+        e.sim.vdi_uuid().to_string(),
+        e.sim.password().to_string(),
+        state.clone(),
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let script = format!(
+            "{BIN} export --xapi {url} --xapi-ca {} --vdi {vdi} --state {} --compress none -o - | head -c 1000 > /dev/null; echo ${{PIPESTATUS[0]}}",
+            p(&ca),
+            p(&st)
+        );
+        let o = std::process::Command::new("bash").args(["-c", &script]).env("XAPI_PASSWORD", pw).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, "5");
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+    assert_eq!(e.snapshots().len(), 1, "{:?}", e.snapshots());
+    ok(e.export(&e.dir.join("inc.cbts"), &["--state", p(&state)])
+        .await);
+}
+
+/// The NBD connection drops in the middle of a read: the export reconnects (the session and
+/// the export name are still good) and the stream is correct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_connection_drop_is_survived() {
+    let e = env().await;
+    let state = e.state();
+    let restored = e.dir.join("restored.raw");
+    e.guest_writes(2);
+    e.sim.nbd().faults.cut_next_read_after(1000);
+    let full = e.dir.join("full.cbts");
+    ok(e.export(&full, &["--state", p(&state)]).await);
+    assert_eq!(e.sim.nbd().faults.cuts(), 1);
+    ok(run(&["restore", "--to", p(&restored), p(&full)]));
+    assert_same(&restored, &e.live_image());
+}
+
+/// cbtstream killed outright (SIGKILL) mid-export: the snapshot stays behind, the state and
+/// the old base are untouched, the next run succeeds from the old base, and gc removes the
+/// leftover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_leftover_is_collected() {
+    use cbtstream_testkit::xen_nbd::StallAt;
+    let e = env().await;
+    let state = e.state();
+    let restored = e.dir.join("restored.raw");
+    ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
+        .await);
+    ok(run(&[
+        "restore",
+        "--to",
+        p(&restored),
+        p(&e.dir.join("full.cbts")),
+    ]));
+    let before = std::fs::read(&state).unwrap();
+    e.guest_writes(3);
+    let faults = e.sim.nbd().faults.clone();
+    faults.stall(StallAt::Request(faults.requests() + 1));
+    let out = e.dir.join("killed.cbts");
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "export",
+            "--xapi",
+            &e.sim.url(),
+            "--xapi-ca",
+            p(e.sim.ca_path()),
+            "--vdi",
+            e.sim.vdi_uuid(),
+        ])
+        .args(["--state", p(&state), "-o", p(&out)])
+        .env("XAPI_PASSWORD", e.sim.password())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        faults.wait_until(|f| f.stalls() == 1),
+    )
+    .await
+    .expect("the export never reached the NBD server");
+    child.kill().unwrap();
+    let _ = child.wait();
+    faults.release_stall();
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+    assert!(!out.exists(), "no output under the final name");
+    // The partial output has no trailer: restore refuses it.
+    let partial = e.dir.join("killed.cbts.partial");
+    if partial.exists() {
+        let o = run(&["inspect", p(&partial)]);
+        assert_eq!(code(&o), 4);
+    }
+    assert_eq!(
+        e.snapshots().len(),
+        2,
+        "the killed run's snapshot is left behind"
+    );
+    // The next run works from the old base, even with the leftover there.
+    let inc = e.dir.join("inc.cbts");
+    ok(e.export(&inc, &["--state", p(&state)]).await);
+    ok(run(&["restore", "--to", p(&restored), p(&inc)]));
+    assert_same(&restored, &e.live_image());
+    // gc removes the leftover and keeps the base.
+    ok(e.gc(&["--state", p(&state)]).await);
+    let snaps = e.snapshots();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].0, state_base(&state));
+}
