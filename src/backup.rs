@@ -246,14 +246,21 @@ async fn backup(
     run_data_plane(first, &opts, bitmap, ids, &args.dp, &args.output).await?;
 
     // Commit 1: the state file says the new snapshot is the base. Only now.
+    // The bases before this one: the state's, or the one given with --base. When this run
+    // had to start a new chain, none of them can serve again.
     let mut older = state
         .as_ref()
         .map(|s| s.older_bases.clone())
         .unwrap_or_default();
-    if let Some((uuid, _)) = &base {
-        older.push(uuid.clone());
+    if let Some(b) = &base_uuid {
+        older.push(b.clone());
     }
-    let keep_older = (args.keep_bases as usize).saturating_sub(1);
+    let new_chain = base.is_none();
+    let keep_older = if new_chain {
+        0
+    } else {
+        (args.keep_bases as usize).saturating_sub(1)
+    };
     let drop_count = older.len().saturating_sub(keep_older);
     let to_destroy: Vec<String> = older.drain(..drop_count).collect();
     let mut new_state = ChainState {

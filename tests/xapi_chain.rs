@@ -639,3 +639,54 @@ async fn sigkill_leftover_is_collected() {
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     assert_eq!(snaps[0].0, state_base(&state));
 }
+
+/// A broken chain with --fallback-full: a full export that starts a new chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_full_starts_a_new_chain() {
+    let e = env().await;
+    let state = e.state();
+    ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
+        .await);
+    e.guest_writes(2);
+    e.sim.fail_next(
+        "VDI.list_changed_blocks",
+        "SR_BACKEND_FAILURE_460",
+        &["", "Failed to calculate changed blocks for given VDIs. [opterr=Source and target VDI are unrelated]", ""],
+        Some(1),
+    );
+    let out = e.dir.join("new-full.cbts");
+    let o = ok(e
+        .export(&out, &["--state", p(&state), "--fallback-full"])
+        .await);
+    assert!(stderr(&o).contains("--fallback-full"), "{}", stderr(&o));
+    let o = ok(run(&["inspect", p(&out)]));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("full export"));
+    // Restored onto a fresh image it is the whole disk.
+    let restored = e.dir.join("fresh.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&out)]));
+    assert_same(&restored, &e.live_image());
+    let snaps = e.snapshots();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(state_base(&state), snaps[0].0);
+}
+
+/// --keep-bases 2 keeps the previous base on the host too, and no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_bases_keeps_older_bases() {
+    let e = env().await;
+    let state = e.state();
+    for i in 0..3u8 {
+        e.guest_writes(i);
+        ok(e.export(
+            &e.dir.join(format!("s{i}.cbts")),
+            &["--state", p(&state), "--keep-bases", "2"],
+        )
+        .await);
+    }
+    let snaps = e.snapshots();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    assert!(snaps.iter().all(|s| s.1 == "cbt_metadata"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(v["older_bases"].as_array().unwrap().len(), 1);
+}
