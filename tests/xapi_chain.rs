@@ -316,7 +316,12 @@ async fn gc_removes_what_a_killed_run_left() {
     let o = ok(e.gc(&["--state", p(&state), "--dry-run"]).await);
     assert!(String::from_utf8_lossy(&o.stdout).contains("would remove"));
     assert_eq!(e.snapshots().len(), 2);
-    ok(e.gc(&["--state", p(&state)]).await);
+    let o = ok(e.gc(&["--state", p(&state), "-vv"]).await);
+    let log = stderr(&o);
+    assert!(
+        !log.contains(e.sim.password()) && !log.contains("OpaqueRef:"),
+        "secret in the gc log: {log}"
+    );
     let snaps = e.snapshots();
     assert_eq!(snaps.len(), 1);
     assert_eq!(snaps[0].0, state_base(&state));
@@ -689,4 +694,32 @@ async fn keep_bases_keeps_older_bases() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     assert_eq!(v["older_bases"].as_array().unwrap().len(), 1);
+}
+
+/// The whole flow with real NBD servers behind get_nbd_info (qemu-nbd with extended headers
+/// and structured replies, nbdkit with structured replies) instead of the XenServer profile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_through_real_nbd_servers() {
+    use cbtstream_testkit::require_tools;
+    use cbtstream_xapi_sim::NbdServerChoice;
+    if !require_tools("chain_through_real_nbd_servers", &["qemu-nbd", "nbdkit"]) {
+        return;
+    }
+    for choice in [NbdServerChoice::QemuNbd, NbdServerChoice::NbdKit] {
+        let e = env_with(|c| c.nbd_server = choice).await;
+        let state = e.state();
+        let restored = e.dir.join("restored.raw");
+        e.guest_writes(1);
+        let full = e.dir.join("full.cbts");
+        ok(e.export(&full, &["--state", p(&state)]).await);
+        ok(run(&["restore", "--to", p(&restored), p(&full)]));
+        assert_same(&restored, &e.live_image());
+        e.guest_writes(2);
+        let inc = e.dir.join("inc.cbts");
+        ok(e.export(&inc, &["--state", p(&state)]).await);
+        ok(run(&["restore", "--to", p(&restored), p(&inc)]));
+        assert_same(&restored, &e.live_image());
+        let snaps = e.snapshots();
+        assert_eq!(snaps.len(), 1, "{choice:?}: {snaps:?}");
+    }
 }

@@ -6,12 +6,17 @@ use std::time::Instant;
 fn main() {
     let size: u64 = 16 << 40;
     let blocks = cbt::blocks_for(size) as usize;
-    let mut cases: Vec<(&str, Vec<u8>)> = vec![("empty", vec![0u8; blocks / 8]), ("all set", vec![0xffu8; blocks / 8])];
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![0u8; blocks / 8]),
+        ("all set", vec![0xffu8; blocks / 8]),
+    ];
     // 1 block in 1000, spread by a fixed LCG.
     let mut sparse = vec![0u8; blocks / 8];
     let mut x: u64 = 12345;
     for _ in 0..blocks / 1000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let b = (x >> 20) as usize % blocks;
         sparse[b / 8] |= 0x80 >> (b % 8);
     }
@@ -28,6 +33,9 @@ fn main() {
             times.push(t.elapsed());
         }
         times.sort();
-        println!("16 TiB bitmap, {name}: decode + plan {:?} (median of 5), {n} extents of up to 32 MiB", times[2]);
+        println!(
+            "16 TiB bitmap, {name}: decode + plan {:?} (median of 5), {n} extents of up to 32 MiB",
+            times[2]
+        );
     }
 }

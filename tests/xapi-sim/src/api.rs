@@ -664,14 +664,24 @@ fn get_nbd_info(st: &mut State, p: &Params, session: &str) -> R {
         // No network with the `nbd` purpose: no PIF to list.
         return Ok(Value::Array(vec![]));
     }
+    let name = format!("/{}?session_id={session}", v.uuid);
+    let image = v.path.clone();
+    let (port, cert) = match st.real_nbd.as_mut() {
+        None => (st.nbd_port, st.cert_pem.clone()),
+        Some(real) => {
+            let image = image.ok_or_else(|| Fail::incompatible_type(r, "cbt_metadata"))?;
+            let kind = real.kind;
+            let port = real
+                .port_for(&name, r, &image)
+                .map_err(|e| Fail::new("INTERNAL_ERROR", [format!("starting {kind:?}: {e:#}")]))?;
+            (port, real.cert_pem.clone())
+        }
+    };
     Ok(Value::Array(vec![Value::record([
-        (
-            "exportname",
-            Value::from(format!("/{}?session_id={session}", v.uuid)),
-        ),
+        ("exportname", Value::from(name)),
         ("address", "127.0.0.1".into()),
-        ("port", Value::int64_str(i64::from(st.nbd_port))),
-        ("cert", st.cert_pem.as_str().into()),
+        ("port", Value::int64_str(i64::from(port))),
+        ("cert", cert.into()),
         ("subject", "localhost".into()),
     ])]))
 }
@@ -716,6 +726,9 @@ fn data_destroy(shared: &Shared, mut st: std::sync::MutexGuard<'_, State>, p: &P
             .0;
         shared.waiters.fetch_sub(1, Ordering::SeqCst);
     }
+    if let Some(real) = st.real_nbd.as_mut() {
+        real.stop_vdi(&r);
+    }
     let v = st.vdi_mut(&r)?;
     if let Some(path) = v.path.take() {
         if let Err(e) = std::fs::remove_file(&path) {
@@ -741,6 +754,9 @@ fn vdi_destroy(st: &mut State, r: &str) -> R {
         || st.vbds.values().any(|b| b.vdi == r && b.currently_attached)
     {
         return Err(Fail::in_use(r, "destroy"));
+    }
+    if let Some(real) = st.real_nbd.as_mut() {
+        real.stop_vdi(r);
     }
     let v = st.vdis.remove(r).expect("checked above");
     if let Some(path) = &v.path {

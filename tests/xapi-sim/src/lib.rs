@@ -3,7 +3,8 @@
 //! It speaks the real XenAPI wire format (XML-RPC over HTTPS, XAPI's encodings and error
 //! codes), keeps real CBT logs over real raw disk images, and hands out real NBD servers
 //! (`VDI.get_nbd_info` → the XenServer-profile server of `cbtstream-testkit`, TLS with an
-//! xapi-style self-signed certificate). See `README.md` beside this file for the supported
+//! xapi-style self-signed certificate; or, with [`SimConfig::nbd_server`], a qemu-nbd or
+//! nbdkit process per export name). See `README.md` beside this file for the supported
 //! methods, the `sim.*` test methods and the differences from a real host; the behaviour
 //! follows `shared/research/xen_cbt_nbd.md` sections 1, 2, 4, 5 and 9.
 //!
@@ -27,7 +28,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use cbtstream_proto::xmlrpc::Value;
 use cbtstream_testkit::xen_nbd::{xapi_tls_server_config, XenNbdConfig, XenNbdServer};
-use cbtstream_testkit::{xapi_style_self_signed, SelfSignedCert};
+use cbtstream_testkit::{xapi_style_self_signed, SelfSignedCert, ServerKind, TestPki};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -52,6 +53,36 @@ pub const MAX_VDI_SIZE: u64 = 16 << 40;
 pub const DEFAULT_DATA_DESTROY_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a VDI stays attached after its last NBD connection closed.
 pub const DEFAULT_NBD_LAG: Duration = Duration::from_secs(1);
+
+/// Which NBD server `VDI.get_nbd_info` hands out (`--nbd-server`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NbdServerChoice {
+    /// The built-in XenServer-profile server (`XenNbdServer`): session checks, attachment
+    /// tracking (`VDI_IN_USE` while connected), xapi's TLS policy.
+    #[default]
+    #[value(name = "xen")]
+    Xen,
+    /// One `qemu-nbd` process per export name, `-x <exportname>`, TLS with a CA-signed
+    /// leaf from a separate test PKI (`DIR/qemu-tls/`): qemu-nbd refuses xapi's self-signed
+    /// certificate.
+    #[value(name = "qemu-nbd")]
+    QemuNbd,
+    /// One `nbdkit file` process per export name, TLS with the xapi-style certificate; it
+    /// serves any export name.
+    #[value(name = "nbdkit")]
+    NbdKit,
+}
+
+impl NbdServerChoice {
+    /// The `--nbd-server` value: `xen`, `qemu-nbd` or `nbdkit`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NbdServerChoice::Xen => "xen",
+            NbdServerChoice::QemuNbd => "qemu-nbd",
+            NbdServerChoice::NbdKit => "nbdkit",
+        }
+    }
+}
 
 /// How to start a [`Simulator`].
 #[derive(Debug, Clone)]
@@ -78,6 +109,8 @@ pub struct SimConfig {
     /// Log each call's method and outcome on stderr (never arguments: they hold passwords
     /// and session refs).
     pub log_calls: bool,
+    /// The NBD server `VDI.get_nbd_info` hands out (default the built-in xen profile).
+    pub nbd_server: NbdServerChoice,
 }
 
 impl SimConfig {
@@ -94,6 +127,7 @@ impl SimConfig {
             password: None,
             cbt_enabled: true,
             log_calls: false,
+            nbd_server: NbdServerChoice::Xen,
         }
     }
 
@@ -117,6 +151,9 @@ pub struct Simulator {
     slave_addr: Option<SocketAddr>,
     cert: SelfSignedCert,
     cert_pem: String,
+    nbd_server: NbdServerChoice,
+    /// libnbd's `tls-certificates=` for the server `get_nbd_info` hands out.
+    nbd_tls_dir: PathBuf,
     user: String,
     password: String,
     vm_ref: String,
@@ -142,6 +179,9 @@ impl Drop for Simulator {
         for t in &self.tasks {
             t.abort();
         }
+        if let Some(real) = self.shared.lock().real_nbd.as_mut() {
+            real.stop_all();
+        }
     }
 }
 
@@ -165,6 +205,30 @@ impl Simulator {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
 
+        let (real_nbd, nbd_tls_dir) = match cfg.nbd_server {
+            NbdServerChoice::Xen => (None, cert.dir.clone()),
+            NbdServerChoice::NbdKit => (
+                Some(nbd::RealNbd::new(
+                    ServerKind::NbdKit,
+                    cert.dir.clone(),
+                    cert_pem.clone(),
+                )),
+                cert.dir.clone(),
+            ),
+            NbdServerChoice::QemuNbd => {
+                let pki = TestPki::generate(&data_dir.join("qemu-tls"))
+                    .context("generating the qemu-nbd test PKI")?;
+                let leaf = std::fs::read_to_string(&pki.server_cert_pem_path)?;
+                (
+                    Some(nbd::RealNbd::new(
+                        ServerKind::QemuNbd,
+                        pki.dir.clone(),
+                        leaf,
+                    )),
+                    pki.dir,
+                )
+            }
+        };
         let (vm_ref, vm_uuid, vdi_ref, vdi_uuid) = (new_ref(), new_uuid(), new_ref(), new_uuid());
         let mut st = State {
             user: cfg.user.clone(),
@@ -183,6 +247,7 @@ impl Simulator {
             failures: Vec::new(),
             nbd_port: 0,
             cert_pem: cert_pem.clone(),
+            real_nbd,
         };
         let path = st.image_path(&vdi_uuid);
         disk::create_sparse(&path, cfg.disk_size)
@@ -283,6 +348,8 @@ impl Simulator {
             slave_addr,
             cert,
             cert_pem,
+            nbd_server: cfg.nbd_server,
+            nbd_tls_dir,
             user: cfg.user,
             password,
             vm_ref,
@@ -327,6 +394,18 @@ impl Simulator {
         &self.cert.dir
     }
 
+    /// The NBD server `get_nbd_info` hands out.
+    pub fn nbd_server(&self) -> NbdServerChoice {
+        self.nbd_server
+    }
+
+    /// A directory whose `ca-cert.pem` verifies the NBD server `get_nbd_info` hands out
+    /// (libnbd's `tls-certificates=`): [`tls_dir`](Self::tls_dir), or with qemu-nbd the
+    /// directory of its test PKI (`DATA_DIR/qemu-tls`).
+    pub fn nbd_tls_dir(&self) -> &Path {
+        &self.nbd_tls_dir
+    }
+
     pub fn user(&self) -> &str {
         &self.user
     }
@@ -359,7 +438,8 @@ impl Simulator {
         self.nbd.port
     }
 
-    /// The NBD server, for its fault switches and counters.
+    /// The built-in NBD server, for its fault switches and counters (it runs with every
+    /// [`NbdServerChoice`], but only `Xen` hands it out).
     pub fn nbd(&self) -> &XenNbdServer {
         &self.nbd
     }
@@ -375,6 +455,8 @@ impl Simulator {
             "vdi": self.vdi_uuid,
             "nbd_port": self.nbd.port,
             "tls_dir": self.tls_dir(),
+            "nbd_server": self.nbd_server.as_str(),
+            "nbd_tls_dir": self.nbd_tls_dir(),
             "data_dir": self.data_dir(),
         });
         if let Some(u) = self.slave_url() {

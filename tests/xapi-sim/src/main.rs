@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use cbtstream_xapi_sim::{SimConfig, Simulator, DEFAULT_DISK_SIZE};
+use cbtstream_xapi_sim::{NbdServerChoice, SimConfig, Simulator, DEFAULT_DISK_SIZE};
 use clap::Parser;
 
 /// A XenServer simulator: XenAPI (XML-RPC over HTTPS), CBT over real disk images, NBD.
@@ -42,6 +42,13 @@ struct Args {
     /// Start with CBT disabled on the disk.
     #[arg(long)]
     no_cbt: bool,
+    /// The NBD server VDI.get_nbd_info hands out: the built-in XenServer-profile server
+    /// (`xen`), or a real qemu-nbd / nbdkit process started per VDI and export name on first
+    /// get_nbd_info (read-only, TLS required, 127.0.0.1, a free port). The real servers check
+    /// no session and never report the VDI attached; nbdkit serves any export name, and
+    /// qemu-nbd gets its own CA-signed certificate (DATA_DIR/qemu-tls, JSON `nbd_tls_dir`).
+    #[arg(long, value_enum, default_value_t = NbdServerChoice::Xen)]
+    nbd_server: NbdServerChoice,
     /// Log each call's method and outcome on stderr (never its arguments).
     #[arg(long, short)]
     verbose: bool,
@@ -60,6 +67,7 @@ async fn main() -> Result<()> {
         password: a.password,
         cbt_enabled: !a.no_cbt,
         log_calls: a.verbose,
+        nbd_server: a.nbd_server,
         ..SimConfig::new(a.data_dir)
     };
     let sim = Simulator::start(cfg).await?;

@@ -1,10 +1,13 @@
 //! The export-name resolver of the simulator's NBD server (xapi-nbd's role): it checks the
 //! session and the VDI, and attaches the VDI to "dom0" for as long as the connection lives.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cbtstream_testkit::xen_nbd::{Export, Resolver};
+use cbtstream_testkit::{NbdKitOpts, NbdServer, QemuOpts, ServerKind};
 
 use crate::state::{Shared, VdiType};
 
@@ -86,6 +89,78 @@ pub(crate) fn resolver(shared: Arc<Shared>) -> Resolver {
             })),
         })
     })
+}
+
+/// A real NBD server (qemu-nbd or nbdkit) per export name handed out by `VDI.get_nbd_info`,
+/// instead of the built-in XenServer-profile server (`--nbd-server qemu-nbd|nbdkit`).
+///
+/// Each process serves one VDI's image read-only, TLS required, on 127.0.0.1 and a free port.
+/// qemu-nbd serves exactly the export name (`-x NAME`); nbdkit's `file` plugin serves any
+/// name. Neither checks the session, and no attachment is tracked: the VDI is never reported
+/// attached to dom0. The processes die when their VDI is data-destroyed or destroyed and when
+/// the simulator stops (killed and reaped by [`NbdServer`]'s `Drop`).
+pub(crate) struct RealNbd {
+    pub kind: ServerKind,
+    /// `--tls-certificates` / `tls-creds-x509,dir=` of the servers.
+    pub tls_dir: PathBuf,
+    /// The leaf PEM handed out as `cert`.
+    pub cert_pem: String,
+    /// By export name: the VDI ref and the server.
+    servers: HashMap<String, (String, NbdServer)>,
+}
+
+impl RealNbd {
+    pub(crate) fn new(kind: ServerKind, tls_dir: PathBuf, cert_pem: String) -> RealNbd {
+        RealNbd {
+            kind,
+            tls_dir,
+            cert_pem,
+            servers: HashMap::new(),
+        }
+    }
+
+    /// The port of the server for `name` (the VDI `vdi_ref` with its image at `image`),
+    /// started now if not running yet. Blocks until the server greets (at most ~10 s).
+    pub(crate) fn port_for(
+        &mut self,
+        name: &str,
+        vdi_ref: &str,
+        image: &Path,
+    ) -> anyhow::Result<u16> {
+        if let Some((_, s)) = self.servers.get_mut(name) {
+            if s.is_running() {
+                return Ok(s.port);
+            }
+        }
+        let server = match self.kind {
+            ServerKind::QemuNbd => NbdServer::qemu_nbd_tls_dir(
+                image,
+                Some(&self.tls_dir),
+                // A second `-x` overrides the fixture's default export name.
+                QemuOpts {
+                    extra_args: vec!["-x".into(), name.into()],
+                    ..QemuOpts::default()
+                },
+            )?,
+            ServerKind::NbdKit => {
+                NbdServer::nbdkit_tls_dir(image, Some(&self.tls_dir), NbdKitOpts::new())?
+            }
+        };
+        let port = server.port;
+        self.servers
+            .insert(name.to_owned(), (vdi_ref.to_owned(), server));
+        Ok(port)
+    }
+
+    /// Kills the servers of one VDI (by ref).
+    pub(crate) fn stop_vdi(&mut self, vdi_ref: &str) {
+        self.servers.retain(|_, (r, _)| r != vdi_ref);
+    }
+
+    /// Kills every server.
+    pub(crate) fn stop_all(&mut self) {
+        self.servers.clear();
+    }
 }
 
 #[cfg(test)]

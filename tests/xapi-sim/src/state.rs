@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use cbtstream_proto::xmlrpc::Value;
 
 use crate::disk::Bitmap;
+use crate::nbd::RealNbd;
 
 /// `OpaqueRef:NULL`, XAPI's null reference.
 pub(crate) const NULL_REF: &str = "OpaqueRef:NULL";
@@ -175,6 +176,8 @@ pub(crate) struct State {
     pub nbd_port: u16,
     /// PEM of the leaf certificate (what `get_nbd_info` returns as `cert`).
     pub cert_pem: String,
+    /// `Some` with `--nbd-server qemu-nbd|nbdkit`: `get_nbd_info` hands out these servers.
+    pub real_nbd: Option<RealNbd>,
 }
 
 impl State {
