@@ -251,10 +251,27 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("cbtstream: error: {:#}", f.error);
+            eprintln!("cbtstream: error: {}", describe(&f.error));
             ExitCode::from(f.code as u8)
         }
     }
+}
+
+/// The error and its causes on one line. Many of our errors already include their cause's
+/// text in their own message; a cause whose text is already there is not repeated.
+fn describe(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 fn run_async<F: std::future::Future<Output = Result<(), Failure>>>(fut: F) -> Result<(), Failure> {

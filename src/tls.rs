@@ -217,10 +217,15 @@ impl ServerCertVerifier for ExactVerifier {
                 Expect::Sha256(_) => "does not match --tls-pin",
                 _ => "is not the expected certificate",
             };
-            Err(rustls::Error::General(format!(
+            let msg = format!(
                 "server certificate (sha256 {}) {what}",
                 sha256_hex(end_entity.as_ref())
-            )))
+            );
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+                    std::io::Error::other(msg),
+                ))),
+            ))
         }
     }
 

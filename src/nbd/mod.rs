@@ -25,8 +25,10 @@ pub enum ConnError {
     HandshakeTimeout(String),
     #[error("TLS handshake with {addr} failed: {why}")]
     Tls { addr: String, why: String },
+    // Not `#[from]`: that would also make the inner error the source, and the CLI's error
+    // chain would print its text twice.
     #[error("NBD protocol error: {0}")]
-    Protocol(#[from] NbdError),
+    Protocol(NbdError),
     #[error("connection I/O error: {0}")]
     Io(Arc<std::io::Error>),
     #[error("the server closed the connection")]
@@ -35,6 +37,12 @@ pub enum ConnError {
     Stalled(std::time::Duration),
     #[error("the connection was shut down")]
     Closed,
+}
+
+impl From<NbdError> for ConnError {
+    fn from(e: NbdError) -> Self {
+        ConnError::Protocol(e)
+    }
 }
 
 impl From<std::io::Error> for ConnError {

@@ -6,6 +6,7 @@
 //! * [`images`]: deterministic raw images, in-place mutations and CBT bitmaps.
 
 pub mod certs;
+pub mod hostile;
 pub mod images;
 pub mod servers;
 pub mod xen_nbd;
