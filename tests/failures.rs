@@ -401,3 +401,119 @@ fn incremental_without_base_applies_onto_any_image() {
     let o = run(&["restore", "--to", p(&dir.join("missing.raw")), p(&inc)]);
     assert_ne!(code(&o), 0);
 }
+
+/// nbdkit's delay filter: replies slower than --request-timeout are a stall: the connection is
+/// dropped and reopened, the read retried, and after the retries a clean failure naming it.
+/// Replies within the timeout just make a slower, correct export.
+#[test]
+fn slow_server_times_out_or_succeeds() {
+    if !require_tools("slow_server_times_out_or_succeeds", &["nbdkit"]) {
+        return;
+    }
+    let (_t, dir, pki, img) = setup();
+    let out = dir.join("x.cbts");
+    let slow = NbdServer::nbdkit(
+        &img,
+        Some(&pki),
+        NbdKitOpts::from_args(&["delay", "delay-read=3"]),
+    )
+    .unwrap();
+    let o = export_tls(
+        &slow.uri(),
+        &pki.ca_pem_path,
+        &out,
+        &[
+            "--full",
+            "--request-timeout",
+            "1",
+            "--retries",
+            "1",
+            "--connections",
+            "1",
+            "--request-size",
+            "1024",
+        ],
+    );
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("no reply"), "{}", stderr(&o));
+    assert!(!out.exists());
+    let mild = NbdServer::nbdkit(
+        &img,
+        Some(&pki),
+        NbdKitOpts::from_args(&["delay", "delay-read=20ms"]),
+    )
+    .unwrap();
+    ok(export_tls(
+        &mild.uri(),
+        &pki.ca_pem_path,
+        &out,
+        &["--full", "--request-timeout", "5"],
+    ));
+    let restored = dir.join("r.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&out)]));
+    assert_same(&restored, &img);
+}
+
+/// The NBD server process is killed in the middle of an export: reconnecting fails, and the
+/// export ends cleanly (exit 3, nothing under the final name) instead of hanging.
+#[test]
+fn server_killed_mid_export_fails_cleanly() {
+    if !require_tools("server_killed_mid_export_fails_cleanly", &["nbdkit"]) {
+        return;
+    }
+    let (_t, dir, pki, img) = setup();
+    let server = NbdServer::nbdkit(
+        &img,
+        Some(&pki),
+        NbdKitOpts::from_args(&["delay", "delay-read=50ms"]),
+    )
+    .unwrap();
+    let out = dir.join("x.cbts");
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "export",
+            "--nbd",
+            &server.uri(),
+            "--tls-ca",
+            p(&pki.ca_pem_path),
+            "--full",
+            "-o",
+            p(&out),
+        ])
+        .args([
+            "--request-size",
+            "64",
+            "--connections",
+            "1",
+            "--inflight",
+            "1",
+            "--retries",
+            "2",
+            "--connect-timeout",
+            "2",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Mid-export: the partial output has started to grow (bounded wait).
+    let partial = dir.join("x.cbts.partial");
+    for _ in 0..1000 {
+        if std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(server); // SIGKILL to nbdkit
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out.exists());
+    assert!(
+        !partial.exists(),
+        "a failed export removes its partial output"
+    );
+}
