@@ -469,7 +469,7 @@ fn server_killed_mid_export_fails_cleanly() {
     )
     .unwrap();
     let out = dir.join("x.cbts");
-    let mut child = std::process::Command::new(BIN)
+    let child = std::process::Command::new(BIN)
         .args([
             "export",
             "--nbd",
