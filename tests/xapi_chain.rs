@@ -723,3 +723,47 @@ async fn chain_through_real_nbd_servers() {
         assert_eq!(snaps.len(), 1, "{choice:?}: {snaps:?}");
     }
 }
+
+/// Every command at -vv: the password, session references and NBD export names appear
+/// nowhere: not in stdout (the stream included), stderr, or the state file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_leak() {
+    let e = env().await;
+    let state = e.state();
+    let mut outputs: Vec<Vec<u8>> = Vec::new();
+    e.guest_writes(1);
+    let full = e.dir.join("full.cbts");
+    let o = ok(e
+        .export(&full, &["--state", p(&state), "-vv", "--json"])
+        .await);
+    outputs.extend([o.stdout, o.stderr, std::fs::read(&full).unwrap()]);
+    e.guest_writes(2);
+    let inc = e.dir.join("inc.cbts");
+    let o = ok(e.export(&inc, &["--state", p(&state), "-vv"]).await);
+    outputs.extend([o.stdout, o.stderr, std::fs::read(&inc).unwrap()]);
+    // To stdout: the stream itself.
+    e.guest_writes(3);
+    let o = ok(e
+        .export(Path::new("-"), &["--state", p(&state), "-vv"])
+        .await);
+    outputs.extend([o.stdout, o.stderr]);
+    let o = ok(e.gc(&["--state", p(&state), "-vv", "--dry-run"]).await);
+    outputs.extend([o.stdout, o.stderr]);
+    let restored = e.dir.join("r.raw");
+    for args in [
+        vec!["restore", "-vv", "--to", p(&restored), p(&full), p(&inc)],
+        vec!["inspect", "-vv", p(&inc)],
+    ] {
+        let o = ok(run(&args));
+        outputs.extend([o.stdout, o.stderr]);
+    }
+    outputs.push(std::fs::read(&state).unwrap());
+    outputs.push(std::fs::read(e.dir.join("r.raw.cbtstream")).unwrap());
+    let password = e.sim.password().as_bytes().to_vec();
+    for (i, out) in outputs.iter().enumerate() {
+        let has = |needle: &[u8]| out.windows(needle.len()).any(|w| w == needle);
+        assert!(!has(&password), "output {i} holds the password");
+        assert!(!has(b"OpaqueRef:"), "output {i} holds a XenAPI reference");
+        assert!(!has(b"session_id="), "output {i} holds an NBD export name");
+    }
+}
