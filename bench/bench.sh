@@ -10,6 +10,13 @@
 # case once per round, in turn (A B C ... A B C ...), so drift on this shared machine hits
 # all cases alike. Reports the median and range of MB/s (10^6 B/s), client CPU seconds per GB
 # (user + sys of the client process), and peak RSS. Raw runs go to $BENCH_DIR/raw.txt.
+#
+# Also: @vates/nbd-client (Xen Orchestra's client; npm install into $BENCH_DIR/vates from
+# bench/package.json, SKIPped if node/npm or the install are missing), the XenServer-profile
+# server (target/release/xen-nbd-server: TLS 1.2, EXPORT_NAME only, simple replies), and
+# the sparse case through bench/latency_proxy.py (5 ms each way, 10 ms round trip).
+# After the table, the cbtstream-proto micro benchmarks (xmlrpc_parse, cbt_plan), unless
+# BENCH_MICRO=0 (they build once, then take a few seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,7 +37,9 @@ if ((${#need[@]})); then
 fi
 
 cargo build --release --quiet
+cargo build --release --quiet -p cbtstream-testkit --bin xen-nbd-server
 BIN=$ROOT/target/release/cbtstream
+XEN_BIN=$ROOT/target/release/xen-nbd-server
 gcc -O2 -o "$DIR/sparse_read" bench/sparse_read.c -lnbd -lpthread
 
 IMG=$DIR/disk-$SIZE_MIB.raw
@@ -93,7 +102,8 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 qemu-nbd -r -t -f raw --shared=0 -x disk -b 127.0.0.1 -p "$PORT" \
     --object tls-creds-x509,id=tls0,dir="$DIR/pki",endpoint=server,verify-peer=off --tls-creds tls0 "$IMG" &
 QPID=$!
-trap 'kill $QPID 2>/dev/null || true' EXIT
+PIDS=($QPID)
+trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do nbdinfo --size "nbds://127.0.0.1:$PORT/disk?tls-certificates=$DIR/pki" >/dev/null 2>&1 && break; sleep 0.1; done
 
 URI="nbds://127.0.0.1:$PORT/disk"
@@ -101,8 +111,48 @@ LURI="$URI?tls-certificates=$DIR/pki"
 CB=("$BIN" export --nbd "$URI" --tls-ca "$DIR/pki/ca-cert.pem")
 SIZE=$(stat -c %s "$IMG")
 SPARSE=$((SIZE / 4 / 65536 * 65536))
+SKIPS=$DIR/skips.txt
+: > "$SKIPS"
+skip() { echo "SKIP: $1: $2" >&2; printf '%s@%s\n' "$1" "$2" >> "$SKIPS"; }
 
-# name | bytes counted for MB/s | command (run with bash -c)
+# @vates/nbd-client: npm install into $DIR/vates (again only when bench/package.json changed).
+VATES_NAME="sparse 25%: vates/nbd-client (XO, npm) readBlock 64 KiB, nbdConcurrency 4, readAhead 16 (server not verified)"
+VATES=()
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    skip "$VATES_NAME" "node or npm not found"
+else
+    mkdir -p "$DIR/vates"
+    if ! cmp -s bench/package.json "$DIR/vates/package.json" || [ ! -f "$DIR/vates/node_modules/@vates/nbd-client/multi.mjs" ]; then
+        cp bench/package.json "$DIR/vates/package.json"
+        rm -f "$DIR/vates/package-lock.json"
+        (cd "$DIR/vates" && timeout 300 npm install --no-audit --no-fund --loglevel=error) >"$DIR/npm.log" 2>&1 || true
+    fi
+    if [ -f "$DIR/vates/node_modules/@vates/nbd-client/multi.mjs" ]; then
+        cp bench/vates_sparse.mjs "$DIR/vates/"
+        VATES=("$VATES_NAME@$SPARSE@node $DIR/vates/vates_sparse.mjs 127.0.0.1 $PORT disk $DIR/blocks.txt 4 16 $DIR/pki/server-cert.pem")
+    else
+        skip "$VATES_NAME" "npm install of @vates/nbd-client failed (see $DIR/npm.log: $(grep -m1 -i 'err' "$DIR/npm.log" || true))"
+        rm -f "$DIR/vates/package.json"
+    fi
+fi
+
+# XenServer-profile server (self-signed XAPI-style certificate, XAPI-style export name).
+XEN_EXPORT="/3f1c7a4e-1d2b-4c3d-9e8f-001122334455?session_id=OpaqueRef:5ecret-5e55ion"
+"$XEN_BIN" --image "$IMG" --cert-dir "$DIR/xen-pki" --export "$XEN_EXPORT" > "$DIR/xen.json" 2>"$DIR/xen.err" &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$DIR/xen.json" ] && break; sleep 0.1; done
+read -r XEN_PORT XEN_CERT XEN_LIBNBD < <(python3 -c 'import json,sys; j=json.loads(open(sys.argv[1]).readline()); print(j["port"], j["cert"], j["libnbd_dir"])' "$DIR/xen.json") \
+    || { echo "xen-nbd-server did not start:"; cat "$DIR/xen.err"; exit 1; }
+XEN_URI="nbds://127.0.0.1:$XEN_PORT/${XEN_EXPORT//\?/%3F}"
+
+# Latency: the qemu-nbd server behind a proxy that delays each direction by 5 ms.
+python3 bench/latency_proxy.py "$PORT" 5 --parent $$ > "$DIR/proxy.port" &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$DIR/proxy.port" ] && break; sleep 0.1; done
+LAT_PORT=$(head -1 "$DIR/proxy.port")
+LAT_URI="nbds://127.0.0.1:$LAT_PORT/disk"
+
+# name | bytes counted for MB/s | command (run with bash -c); no "@" in any field
 CASES=(
     "sparse 25%: cbtstream --compress none -o /dev/null@$SPARSE@${CB[*]} --changed-blocks $DIR/blocks.b64 --compress none -o /dev/null"
     "sparse 25%: libnbd C client, 1 conn x 64 in flight@$SPARSE@$DIR/sparse_read '$LURI' $DIR/blocks.txt 1 64"
@@ -112,6 +162,11 @@ CASES=(
     "full+zstd: nbdcopy URI - | zstd -1 -T2 > FILE@$SIZE@nbdcopy '$LURI' - | zstd -q -1 -T2 > $DIR/out.zst"
     "restore: cbtstream restore (of the line above's stream)@$SIZE@rm -f $DIR/restored.raw*; $BIN restore --to $DIR/restored.raw $DIR/out.cbts"
     "restore: zstd -d (of nbdcopy's .zst)@$SIZE@zstd -q -d -f $DIR/out.zst -o $DIR/restored.zst.raw"
+    "${VATES[@]}"
+    "xen-nbd-server sparse 25%: cbtstream --compress none -o /dev/null@$SPARSE@$BIN export --nbd '$XEN_URI' --tls-cert $XEN_CERT --tls-server-name localhost --changed-blocks $DIR/blocks.b64 --compress none -o /dev/null"
+    "xen-nbd-server sparse 25%: libnbd C client, 1 conn x 64 in flight@$SPARSE@$DIR/sparse_read '$XEN_URI?tls-certificates=$XEN_LIBNBD' $DIR/blocks.txt 1 64"
+    "10 ms RTT sparse 25%: cbtstream --compress none -o /dev/null@$SPARSE@$BIN export --nbd $LAT_URI --tls-ca $DIR/pki/ca-cert.pem --tls-server-name localhost --changed-blocks $DIR/blocks.b64 --compress none -o /dev/null"
+    "10 ms RTT sparse 25%: libnbd C client, 1 conn x 64 in flight@$SPARSE@$DIR/sparse_read '$LAT_URI?tls-certificates=$DIR/pki' $DIR/blocks.txt 1 64"
 )
 
 RAW=$DIR/raw.txt
@@ -129,7 +184,7 @@ for round in $(seq "$ROUNDS"); do
 done
 ls -l "$DIR/out.cbts" "$DIR/out.zst" | awk '{print "output size: " $9 " " $5}' >&2
 
-python3 - "$RAW" <<'PY'
+python3 - "$RAW" "$SKIPS" <<'PY'
 import statistics, sys
 rows = {}
 order = []
@@ -146,6 +201,32 @@ for name in order:
     mbs = [x[0] for x in r]; cpu = [x[1] for x in r]; rss = [x[2] for x in r]
     label = name.replace("|", "\\|")
     print(f"| {label} | {statistics.median(mbs):.0f} ({min(mbs):.0f}-{max(mbs):.0f}) | {statistics.median(cpu):.2f} | {max(rss):.0f} |")
+for line in open(sys.argv[2]):
+    name, why = line.rstrip("\n").split("@", 1)
+    print(f"| {name} | SKIP: {why} | - | - |")
 PY
 echo
 echo "$(date -u +%F), $(nproc) cores, $(uname -r), qemu-nbd $(qemu-nbd --version | head -1 | awk '{print $2}'), nbdcopy $(nbdcopy --version | head -1 | awk '{print $2}'), zstd $(zstd -V | grep -o 'v[0-9.]*'), image $SIZE_MIB MiB, $ROUNDS rounds"
+
+# Micro benchmarks of the proto crate (built once in the bench profile; a few seconds each).
+if [ "${BENCH_MICRO:-1}" = 1 ]; then
+    echo
+    { cargo bench --quiet -p cbtstream-proto --bench xmlrpc_parse && cargo bench --quiet -p cbtstream-proto --bench cbt_plan; } \
+        > "$DIR/micro.txt" 2>"$DIR/micro.err" || { echo "micro benchmarks FAILED:"; tail -5 "$DIR/micro.err"; }
+    # One line each: the median parse of the list_changed_blocks response, and the 16 TiB plan times.
+    python3 - "$DIR/micro.txt" <<'PY'
+import re, sys
+lines = open(sys.argv[1]).read().splitlines()
+head = next((l for l in lines if l.startswith("list_changed_blocks response")), "")
+xml = re.search(r"(\d+) bytes of XML", head)
+parse = next((l for l in lines if l.startswith("decode_xenapi (parse")), None)
+if parse:
+    ms = re.search(r"([\d.]+) ms\s+\(\s*(\d+) MB/s\)", parse)
+    size = f"{int(xml.group(1)) / 1e6:.1f} MB" if xml else "?"
+    print(f"xmlrpc_parse: list_changed_blocks response ({size} XML, 3 TiB disk): median parse {ms.group(1)} ms ({ms.group(2)} MB/s)")
+plan = [re.match(r"16 TiB bitmap, (.*): decode \+ plan (\S+) \(median of 5\), (\d+) extents", l) for l in lines]
+plan = [m for m in plan if m]
+if plan:
+    print("cbt_plan: 16 TiB bitmap decode + plan, median of 5: " + ", ".join(f"{m.group(1)} {m.group(2)} ({m.group(3)} extents)" for m in plan))
+PY
+fi
