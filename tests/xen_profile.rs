@@ -142,7 +142,10 @@ async fn connection_limit_is_respected() {
         .export(&out, &["--full", "--connections", "8", "--json"])
         .await);
     let json: serde_json::Value = serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
-    assert_eq!(json["connections"], 2);
+    // Extra connections open while the first one reads, so a small export may finish with
+    // fewer; never more than the server allows.
+    let used = json["connections"].as_u64().unwrap();
+    assert!((1..=2).contains(&used), "{used} connections");
     let restored = x.dir.join("r.raw");
     ok(run(&["restore", "--to", p(&restored), p(&out)]));
     assert_same(&restored, &x.img);

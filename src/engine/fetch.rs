@@ -47,7 +47,11 @@ pub enum FetchError {
     OutputClosed,
 }
 
-pub type JobQueue = Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>;
+/// The shared job queue. A multi-consumer channel: a worker waiting for a job holds no lock,
+/// so an idle worker never keeps the others from filling their pipelines (with a mutex around
+/// one receiver, a worker parked in `recv` on an empty queue did exactly that, and at 10 ms
+/// round trip four connections ran slower than one).
+pub type JobQueue = async_channel::Receiver<Job>;
 
 /// Drive one connection until the job queue is drained.
 pub async fn worker(
@@ -72,16 +76,13 @@ pub async fn worker(
                 } else if input_done {
                     break;
                 } else {
-                    match jobs.try_lock() {
-                        Ok(mut q) => match q.try_recv() {
-                            Ok(j) => j,
-                            Err(mpsc::error::TryRecvError::Empty) => break,
-                            Err(mpsc::error::TryRecvError::Disconnected) => {
-                                input_done = true;
-                                break;
-                            }
-                        },
-                        Err(_) => break,
+                    match jobs.try_recv() {
+                        Ok(j) => j,
+                        Err(async_channel::TryRecvError::Empty) => break,
+                        Err(async_channel::TryRecvError::Closed) => {
+                            input_done = true;
+                            break;
+                        }
                     }
                 };
                 if outstanding.is_empty() {
@@ -101,9 +102,9 @@ pub async fn worker(
                     conn.close().await;
                     return Ok(());
                 }
-                match jobs.lock().await.recv().await {
-                    Some(j) => retry.push_back(j),
-                    None => input_done = true,
+                match jobs.recv().await {
+                    Ok(j) => retry.push_back(j),
+                    Err(_) => input_done = true,
                 }
                 continue;
             }
@@ -140,8 +141,8 @@ pub async fn worker(
                 _ = tokio::time::sleep_until(last_progress + cfg.request_timeout) => {
                     break ConnError::Stalled(cfg.request_timeout);
                 }
-                j = async { jobs.lock().await.recv().await }, if room => {
-                    match j { Some(j) => retry.push_back(j), None => input_done = true }
+                j = jobs.recv(), if room => {
+                    match j { Ok(j) => retry.push_back(j), Err(_) => input_done = true }
                 }
             }
         };
@@ -181,31 +182,27 @@ pub async fn worker(
     }
 }
 
-/// Open up to `want - 1` more connections, one after another (XenServer's server dislikes
-/// parallel connects). A connection closed before the greeting means the server's
-/// connection limit is reached: carry on with what we have.
-pub async fn open_more(opts: &ConnectOptions, want: usize) -> Vec<Connection> {
-    let mut conns = Vec::new();
-    while conns.len() + 1 < want {
-        match Connection::connect(opts).await {
-            Ok(c) => conns.push(c),
-            Err(ConnError::Protocol(NbdError::ClosedBeforeGreeting)) => {
-                tracing::info!(
-                    have = conns.len() + 1,
-                    "server connection limit reached; continuing with the connections open"
-                );
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(
-                    have = conns.len() + 1,
-                    "extra NBD connection failed ({e}); continuing with the connections open"
-                );
-                break;
-            }
+/// Open one more connection, or `None` to stop opening more: a connection closed before the
+/// greeting means the server's connection limit is reached (XenServer: 16 per host), and any
+/// other failure is logged; either way the export carries on with the connections it has.
+pub async fn open_one(opts: &ConnectOptions, have: usize) -> Option<Connection> {
+    match Connection::connect(opts).await {
+        Ok(c) => Some(c),
+        Err(ConnError::Protocol(NbdError::ClosedBeforeGreeting)) => {
+            tracing::info!(
+                have,
+                "server connection limit reached; continuing with the connections open"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(
+                have,
+                "extra NBD connection failed ({e}); continuing with the connections open"
+            );
+            None
         }
     }
-    conns
 }
 
 /// Ask for the allocation map of the whole disk with BLOCK_STATUS (base:allocation).

@@ -30,7 +30,7 @@ use pool::Pools;
 use sink::{Output, SinkError, SinkStats};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// A read to do.
 pub struct Job {
@@ -190,15 +190,15 @@ async fn run_inner(
     progress: indicatif::ProgressBar,
 ) -> Result<ExportSummary, EngineError> {
     let started = Instant::now();
-    let mut conns = vec![first];
-    conns.extend(fetch::open_more(opts, cfg.connections).await);
-    let nconns = conns.len();
+    // Extra connections are opened one after another (XenServer's server dislikes parallel
+    // connects) while the first one is already reading: at 10 ms round trip a TLS + NBD
+    // handshake takes about 100 ms, too long to wait for before starting.
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(1));
     tracing::debug!(
-        connections = nconns,
+        connections = cfg.connections,
         inflight = cfg.fetch.inflight,
         "fetching"
     );
-
     let pools = Arc::new(Pools::default());
     let max_item = plan
         .items
@@ -219,8 +219,7 @@ async fn run_inner(
     // Stage channels. Zero ranges and (without compression) fetched data go straight to the
     // sink; with zstd, fetched data goes through the compression threads.
     let (sink_tx, sink_rx) = std::sync::mpsc::channel::<ToSink>();
-    let (job_tx, job_rx) = mpsc::channel::<Job>(256);
-    let jobs = Arc::new(tokio::sync::Mutex::new(job_rx));
+    let (job_tx, jobs) = async_channel::bounded::<Job>(256);
 
     // Sink thread.
     let sink_pools = pools.clone();
@@ -304,17 +303,56 @@ async fn run_inner(
         }
     });
 
-    // Workers.
+    // Workers: one on the first connection now, and one on each extra connection as it opens.
     let mut workers = tokio::task::JoinSet::new();
-    for conn in conns {
-        workers.spawn(fetch::worker(
-            conn,
+    let spawn_worker = {
+        let (opts, jobs, downstream, pools, fcfg) = (
             opts.clone(),
             jobs.clone(),
             downstream.clone(),
             pools.clone(),
             cfg.fetch.clone(),
-        ));
+        );
+        move |conn| {
+            fetch::worker(
+                conn,
+                opts.clone(),
+                jobs.clone(),
+                downstream.clone(),
+                pools.clone(),
+                fcfg.clone(),
+            )
+        }
+    };
+    workers.spawn(spawn_worker(first));
+    if cfg.connections > 1 {
+        let (opts, opened, want, queue) =
+            (opts.clone(), opened.clone(), cfg.connections, jobs.clone());
+        workers.spawn(async move {
+            let mut extra = tokio::task::JoinSet::new();
+            // Stop once there is nothing left to hand out.
+            while opened.load(std::sync::atomic::Ordering::Relaxed) < want
+                && !(queue.is_closed() && queue.is_empty())
+            {
+                let have = opened.load(std::sync::atomic::Ordering::Relaxed);
+                let Some(conn) = fetch::open_one(&opts, have).await else {
+                    break;
+                };
+                opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                extra.spawn(spawn_worker(conn));
+            }
+            while let Some(res) = extra.join_next().await {
+                res.map_err(|e| {
+                    fetch::FetchError::Reconnect(crate::nbd::ConnError::Io(Arc::new(
+                        std::io::Error::other(e),
+                    )))
+                })??;
+            }
+            Ok(())
+        });
+    } else {
+        // The closure holds senders of the later stages: they must close when the workers end.
+        drop(spawn_worker);
     }
     drop(downstream);
     let mut fetch_result: Result<(), EngineError> = Ok(());
@@ -379,7 +417,7 @@ async fn run_inner(
         records: stats.records,
         data_bytes: stats.data_bytes,
         zero_bytes: stats.zero_bytes,
-        connections: nconns,
+        connections: opened.load(std::sync::atomic::Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
