@@ -16,13 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use bytes::{Buf, BytesMut};
 use cbtstream_proto::nbd::consts::*;
 use cbtstream_proto::nbd::server::{
     encode_chunk_header, encode_export_name_reply, encode_greeting, encode_option_reply,
-    encode_simple_reply, error_payload, info_export, parse_client_flags, parse_client_option,
-    ClientOption, MAX_OPTION_DATA,
+    encode_simple_reply, error_payload, info_export, parse_client_flags,
 };
 use cbtstream_proto::nbd::transmission::{parse_request, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -31,6 +30,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use crate::certs::TestPki;
+use crate::xen_nbd::{read_option, send_option_reply};
 
 /// Transmission flags of the export.
 pub const EXPORT_FLAGS: u16 = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN;
@@ -305,29 +305,6 @@ async fn serve_connection(mut tcp: TcpStream, sh: &Arc<Shared>) -> Result<()> {
     sh.stats.misbehaved.fetch_add(1, Ordering::SeqCst);
     let tls = acceptor.accept(tcp).await?;
     options_and_serve(tls, sh, no_zeroes, true).await
-}
-
-async fn read_option<S: AsyncRead + Unpin>(s: &mut S) -> Result<ClientOption> {
-    let mut buf = vec![0u8; 16];
-    s.read_exact(&mut buf).await?;
-    let len = u32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]);
-    if len > MAX_OPTION_DATA {
-        bail!("option data of {len} bytes");
-    }
-    buf.resize(16 + len as usize, 0);
-    s.read_exact(&mut buf[16..]).await?;
-    match parse_client_option(&buf)? {
-        Some((opt, _)) => Ok(opt),
-        None => bail!("short option"),
-    }
-}
-
-async fn send_option_reply<S: AsyncWrite + Unpin>(s: &mut S, option: u32, typ: u32) -> Result<()> {
-    let mut out = Vec::with_capacity(20);
-    encode_option_reply(&mut out, option, typ, &[]);
-    s.write_all(&out).await?;
-    s.flush().await?;
-    Ok(())
 }
 
 async fn options_and_serve<S>(

@@ -597,7 +597,8 @@ async fn serve_connection(mut tcp: TcpStream, sh: &Arc<Shared>) -> Result<()> {
     options_and_serve(tls, sh, true).await
 }
 
-async fn read_option<S: AsyncRead + Unpin>(s: &mut S) -> Result<ClientOption> {
+/// Read exactly one client option (shared with the hostile server).
+pub(crate) async fn read_option<S: AsyncRead + Unpin>(s: &mut S) -> Result<ClientOption> {
     let mut buf = vec![0u8; 16];
     s.read_exact(&mut buf).await?;
     let len = u32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]);
@@ -612,7 +613,12 @@ async fn read_option<S: AsyncRead + Unpin>(s: &mut S) -> Result<ClientOption> {
     }
 }
 
-async fn send_option_reply<S: AsyncWrite + Unpin>(s: &mut S, option: u32, typ: u32) -> Result<()> {
+/// Send an option reply without data (shared with the hostile server).
+pub(crate) async fn send_option_reply<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    typ: u32,
+) -> Result<()> {
     let mut out = Vec::with_capacity(20);
     encode_option_reply(&mut out, option, typ, &[]);
     s.write_all(&out).await?;
