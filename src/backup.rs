@@ -57,22 +57,15 @@ fn password(file: Option<&Path>) -> Result<Secret, Failure> {
         })
 }
 
-fn xapi_trust(args: &XapiArgs) -> Result<Trust, Failure> {
-    Ok(if let Some(ca) = &args.xapi_ca {
-        Trust::CaFile(ca.clone())
-    } else if let Some(pin) = &args.xapi_pin {
-        Trust::pin_from_hex(pin).code(Code::Usage)?
-    } else if args.xapi_insecure {
-        tracing::warn!("XenAPI certificate verification is DISABLED (--xapi-insecure): the pool master is not authenticated");
-        Trust::InsecureNoVerify
-    } else {
-        Trust::System
-    })
-}
-
 async fn login(url: &str, args: &XapiArgs) -> Result<XapiSession, Failure> {
     let pw = password(args.password_file.as_deref())?;
-    let trust = xapi_trust(args)?;
+    let trust = tls::trust_from_flags(
+        args.xapi_ca.as_deref(),
+        None,
+        args.xapi_pin.as_deref(),
+        args.xapi_insecure,
+    )
+    .code(Code::Usage)?;
     XapiSession::login(url, &args.user, &pw, &trust, args.xapi_allow_plaintext)
         .await
         .map_err(|e| Failure {
@@ -83,12 +76,11 @@ async fn login(url: &str, args: &XapiArgs) -> Result<XapiSession, Failure> {
 
 /// Retry `op` while it fails with VDI_IN_USE (the host keeps the snapshot attached to dom0
 /// for a few seconds after the NBD connections close), with backoff, for about a minute.
-async fn retry_in_use<F, Fut>(what: &str, op: F) -> Result<(), XapiError>
+async fn retry_in_use<F, Fut>(op: F) -> Result<(), XapiError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), XapiError>>,
 {
-    tracing::debug!("{what}: retried while VDI_IN_USE");
     let backoff = Backoff {
         first: Duration::from_millis(200),
         max: Duration::from_secs(5),
@@ -97,7 +89,7 @@ where
 }
 
 async fn destroy_snapshot(session: &XapiSession, snap: &Ref) {
-    match retry_in_use("VDI.destroy", || session.vdi_destroy(snap)).await {
+    match retry_in_use(|| session.vdi_destroy(snap)).await {
         Ok(()) => tracing::info!("removed the uncommitted snapshot"),
         Err(e) => {
             tracing::warn!("could not remove the uncommitted snapshot ({e}); `cbtstream gc` will")
@@ -283,7 +275,7 @@ async fn backup(
     }
 
     // Commit 2: the snapshot's data goes; its CBT metadata stays as the next base.
-    match retry_in_use("VDI.data_destroy", || session.vdi_data_destroy(&snap)).await {
+    match retry_in_use(|| session.vdi_data_destroy(&snap)).await {
         Ok(()) => {
             new_state.base_is_metadata = true;
             if let Some(p) = &args.state {
@@ -302,7 +294,7 @@ async fn backup(
         };
         match session.vdi_get_record(&r).await {
             Ok(old) if old.other_config.contains_key(TAG_SNAPSHOT) => {
-                if let Err(e) = retry_in_use("VDI.destroy", || session.vdi_destroy(&r)).await {
+                if let Err(e) = retry_in_use(|| session.vdi_destroy(&r)).await {
                     tracing::warn!("could not destroy the previous base {uuid}: {e}");
                 }
             }
@@ -401,7 +393,7 @@ async fn gc_inner(session: &XapiSession, args: &GcArgs, keep: &[String]) -> Resu
             println!("would remove snapshot {} ({})", s.uuid, s.vdi_type);
             continue;
         }
-        retry_in_use("VDI.destroy", || session.vdi_destroy(snap))
+        retry_in_use(|| session.vdi_destroy(snap))
             .await
             .map_err(src)?;
         println!("removed snapshot {} ({})", s.uuid, s.vdi_type);

@@ -1,34 +1,19 @@
 //! `cbtstream export --nbd URI`: the data plane on its own, for any NBD server; and
 //! [`run_data_plane`], which the XenServer flow (`backup`) uses too.
 
-use crate::cli::{CompressArg, DataPlaneArgs, ExportArgs, TlsArgs};
+use crate::cli::{CompressArg, DataPlaneArgs, ExportArgs};
 use crate::engine::fetch::{self, FetchConfig};
 use crate::engine::plan::Plan;
 use crate::engine::sink::Output;
 use crate::engine::{self, EngineConfig, EngineError, ExportSummary};
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::nbd::{Address, ConnectOptions, Connection, NbdUri};
-use crate::tls::{self, Trust};
+use crate::tls;
 use cbtstream_proto::cbt::{self, CBT_BLOCK};
 use cbtstream_proto::stream::{Codec, Header};
 use std::io::{IsTerminal, Read};
 use std::path::Path;
 use std::time::Duration;
-
-/// Resolve the trust policy from the flags.
-pub fn trust_from_args(t: &TlsArgs) -> Result<Trust, Failure> {
-    Ok(if let Some(ca) = &t.tls_ca {
-        Trust::CaFile(ca.clone())
-    } else if let Some(cert) = &t.tls_cert {
-        Trust::exact_cert_from_file(cert).code(Code::Usage)?
-    } else if let Some(pin) = &t.tls_pin {
-        Trust::pin_from_hex(pin).code(Code::Usage)?
-    } else if t.tls_insecure_no_verify {
-        Trust::InsecureNoVerify
-    } else {
-        Trust::System
-    })
-}
 
 fn read_bitmap(path: &Path) -> Result<Vec<u8>, Failure> {
     let mut text = Vec::new();
@@ -53,7 +38,13 @@ fn connect_options(args: &ExportArgs, uri: &NbdUri) -> Result<ConnectOptions, Fa
         || t.tls_insecure_no_verify
         || t.tls_server_name.is_some();
     let tls = if uri.tls {
-        let trust = trust_from_args(t)?;
+        let trust = tls::trust_from_flags(
+            t.tls_ca.as_deref(),
+            t.tls_cert.as_deref(),
+            t.tls_pin.as_deref(),
+            t.tls_insecure_no_verify,
+        )
+        .code(Code::Usage)?;
         let config = tls::client_config(&trust).code(Code::Usage)?;
         let name = match (&t.tls_server_name, &uri.address) {
             (Some(n), _) => n.clone(),

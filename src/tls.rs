@@ -93,6 +93,28 @@ impl Trust {
     }
 }
 
+/// The policy the command-line flags ask for. At most one is given (clap groups enforce it);
+/// none means the system's trust store. Shared by the NBD and the XenAPI flags.
+pub fn trust_from_flags(
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    pin: Option<&str>,
+    insecure: bool,
+) -> Result<Trust, TlsError> {
+    Ok(if let Some(ca) = ca {
+        Trust::CaFile(ca.to_path_buf())
+    } else if let Some(cert) = cert {
+        Trust::exact_cert_from_file(cert)?
+    } else if let Some(pin) = pin {
+        Trust::pin_from_hex(pin)?
+    } else if insecure {
+        // client_config() warns loudly when this policy is used.
+        Trust::InsecureNoVerify
+    } else {
+        Trust::System
+    })
+}
+
 /// The crypto provider: ring, with its default suites (TLS 1.3 and 1.2, including
 /// ECDHE-RSA AES-GCM on secp384r1, which is all XenServer's NBD server offers).
 pub fn provider() -> Arc<CryptoProvider> {

@@ -64,7 +64,7 @@ pub async fn worker(
 ) -> Result<(), FetchError> {
     let mut retry: VecDeque<Job> = VecDeque::new();
     let mut input_done = false;
-    'connection: loop {
+    loop {
         let (tx, mut rx) = mpsc::unbounded_channel::<Completion>();
         let mut outstanding: HashMap<u64, Job> = HashMap::new();
         let mut last_progress = Instant::now();
@@ -178,7 +178,6 @@ pub async fn worker(
                 }
             }
         };
-        continue 'connection;
     }
 }
 

@@ -325,35 +325,33 @@ async fn run_inner(
         }
     };
     workers.spawn(spawn_worker(first));
-    if cfg.connections > 1 {
-        let (opts, opened, want, queue) =
-            (opts.clone(), opened.clone(), cfg.connections, jobs.clone());
-        workers.spawn(async move {
-            let mut extra = tokio::task::JoinSet::new();
-            // Stop once there is nothing left to hand out.
-            while opened.load(std::sync::atomic::Ordering::Relaxed) < want
-                && !(queue.is_closed() && queue.is_empty())
-            {
-                let have = opened.load(std::sync::atomic::Ordering::Relaxed);
-                let Some(conn) = fetch::open_one(&opts, have).await else {
-                    break;
-                };
-                opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                extra.spawn(spawn_worker(conn));
+    // The opener runs even for one connection (its loop then ends at once): it owns the
+    // closure, whose senders must close when the workers end.
+    let (opts, count, want, queue) = (opts.clone(), opened.clone(), cfg.connections, jobs.clone());
+    workers.spawn(async move {
+        let mut extra = tokio::task::JoinSet::new();
+        // Stop once there is nothing left to hand out.
+        loop {
+            let have = count.load(std::sync::atomic::Ordering::Relaxed);
+            if have >= want || (queue.is_closed() && queue.is_empty()) {
+                break;
             }
-            while let Some(res) = extra.join_next().await {
-                res.map_err(|e| {
-                    fetch::FetchError::Reconnect(crate::nbd::ConnError::Io(Arc::new(
-                        std::io::Error::other(e),
-                    )))
-                })??;
-            }
-            Ok(())
-        });
-    } else {
-        // The closure holds senders of the later stages: they must close when the workers end.
+            let Some(conn) = fetch::open_one(&opts, have).await else {
+                break;
+            };
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            extra.spawn(spawn_worker(conn));
+        }
         drop(spawn_worker);
-    }
+        while let Some(res) = extra.join_next().await {
+            res.map_err(|e| {
+                fetch::FetchError::Reconnect(crate::nbd::ConnError::Io(Arc::new(
+                    std::io::Error::other(e),
+                )))
+            })??;
+        }
+        Ok(())
+    });
     drop(downstream);
     let mut fetch_result: Result<(), EngineError> = Ok(());
     while let Some(res) = workers.join_next().await {
