@@ -14,7 +14,8 @@
 # Also: @vates/nbd-client (Xen Orchestra's client; npm install into $BENCH_DIR/vates from
 # bench/package.json, SKIPped if node/npm or the install are missing), the XenServer-profile
 # server (target/release/xen-nbd-server: TLS 1.2, EXPORT_NAME only, simple replies), and
-# the sparse case through bench/latency_proxy.py (5 ms each way, 10 ms round trip).
+# the sparse case through a delay-line proxy (latency-proxy: 5 ms each way, 10 ms round trip;
+# and 0 ms, the baseline for the round-trip target).
 # After the table, the cbtstream-proto micro benchmarks (xmlrpc_parse, cbt_plan), unless
 # BENCH_MICRO=0 (they build once, then take a few seconds).
 set -euo pipefail
@@ -37,9 +38,10 @@ if ((${#need[@]})); then
 fi
 
 cargo build --release --quiet
-cargo build --release --quiet -p cbtstream-testkit --bin xen-nbd-server
+cargo build --release --quiet -p cbtstream-testkit --bin xen-nbd-server --bin latency-proxy
 BIN=$ROOT/target/release/cbtstream
 XEN_BIN=$ROOT/target/release/xen-nbd-server
+PROXY_BIN=$ROOT/target/release/latency-proxy
 gcc -O2 -o "$DIR/sparse_read" bench/sparse_read.c -lnbd -lpthread
 
 IMG=$DIR/disk-$SIZE_MIB.raw
@@ -145,12 +147,19 @@ read -r XEN_PORT XEN_CERT XEN_LIBNBD < <(python3 -c 'import json,sys; j=json.loa
     || { echo "xen-nbd-server did not start:"; cat "$DIR/xen.err"; exit 1; }
 XEN_URI="nbds://127.0.0.1:$XEN_PORT/${XEN_EXPORT//\?/%3F}"
 
-# Latency: the qemu-nbd server behind a proxy that delays each direction by 5 ms.
-python3 bench/latency_proxy.py "$PORT" 5 --parent $$ > "$DIR/proxy.port" &
-PIDS+=($!)
-for _ in $(seq 100); do [ -s "$DIR/proxy.port" ] && break; sleep 0.1; done
-LAT_PORT=$(head -1 "$DIR/proxy.port")
-LAT_URI="nbds://127.0.0.1:$LAT_PORT/disk"
+# Latency: the qemu-nbd server behind a delay-line proxy (tests/testkit/src/bin/latency-proxy.rs)
+# that holds each direction 5 ms (10 ms round trip), and the same proxy with no delay: the
+# pair isolates the round trip from the proxy's own cost on these 2 cores.
+start_proxy() {
+    rm -f "$DIR/proxy$1.port"
+    "$PROXY_BIN" "$PORT" "$1" --parent $$ > "$DIR/proxy$1.port" &
+    PIDS+=($!)
+    for _ in $(seq 100); do [ -s "$DIR/proxy$1.port" ] && break; sleep 0.1; done
+}
+start_proxy 5
+start_proxy 0
+LAT_URI="nbds://127.0.0.1:$(head -1 "$DIR/proxy5.port")/disk"
+NODELAY_URI="nbds://127.0.0.1:$(head -1 "$DIR/proxy0.port")/disk"
 
 # name | bytes counted for MB/s | command (run with bash -c); no "@" in any field
 CASES=(
@@ -165,8 +174,10 @@ CASES=(
     "${VATES[@]}"
     "xen-nbd-server sparse 25%: cbtstream --compress none -o /dev/null@$SPARSE@$BIN export --nbd '$XEN_URI' --tls-cert $XEN_CERT --tls-server-name localhost --changed-blocks $DIR/blocks.b64 --compress none -o /dev/null"
     "xen-nbd-server sparse 25%: libnbd C client, 1 conn x 64 in flight@$SPARSE@$DIR/sparse_read '$XEN_URI?tls-certificates=$XEN_LIBNBD' $DIR/blocks.txt 1 64"
-    "10 ms RTT sparse 25%: cbtstream --compress none -o /dev/null@$SPARSE@$BIN export --nbd $LAT_URI --tls-ca $DIR/pki/ca-cert.pem --tls-server-name localhost --changed-blocks $DIR/blocks.b64 --compress none -o /dev/null"
-    "10 ms RTT sparse 25%: libnbd C client, 1 conn x 64 in flight@$SPARSE@$DIR/sparse_read '$LAT_URI?tls-certificates=$DIR/pki' $DIR/blocks.txt 1 64"
+    "proxy 0 ms sparse 25%: cbtstream --compress none -o /dev/null@$SPARSE@$BIN export --nbd $NODELAY_URI --tls-ca $DIR/pki/ca-cert.pem --tls-server-name localhost --changed-blocks $DIR/blocks.b64 --compress none -o /dev/null"
+    "proxy 10 ms RTT sparse 25%: cbtstream --compress none -o /dev/null@$SPARSE@$BIN export --nbd $LAT_URI --tls-ca $DIR/pki/ca-cert.pem --tls-server-name localhost --changed-blocks $DIR/blocks.b64 --compress none -o /dev/null"
+    "proxy 0 ms sparse 25%: libnbd C client, 1 conn x 64 in flight@$SPARSE@$DIR/sparse_read '$NODELAY_URI?tls-certificates=$DIR/pki' $DIR/blocks.txt 1 64"
+    "proxy 10 ms RTT sparse 25%: libnbd C client, 1 conn x 64 in flight@$SPARSE@$DIR/sparse_read '$LAT_URI?tls-certificates=$DIR/pki' $DIR/blocks.txt 1 64"
 )
 
 RAW=$DIR/raw.txt

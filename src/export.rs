@@ -253,7 +253,25 @@ pub async fn run_data_plane(
     let threads = dp
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let inflight = usize::from(dp.inflight);
+    let reads = plan
+        .items
+        .iter()
+        .filter(|i| matches!(i, engine::plan::PlanItem::Read { .. }))
+        .count() as u64;
+    let pipeline = engine::size_pipeline(
+        first.rtt,
+        connections,
+        plan.read_bytes / reads.max(1),
+        request,
+        dp.inflight,
+    );
+    tracing::debug!(
+        round_trip_us = first.rtt.map(|r| r.as_micros() as u64),
+        inflight = pipeline.inflight,
+        budget = pipeline.budget,
+        "pipeline sized"
+    );
+    let inflight = pipeline.inflight;
     let cfg = EngineConfig {
         connections,
         fetch: FetchConfig {
@@ -265,9 +283,7 @@ pub async fn run_data_plane(
         codec: header.codec,
         level: dp.level,
         threads,
-        // Enough for every connection's reads in flight plus a reorder window, capped so
-        // memory stays flat: 32 MiB at most by default.
-        budget: (connections as u64 * inflight as u64 * request).clamp(8 << 20, 32 << 20),
+        budget: pipeline.budget,
         block: CBT_BLOCK,
     };
     let output = Output::from_arg(output);

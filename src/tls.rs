@@ -15,7 +15,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::{CipherSuite, ClientConfig, DigitallySignedStruct, SignatureScheme};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -116,9 +116,25 @@ pub fn trust_from_flags(
 }
 
 /// The crypto provider: ring, with its default suites (TLS 1.3 and 1.2, including
-/// ECDHE-RSA AES-GCM on secp384r1, which is all XenServer's NBD server offers).
+/// ECDHE-RSA AES-GCM on secp384r1, which is all XenServer's NBD server offers), AES-128-GCM
+/// offered first. Servers that honour the client's order (GnuTLS, as in qemu-nbd and nbdkit,
+/// does by default) then spend 10 AES rounds a block instead of 14 on every byte of the disk,
+/// on both ends; AES-128-GCM is TLS 1.3's mandatory suite and the first choice of Go's TLS.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| (s.tls13().is_none(), !is_aes128_gcm(s.suite())));
+    Arc::new(provider)
+}
+
+fn is_aes128_gcm(suite: CipherSuite) -> bool {
+    matches!(
+        suite,
+        CipherSuite::TLS13_AES_128_GCM_SHA256
+            | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+    )
 }
 
 /// Build a client configuration for one trust policy.
@@ -297,6 +313,22 @@ pub fn describe_io_error(e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aes128_gcm_is_offered_first_for_each_version() {
+        let suites: Vec<CipherSuite> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(suites[0], CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let first12 = suites
+            .iter()
+            .position(|s| !format!("{s:?}").starts_with("TLS13"))
+            .unwrap();
+        assert!(is_aes128_gcm(suites[first12]));
+        // Nothing is dropped: every default suite is still offered.
+        assert_eq!(
+            suites.len(),
+            rustls::crypto::ring::default_provider().cipher_suites.len()
+        );
+    }
 
     #[test]
     fn pins_parse() {

@@ -12,7 +12,11 @@
 
 use bytes::{Bytes, BytesMut};
 use std::fmt;
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use twox_hash::{XxHash3_128, XxHash3_64};
+
+fn xxh3_64(bytes: &[u8]) -> u64 {
+    XxHash3_64::oneshot(bytes)
+}
 
 /// First 8 bytes of every stream. The high-bit byte, CR LF and ^Z catch 7-bit and
 /// text-mode transfers, like PNG's signature.
@@ -498,7 +502,7 @@ struct Totals {
 struct Tracker {
     virtual_size: u64,
     codec: Codec,
-    hasher: Xxh3,
+    hasher: XxHash3_128,
     /// Bytes hashed so far (header + records).
     position: u64,
     next_index: u64,
@@ -519,8 +523,8 @@ impl fmt::Debug for Tracker {
 
 impl Tracker {
     fn new(header: &Header, header_bytes: &[u8]) -> Tracker {
-        let mut hasher = Xxh3::new();
-        hasher.update(header_bytes);
+        let mut hasher = XxHash3_128::new();
+        hasher.write(header_bytes);
         Tracker {
             virtual_size: header.virtual_size,
             codec: header.codec,
@@ -610,7 +614,7 @@ impl Tracker {
 
     fn commit(&mut self, kind: u8, offset: u64, length: u64, stored: u64, bytes: &[&[u8]]) {
         for b in bytes {
-            self.hasher.update(b);
+            self.hasher.write(b);
         }
         self.position += RECORD_HEADER_LEN as u64 + stored;
         self.next_index += 1;
@@ -635,7 +639,7 @@ impl Tracker {
             stored_bytes: self.totals.stored_bytes,
             zero_bytes: self.totals.zero_bytes,
             stream_bytes: self.position,
-            digest: digest_bytes(self.hasher.digest128()),
+            digest: digest_bytes(self.hasher.finish_128()),
         }
     }
 }

@@ -14,6 +14,18 @@ pub struct EncodeConfig {
     pub level: i32,
     /// Zero detection granularity (the CBT block, 64 KiB).
     pub block: u64,
+    /// zstd window: large enough for the largest record, so a record compresses as well as
+    /// a stream compressor does across the same bytes (the default window for level 1 is
+    /// 512 KiB, which made 2 MiB records 0.2% larger than `zstd -1` output).
+    pub window_log: u32,
+}
+
+impl EncodeConfig {
+    /// The window for records of at most `largest` bytes, within zstd's default decoder
+    /// limit (2^27), so any zstd can decode a record.
+    pub fn window_for(largest: u64) -> u32 {
+        (u64::BITS - largest.max(1).saturating_sub(1).leading_zeros()).clamp(10, 27)
+    }
 }
 
 /// True when every byte is zero. Compares 64-byte chunks, which compiles to wide loads; the
@@ -31,6 +43,7 @@ pub fn worker(
     cfg: EncodeConfig,
 ) -> std::io::Result<()> {
     let mut compressor = zstd::bulk::Compressor::new(cfg.level)?;
+    compressor.set_parameter(zstd::zstd_safe::CParameter::WindowLog(cfg.window_log))?;
     loop {
         let next = match input.lock() {
             Ok(rx) => rx.recv(),
@@ -137,6 +150,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn window_covers_the_largest_record() {
+        assert_eq!(EncodeConfig::window_for(0), 10);
+        assert_eq!(EncodeConfig::window_for(64 << 10), 16);
+        assert_eq!(EncodeConfig::window_for((2 << 20) - 1), 21);
+        assert_eq!(EncodeConfig::window_for(2 << 20), 21);
+        assert_eq!(EncodeConfig::window_for((2 << 20) + 1), 22);
+        assert_eq!(EncodeConfig::window_for(u64::MAX), 27);
+    }
+
+    #[test]
     fn zero_detection() {
         assert!(is_zero(&[]));
         assert!(is_zero(&[0; 100]));
@@ -154,6 +177,7 @@ mod tests {
         let cfg = EncodeConfig {
             level: 1,
             block: 4096,
+            window_log: 17,
         };
         // 3 blocks at offset 4096: data, zero, data (the last one partial).
         let mut data = bytes::BytesMut::zeroed(2 * 4096 + 512);

@@ -6,7 +6,7 @@
 //! export fails naming the offset and the server's error.
 
 use super::pool::Pools;
-use super::{Downstream, Fetched, Job};
+use super::{Batch, Fetched, Job};
 use crate::nbd::{Completion, ConnError, ConnectOptions, Connection, Reply, RequestError};
 use cbtstream_proto::nbd::{NbdError, ServerError};
 use std::collections::{HashMap, VecDeque};
@@ -45,6 +45,8 @@ pub enum FetchError {
     Reconnect(ConnError),
     #[error("the output stage stopped")]
     OutputClosed,
+    #[error("encoding a record: {0}")]
+    Encode(std::io::Error),
 }
 
 /// The shared job queue. A multi-consumer channel: a worker waiting for a job holds no lock,
@@ -58,7 +60,7 @@ pub async fn worker(
     mut conn: Connection,
     opts: ConnectOptions,
     jobs: JobQueue,
-    out: Downstream,
+    mut out: Batch,
     pools: Arc<Pools>,
     cfg: FetchConfig,
 ) -> Result<(), FetchError> {
@@ -98,6 +100,7 @@ pub async fn worker(
                 outstanding.insert(job.id, job);
             }
             if outstanding.is_empty() {
+                out.flush()?;
                 if input_done {
                     conn.close().await;
                     return Ok(());
@@ -118,10 +121,8 @@ pub async fn worker(
                     match c.result {
                         Ok(Reply::Read(data)) => {
                             let f = Fetched { id: job.id, offset: job.offset, len: job.len, data: Some(data), permit: job.permit.take() };
-                            if !out.send(f) {
-                                // The later stages are gone (the output failed): stop reading.
-                                return Err(FetchError::OutputClosed);
-                            }
+                            // Fails when the later stages are gone (the output failed): stop reading.
+                            out.push(f)?;
                         }
                         Ok(Reply::BlockStatus(_)) => {}
                         Err(RequestError::Server(error)) => {
@@ -146,8 +147,9 @@ pub async fn worker(
                 }
             }
         };
-        // The connection is gone: requeue what it held, then reconnect.
+        // The connection is gone: pass on what was read, requeue what it held, then reconnect.
         drop(conn);
+        out.flush()?;
         let mut requeue: Vec<Job> = outstanding.into_values().collect();
         requeue.sort_by_key(|j| j.id);
         for mut job in requeue {

@@ -15,6 +15,7 @@
 //! read, and the sink gives them back once the range is written. The output is the same
 //! whatever the number of connections or threads, because records are written in plan order.
 
+pub mod direct;
 pub mod encode;
 pub mod fetch;
 pub mod plan;
@@ -70,26 +71,81 @@ pub enum Record {
     },
 }
 
-/// What the sink receives: records ready to write, or (without compression) a fetched range
-/// it encodes itself.
+/// What the sink receives: the records of one plan item, or of several at once.
 pub enum ToSink {
-    Fetched(Fetched),
     Encoded(Encoded),
+    /// One hand-off (and at most one thread wake-up) for many items: waking the sink thread
+    /// for every 64 KiB record cost more CPU than writing the record.
+    Batch(Vec<Encoded>),
 }
 
-/// Where fetched ranges go: to the compression workers, or straight to the sink.
+/// Where fetched ranges go: to the compression workers, or (without compression) straight to
+/// the sink.
 #[derive(Clone)]
 pub enum Downstream {
     Compress(std::sync::mpsc::Sender<Fetched>),
     Sink(std::sync::mpsc::Sender<ToSink>),
 }
 
-impl Downstream {
-    /// False when the receiving stage is gone.
-    pub fn send(&self, f: Fetched) -> bool {
-        match self {
-            Downstream::Compress(tx) => tx.send(f).is_ok(),
-            Downstream::Sink(tx) => tx.send(ToSink::Fetched(f)).is_ok(),
+/// A fetch worker's way downstream. Without compression the records are made here, on the
+/// reactor thread, while the bytes the TLS reader just wrote are still in this core's cache
+/// (checksumming them on the sink thread's core read them from memory again), and sent to
+/// the sink in batches. With zstd, ranges go to the compression threads one by one, so that
+/// every thread gets work.
+pub struct Batch {
+    down: Downstream,
+    pools: Arc<Pools>,
+    ecfg: encode::EncodeConfig,
+    items: Vec<Encoded>,
+    bytes: u64,
+}
+
+impl Batch {
+    const MAX_ITEMS: usize = 32;
+    const MAX_BYTES: u64 = 2 << 20;
+
+    pub fn new(down: Downstream, pools: Arc<Pools>, ecfg: encode::EncodeConfig) -> Batch {
+        Batch {
+            down,
+            pools,
+            ecfg,
+            items: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Pass on one fetched range.
+    pub fn push(&mut self, f: Fetched) -> Result<(), FetchError> {
+        match &self.down {
+            Downstream::Compress(tx) => tx.send(f).map_err(|_| FetchError::OutputClosed),
+            Downstream::Sink(_) => {
+                self.bytes += f.len;
+                let e =
+                    encode::encode(f, None, &self.pools, &self.ecfg).map_err(FetchError::Encode)?;
+                self.items.push(e);
+                if self.items.len() >= Self::MAX_ITEMS || self.bytes >= Self::MAX_BYTES {
+                    self.flush()
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Send what is queued. Workers flush whenever they have no read outstanding, so items
+    /// never wait here for reads that are not coming (they hold budget the planner needs).
+    pub fn flush(&mut self) -> Result<(), FetchError> {
+        if self.items.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        let items = std::mem::take(&mut self.items);
+        match &self.down {
+            Downstream::Sink(tx) => tx
+                .send(ToSink::Batch(items))
+                .map_err(|_| FetchError::OutputClosed),
+            // Compression workers are never batched.
+            Downstream::Compress(_) => Ok(()),
         }
     }
 }
@@ -158,6 +214,45 @@ impl ExportSummary {
     }
 }
 
+/// The rate the default pipeline is sized for: enough reads in flight to move 2 GB/s at the
+/// measured round trip (a bandwidth-delay product), so a distant server is not read at the
+/// pace of one round trip per few requests.
+const TARGET_RATE: f64 = 2e9;
+
+/// Reads in flight per connection, and the byte budget (read but not yet written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pipeline {
+    pub inflight: usize,
+    pub budget: u64,
+}
+
+/// Size the pipeline: `inflight` as given, or enough for the bandwidth-delay product at the
+/// handshake's round trip (`rtt`) with reads of `avg_read` bytes spread over `connections`,
+/// at least 32 and at most 1024 a connection. The budget covers the reads in flight and a
+/// reorder window: 8-32 MiB as before, or twice the bandwidth-delay product (at most 256 MiB)
+/// when that is more.
+pub fn size_pipeline(
+    rtt: Option<std::time::Duration>,
+    connections: usize,
+    avg_read: u64,
+    request: u64,
+    inflight: Option<u16>,
+) -> Pipeline {
+    let bdp = rtt.map_or(0.0, |r| r.as_secs_f64() * TARGET_RATE) as u64;
+    let connections = connections.max(1) as u64;
+    let inflight = match inflight {
+        Some(n) => usize::from(n.max(1)),
+        None => {
+            let per_conn = bdp.div_ceil(connections * avg_read.max(1));
+            per_conn.clamp(32, 1024) as usize
+        }
+    };
+    let budget = (connections * inflight as u64 * request)
+        .clamp(8 << 20, 32 << 20)
+        .max((2 * bdp).min(256 << 20));
+    Pipeline { inflight, budget }
+}
+
 /// Run one export: `first` is an already negotiated connection (the caller used it to learn
 /// the disk size and plan); more are opened as configured.
 pub async fn run(
@@ -214,6 +309,7 @@ async fn run_inner(
     let ecfg = encode::EncodeConfig {
         level: cfg.level,
         block: cfg.block,
+        window_log: encode::EncodeConfig::window_for(max_item),
     };
 
     // Stage channels. Zero ranges and (without compression) fetched data go straight to the
@@ -228,15 +324,9 @@ async fn run_inner(
     let sink = std::thread::Builder::new()
         .name("cbtstream-sink".into())
         .spawn(move || {
-            sink::run(
-                out,
-                &sink_header,
-                sink_rx,
-                expected,
-                sink_pools,
-                ecfg,
-                |n| progress.inc(n),
-            )
+            sink::run(out, &sink_header, sink_rx, expected, sink_pools, |n| {
+                progress.inc(n)
+            })
         })
         .map_err(|e| EngineError::Internal(e.to_string()))?;
 
@@ -288,14 +378,13 @@ async fn run_inner(
                     }
                 }
                 PlanItem::Zero { offset, len } => {
-                    let f = Fetched {
+                    let e = Encoded {
                         id,
-                        offset,
-                        len,
-                        data: None,
+                        records: vec![Record::Zero { offset, len }],
+                        raw: None,
                         permit: Some(permit),
                     };
-                    if planner_tx.send(ToSink::Fetched(f)).is_err() {
+                    if planner_tx.send(ToSink::Encoded(e)).is_err() {
                         return;
                     }
                 }
@@ -318,7 +407,7 @@ async fn run_inner(
                 conn,
                 opts.clone(),
                 jobs.clone(),
-                downstream.clone(),
+                Batch::new(downstream.clone(), pools.clone(), ecfg),
                 pools.clone(),
                 fcfg.clone(),
             )
@@ -418,4 +507,50 @@ async fn run_inner(
         connections: opened.load(std::sync::atomic::Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn pipeline_follows_the_bandwidth_delay_product() {
+        let ms = |n: u64| Some(Duration::from_millis(n));
+        // Loopback, or no measurement: the floor of 32 and the old 8-32 MiB budget.
+        let p = size_pipeline(Some(Duration::from_micros(60)), 4, 64 << 10, 2 << 20, None);
+        assert_eq!(
+            p,
+            Pipeline {
+                inflight: 32,
+                budget: 32 << 20
+            }
+        );
+        assert_eq!(size_pipeline(None, 4, 64 << 10, 2 << 20, None).inflight, 32);
+        // 10 ms: 20 MB in flight: 77 reads of 64 KiB on each of 4 connections, 40 MB budget.
+        let p = size_pipeline(ms(10), 4, 64 << 10, 2 << 20, None);
+        assert_eq!(p.inflight, 77);
+        assert_eq!(p.budget, 40_000_000);
+        // Large reads need few requests; the budget still covers the product.
+        let p = size_pipeline(ms(10), 4, 2 << 20, 2 << 20, None);
+        assert_eq!(p.inflight, 32);
+        assert_eq!(p.budget, 40_000_000);
+        // A far server: capped.
+        let p = size_pipeline(ms(500), 1, 64 << 10, 64 << 10, None);
+        assert_eq!(
+            p,
+            Pipeline {
+                inflight: 1024,
+                budget: 256 << 20
+            }
+        );
+        // Given by the user: kept; the budget still follows the round trip.
+        let p = size_pipeline(ms(10), 1, 64 << 10, 2 << 20, Some(8));
+        assert_eq!(p.inflight, 8);
+        assert_eq!(p.budget, 40_000_000);
+        assert_eq!(
+            size_pipeline(None, 2, 64 << 10, 1 << 20, Some(4)).budget,
+            8 << 20
+        );
+    }
 }

@@ -1,7 +1,7 @@
 //! Order and sink: put records back in offset order (a small reorder window, bounded by the
 //! bytes-in-flight budget) and write them, then the trailer, then make the output durable.
 
-use super::encode::{self, EncodeConfig};
+use super::direct::DirectFile;
 use super::pool::Pools;
 use super::{Encoded, Payload, Record, ToSink};
 use cbtstream_proto::stream::{Encoder, Header, StreamError};
@@ -44,8 +44,6 @@ pub enum SinkError {
     },
     #[error("stream encoder: {0}")]
     Stream(#[from] StreamError),
-    #[error("encoding: {0}")]
-    Encode(std::io::Error),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -70,10 +68,11 @@ pub fn open(output: &Output) -> Result<Box<dyn Write + Send>, SinkError> {
         Output::Stdout => Box::new(std::io::stdout()),
         Output::File(path) => {
             let p = partial_path(path);
-            let f = File::create(&p).map_err(|source| SinkError::Io {
+            let f = DirectFile::create(&p, true).map_err(|source| SinkError::Io {
                 what: p.display().to_string(),
                 source,
             })?;
+            tracing::debug!(direct = f.is_direct(), "output file opened");
             Box::new(f)
         }
         Output::Special(path) => {
@@ -146,8 +145,7 @@ impl<W: Write> RecordWriter<W> {
     }
 }
 
-/// Consume items until the channel closes, writing them in id order. Items that come raw
-/// (no compression) are encoded here. `expected` is the number of plan items; `progress` is
+/// Consume items until the channel closes, writing them in id order. `expected` is the number of plan items; `progress` is
 /// called with bytes of disk covered.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
@@ -156,7 +154,6 @@ pub fn run(
     input: Receiver<ToSink>,
     expected: u64,
     pools: Arc<Pools>,
-    cfg: EncodeConfig,
     mut progress: impl FnMut(u64),
 ) -> Result<(Box<dyn Write + Send>, SinkStats), SinkError> {
     let what = "stream".to_string();
@@ -170,67 +167,69 @@ pub fn run(
     let mut stats = SinkStats::default();
     let mut waiting: BTreeMap<u64, Encoded> = BTreeMap::new();
     let mut next = 0u64;
-    for item in input.iter() {
-        let item = match item {
-            ToSink::Encoded(e) => e,
-            ToSink::Fetched(f) => {
-                encode::encode(f, None, &pools, &cfg).map_err(SinkError::Encode)?
-            }
+    for msg in input.iter() {
+        let items = match msg {
+            ToSink::Encoded(e) => vec![e],
+            ToSink::Batch(items) => items,
         };
-        waiting.insert(item.id, item);
-        while let Some(item) = waiting.remove(&next) {
-            let mut covered = 0;
-            for rec in &item.records {
-                match rec {
-                    Record::Zero { offset, len } => {
-                        w.small(&enc.zero(*offset, *len)?).map_err(io)?;
-                        stats.zero_bytes += len;
-                        covered += len;
-                    }
-                    Record::Data {
-                        offset,
-                        len,
-                        codec,
-                        checksum,
-                        payload,
-                    } => {
-                        let bytes: &[u8] = match payload {
-                            Payload::Compressed(v) => v,
-                            Payload::Raw(r) => item
-                                .raw
-                                .as_ref()
-                                .and_then(|b| b.get(r.clone()))
-                                .ok_or_else(|| SinkError::Internal("raw payload missing".into()))?,
-                        };
-                        let h = enc.data(*offset, *len, *codec, *checksum, bytes)?;
-                        w.small(&h).map_err(io)?;
-                        w.payload(bytes).map_err(io)?;
-                        stats.data_bytes += len;
-                        covered += len;
+        for item in items {
+            waiting.insert(item.id, item);
+            while let Some(item) = waiting.remove(&next) {
+                let mut covered = 0;
+                for rec in &item.records {
+                    match rec {
+                        Record::Zero { offset, len } => {
+                            w.small(&enc.zero(*offset, *len)?).map_err(io)?;
+                            stats.zero_bytes += len;
+                            covered += len;
+                        }
+                        Record::Data {
+                            offset,
+                            len,
+                            codec,
+                            checksum,
+                            payload,
+                        } => {
+                            let bytes: &[u8] = match payload {
+                                Payload::Compressed(v) => v,
+                                Payload::Raw(r) => item
+                                    .raw
+                                    .as_ref()
+                                    .and_then(|b| b.get(r.clone()))
+                                    .ok_or_else(|| {
+                                        SinkError::Internal("raw payload missing".into())
+                                    })?,
+                            };
+                            let h = enc.data(*offset, *len, *codec, *checksum, bytes)?;
+                            w.small(&h).map_err(io)?;
+                            w.payload(bytes).map_err(io)?;
+                            stats.data_bytes += len;
+                            covered += len;
+                        }
                     }
                 }
-            }
-            let Encoded {
-                records,
-                raw,
-                permit,
-                ..
-            } = item;
-            for rec in records {
-                if let Record::Data {
-                    payload: Payload::Compressed(v),
+                let Encoded {
+                    records,
+                    raw,
+                    permit,
                     ..
-                } = rec
-                {
-                    pools.out.put(v);
+                } = item;
+                for rec in records {
+                    if let Record::Data {
+                        payload: Payload::Compressed(v),
+                        ..
+                    } = rec
+                    {
+                        pools.out.put(v);
+                    }
                 }
+                if let Some(raw) = raw {
+                    pools.read.put(raw);
+                }
+                drop(permit);
+                progress(covered);
+                next += 1;
             }
-            if let Some(raw) = raw {
-                pools.read.put(raw);
-            }
-            drop(permit);
-            progress(covered);
-            next += 1;
         }
     }
     if next != expected || !waiting.is_empty() {

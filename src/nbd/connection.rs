@@ -99,6 +99,9 @@ enum Submit {
 /// An open, negotiated connection.
 pub struct Connection {
     pub negotiated: Negotiated,
+    /// The shortest option round trip of the handshake: the path's round-trip time, to size
+    /// the reads in flight.
+    pub rtt: Option<Duration>,
     submit: mpsc::UnboundedSender<Submit>,
     pending: Arc<Mutex<PendingMap>>,
     reader: JoinHandle<()>,
@@ -148,7 +151,7 @@ impl Connection {
                 Box::new(s)
             }
         };
-        let (stream, negotiated) =
+        let (stream, negotiated, rtt) =
             tokio::time::timeout(opts.handshake_timeout, handshake(stream, opts))
                 .await
                 .map_err(|_| ConnError::HandshakeTimeout(label.clone()))??;
@@ -174,6 +177,7 @@ impl Connection {
         ));
         Ok(Connection {
             negotiated,
+            rtt,
             submit,
             pending,
             reader,
@@ -250,11 +254,14 @@ impl Connection {
     }
 }
 
-/// Run the handshake, upgrading to TLS when the state machine says so.
+/// Run the handshake, upgrading to TLS when the state machine says so. Also returns the
+/// shortest time from sending an option to the first bytes of its reply.
 async fn handshake(
     mut stream: Box<dyn Io>,
     opts: &ConnectOptions,
-) -> Result<(Box<dyn Io>, Negotiated), ConnError> {
+) -> Result<(Box<dyn Io>, Negotiated, Option<Duration>), ConnError> {
+    let mut sent_at: Option<std::time::Instant> = None;
+    let mut rtt: Option<Duration> = None;
     let mut cfg = HandshakeConfig::new(opts.export.clone(), opts.tls.is_some());
     cfg.extended_headers = opts.extended_headers;
     cfg.meta_context = opts.meta_context;
@@ -265,10 +272,16 @@ async fn handshake(
             Step::Send(bytes) => {
                 stream.write_all(&bytes).await?;
                 stream.flush().await?;
+                sent_at = Some(std::time::Instant::now());
             }
             Step::NeedBytes => match stream.read_buf(&mut buf).await {
                 Ok(0) => return Err(hs.eof().into()),
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(t) = sent_at.take() {
+                        let d = t.elapsed();
+                        rtt = Some(rtt.map_or(d, |r| r.min(d)));
+                    }
+                }
                 // A TLS peer that closes without close_notify.
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Err(hs.eof().into())
@@ -295,7 +308,14 @@ async fn handshake(
                             addr: opts.address_label(),
                             why: tls::describe_io_error(&e),
                         })?;
+                let conn = tls.get_ref().1;
+                tracing::debug!(
+                    version = ?conn.protocol_version(),
+                    suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()),
+                    "TLS established"
+                );
                 stream = Box::new(tls);
+                sent_at = None;
                 hs.tls_established();
             }
             Step::Done(n) => {
@@ -304,7 +324,7 @@ async fn handshake(
                         "unexpected bytes after the handshake",
                     )));
                 }
-                return Ok((stream, n));
+                return Ok((stream, n, rtt));
             }
         }
     }

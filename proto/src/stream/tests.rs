@@ -1,5 +1,6 @@
 use super::*;
 use proptest::prelude::*;
+use xxhash_rust::xxh3::xxh3_64;
 
 /// xorshift64*: a tiny deterministic PRNG for test data.
 struct Prng(u64);
