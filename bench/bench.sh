@@ -3,6 +3,7 @@
 #
 #   bench/bench.sh            # 4 GiB image, 3 rounds
 #   BENCH_SIZE_MIB=1024 BENCH_ROUNDS=5 bench/bench.sh
+#   BENCH_ONLY='^full' bench/bench.sh      # only the cases whose name matches (bash regex)
 #
 # Installs its peers (nbdcopy and libnbd from Debian packages, zstd), builds cbtstream in
 # release mode and a native libnbd client (bench/sparse_read.c), makes a test image (half
@@ -185,6 +186,7 @@ RAW=$DIR/raw.txt
 for round in $(seq "$ROUNDS"); do
     for c in "${CASES[@]}"; do
         IFS='@' read -r name bytes cmd <<<"$c"
+        [[ -z "${BENCH_ONLY:-}" || "$name" =~ $BENCH_ONLY ]] || continue
         sync
         /usr/bin/time -f "%e %U %S %M" -o "$DIR/time.txt" bash -c "$cmd" >/dev/null 2>"$DIR/err.txt" \
             || { echo "FAILED: $name"; cat "$DIR/err.txt"; exit 1; }

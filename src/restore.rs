@@ -11,6 +11,7 @@
 //! image was fsynced. Incrementals are only applied onto an image whose sidecar says `complete`
 //! at exactly their base point.
 
+use crate::engine::direct::{write_at, DirectWriter};
 use bytes::BytesMut;
 use cbtstream_proto::stream::{
     self, Codec, Decoder, Header, Item, StreamError, Trailer, MAX_RECORD_LEN,
@@ -781,6 +782,9 @@ impl Applier {
         // Everything from here on reads as zeroes already (fresh or grown): ZERO records there
         // need no work.
         let zero_from = old_len.min(header.virtual_size);
+        // Data goes around the page cache: a restore writes the whole disk once and the host
+        // has better use for its memory (see engine/direct.rs).
+        let mut direct = DirectWriter::open(&self.image);
 
         let name = input.name.clone();
         let mut trailer = None;
@@ -802,11 +806,12 @@ impl Applier {
                             input: name.clone(),
                             error,
                         })?;
-                    file.write_all_at(data, offset)
-                        .map_err(|error| RestoreError::Image {
+                    write_at(&mut direct, &file, data, offset).map_err(|error| {
+                        RestoreError::Image {
                             path: self.image.clone(),
                             error,
-                        })?;
+                        }
+                    })?;
                     report.data_records += 1;
                     report.bytes_written += length;
                 }

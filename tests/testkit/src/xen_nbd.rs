@@ -547,9 +547,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     }
                 };
                 if shared.active.load(Ordering::SeqCst) >= shared.max_connections {
-                    // xapi-nbd: accepted, then closed before the greeting.
-                    drop(tcp);
+                    // xapi-nbd: accepted, then closed before the greeting. Counted before
+                    // the close, so a client that sees the close also sees the count.
                     shared.faults.bump(&shared.faults.rejected);
+                    drop(tcp);
                     continue;
                 }
                 shared.active.fetch_add(1, Ordering::SeqCst);
