@@ -147,6 +147,11 @@ for _ in $(seq 100); do [ -s "$DIR/xen.json" ] && break; sleep 0.1; done
 read -r XEN_PORT XEN_CERT XEN_LIBNBD < <(python3 -c 'import json,sys; j=json.loads(open(sys.argv[1]).readline()); print(j["port"], j["cert"], j["libnbd_dir"])' "$DIR/xen.json") \
     || { echo "xen-nbd-server did not start:"; cat "$DIR/xen.err"; exit 1; }
 XEN_URI="nbds://127.0.0.1:$XEN_PORT/${XEN_EXPORT//\?/%3F}"
+# Xen Orchestra's client against the server it is made for.
+VATES_XEN=()
+if ((${#VATES[@]})); then
+    VATES_XEN=("xen-nbd-server ${VATES_NAME}@$SPARSE@node $DIR/vates/vates_sparse.mjs 127.0.0.1 $XEN_PORT '$XEN_EXPORT' $DIR/blocks.txt 4 16 $XEN_CERT")
+fi
 
 # Latency: the qemu-nbd server behind a delay-line proxy (tests/testkit/src/bin/latency-proxy.rs)
 # that holds each direction 5 ms (10 ms round trip), and the same proxy with no delay: the
@@ -175,6 +180,7 @@ CASES=(
     "${VATES[@]}"
     "xen-nbd-server sparse 25%: cbtstream --compress none -o /dev/null@$SPARSE@$BIN export --nbd '$XEN_URI' --tls-cert $XEN_CERT --tls-server-name localhost --changed-blocks $DIR/blocks.b64 --compress none -o /dev/null"
     "xen-nbd-server sparse 25%: libnbd C client, 1 conn x 64 in flight@$SPARSE@$DIR/sparse_read '$XEN_URI?tls-certificates=$XEN_LIBNBD' $DIR/blocks.txt 1 64"
+    "${VATES_XEN[@]}"
     "proxy 0 ms sparse 25%: cbtstream --compress none -o /dev/null@$SPARSE@$BIN export --nbd $NODELAY_URI --tls-ca $DIR/pki/ca-cert.pem --tls-server-name localhost --changed-blocks $DIR/blocks.b64 --compress none -o /dev/null"
     "proxy 10 ms RTT sparse 25%: cbtstream --compress none -o /dev/null@$SPARSE@$BIN export --nbd $LAT_URI --tls-ca $DIR/pki/ca-cert.pem --tls-server-name localhost --changed-blocks $DIR/blocks.b64 --compress none -o /dev/null"
     "proxy 0 ms sparse 25%: libnbd C client, 1 conn x 64 in flight@$SPARSE@$DIR/sparse_read '$NODELAY_URI?tls-certificates=$DIR/pki' $DIR/blocks.txt 1 64"
