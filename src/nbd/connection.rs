@@ -784,6 +784,8 @@ mod tests {
         };
         let conn = Connection::connect(&opts).await.unwrap();
         assert!(conn.negotiated.structured && !conn.negotiated.extended);
+        // The handshake's option round trips give the path's round trip (for the pipeline).
+        assert!(conn.rtt.is_some_and(|r| r < Duration::from_secs(5)));
         let (tx, mut rx) = mpsc::unbounded_channel();
         // A pooled buffer with stale contents: holes must still read as zeroes.
         let mut stale = BytesMut::new();
