@@ -145,9 +145,8 @@ impl<W: Write> RecordWriter<W> {
     }
 }
 
-/// Consume items until the channel closes, writing them in id order. `expected` is the number of plan items; `progress` is
-/// called with bytes of disk covered.
-#[allow(clippy::too_many_arguments)]
+/// Consume items until the channel closes, writing them in id order. `expected` is the
+/// number of plan items; `progress` is called with bytes of disk covered.
 pub fn run(
     out: Box<dyn Write + Send>,
     header: &Header,
