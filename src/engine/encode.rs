@@ -74,17 +74,7 @@ pub fn encode(
     pools: &Pools,
     cfg: &EncodeConfig,
 ) -> std::io::Result<Encoded> {
-    let Some(data) = f.data else {
-        return Ok(Encoded {
-            id: f.id,
-            records: vec![Record::Zero {
-                offset: f.offset,
-                len: f.len,
-            }],
-            raw: None,
-            permit: f.permit,
-        });
-    };
+    let data = f.data;
     let mut records = Vec::new();
     let mut runs: Vec<(usize, usize, bool)> = Vec::new();
     let mut pos = 0usize;
@@ -195,7 +185,7 @@ mod tests {
             id: 0,
             offset: 4096,
             len: data.len() as u64,
-            data: Some(data),
+            data,
             permit: None,
         };
         let e = encode(f, None, &pools, &cfg).unwrap();

@@ -120,7 +120,7 @@ pub async fn worker(
                     last_progress = Instant::now();
                     match c.result {
                         Ok(Reply::Read(data)) => {
-                            let f = Fetched { id: job.id, offset: job.offset, len: job.len, data: Some(data), permit: job.permit.take() };
+                            let f = Fetched { id: job.id, offset: job.offset, len: job.len, data, permit: job.permit.take() };
                             // Fails when the later stages are gone (the output failed): stop reading.
                             out.push(f)?;
                         }

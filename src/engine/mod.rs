@@ -42,12 +42,13 @@ pub struct Job {
     pub permit: Option<OwnedSemaphorePermit>,
 }
 
-/// A range whose bytes are known: read from the server, or known to be zero (`data: None`).
+/// A range read from the server. (Ranges known to be zero go from the planner to the sink as
+/// ready-made ZERO records.)
 pub struct Fetched {
     pub id: u64,
     pub offset: u64,
     pub len: u64,
-    pub data: Option<BytesMut>,
+    pub data: BytesMut,
     pub permit: Option<OwnedSemaphorePermit>,
 }
 

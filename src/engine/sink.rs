@@ -166,69 +166,65 @@ pub fn run(
     let mut stats = SinkStats::default();
     let mut waiting: BTreeMap<u64, Encoded> = BTreeMap::new();
     let mut next = 0u64;
-    for msg in input.iter() {
-        let items = match msg {
-            ToSink::Encoded(e) => vec![e],
-            ToSink::Batch(items) => items,
-        };
-        for item in items {
-            waiting.insert(item.id, item);
-            while let Some(item) = waiting.remove(&next) {
-                let mut covered = 0;
-                for rec in &item.records {
-                    match rec {
-                        Record::Zero { offset, len } => {
-                            w.small(&enc.zero(*offset, *len)?).map_err(io)?;
-                            stats.zero_bytes += len;
-                            covered += len;
-                        }
-                        Record::Data {
-                            offset,
-                            len,
-                            codec,
-                            checksum,
-                            payload,
-                        } => {
-                            let bytes: &[u8] = match payload {
-                                Payload::Compressed(v) => v,
-                                Payload::Raw(r) => item
-                                    .raw
-                                    .as_ref()
-                                    .and_then(|b| b.get(r.clone()))
-                                    .ok_or_else(|| {
-                                        SinkError::Internal("raw payload missing".into())
-                                    })?,
-                            };
-                            let h = enc.data(*offset, *len, *codec, *checksum, bytes)?;
-                            w.small(&h).map_err(io)?;
-                            w.payload(bytes).map_err(io)?;
-                            stats.data_bytes += len;
-                            covered += len;
-                        }
+    let items = input.iter().flat_map(|msg| match msg {
+        ToSink::Encoded(e) => vec![e],
+        ToSink::Batch(items) => items,
+    });
+    for item in items {
+        waiting.insert(item.id, item);
+        while let Some(item) = waiting.remove(&next) {
+            let mut covered = 0;
+            for rec in &item.records {
+                match rec {
+                    Record::Zero { offset, len } => {
+                        w.small(&enc.zero(*offset, *len)?).map_err(io)?;
+                        stats.zero_bytes += len;
+                        covered += len;
+                    }
+                    Record::Data {
+                        offset,
+                        len,
+                        codec,
+                        checksum,
+                        payload,
+                    } => {
+                        let bytes: &[u8] = match payload {
+                            Payload::Compressed(v) => v,
+                            Payload::Raw(r) => item
+                                .raw
+                                .as_ref()
+                                .and_then(|b| b.get(r.clone()))
+                                .ok_or_else(|| SinkError::Internal("raw payload missing".into()))?,
+                        };
+                        let h = enc.data(*offset, *len, *codec, *checksum, bytes)?;
+                        w.small(&h).map_err(io)?;
+                        w.payload(bytes).map_err(io)?;
+                        stats.data_bytes += len;
+                        covered += len;
                     }
                 }
-                let Encoded {
-                    records,
-                    raw,
-                    permit,
-                    ..
-                } = item;
-                for rec in records {
-                    if let Record::Data {
-                        payload: Payload::Compressed(v),
-                        ..
-                    } = rec
-                    {
-                        pools.out.put(v);
-                    }
-                }
-                if let Some(raw) = raw {
-                    pools.read.put(raw);
-                }
-                drop(permit);
-                progress(covered);
-                next += 1;
             }
+            let Encoded {
+                records,
+                raw,
+                permit,
+                ..
+            } = item;
+            for rec in records {
+                if let Record::Data {
+                    payload: Payload::Compressed(v),
+                    ..
+                } = rec
+                {
+                    pools.out.put(v);
+                }
+            }
+            if let Some(raw) = raw {
+                pools.read.put(raw);
+            }
+            drop(permit);
+            progress(covered);
+            next += 1;
         }
     }
     if next != expected || !waiting.is_empty() {
