@@ -18,7 +18,7 @@ use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-pub const ALIGN: usize = 4096;
+const ALIGN: usize = 4096;
 const WINDOW: usize = 1 << 20;
 
 /// A 1 MiB buffer whose start is 4 KiB aligned, carved out of a `Vec` with 4 KiB of slack.
@@ -45,18 +45,8 @@ impl AlignedBuf {
     }
 }
 
-/// Open an existing file for writing with O_DIRECT, or `None` where the file system does
-/// not allow it.
-pub fn open_direct(path: &Path) -> Option<File> {
-    OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()
-}
-
-/// True for the error a file system gives for an O_DIRECT write it will not do.
-pub fn refused(e: &io::Error) -> bool {
+/// True for the error a file system gives for an O_DIRECT open or write it will not do.
+fn refused(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINVAL)
 }
 
@@ -74,27 +64,18 @@ pub struct DirectFile {
 impl DirectFile {
     /// Create (truncate) `path`, with O_DIRECT when `direct` and the file system allows it.
     pub fn create(path: &Path, direct: bool) -> io::Result<DirectFile> {
-        let plain = || {
+        let open = |flags| {
             OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .custom_flags(flags)
                 .open(path)
         };
-        let (file, direct) = if direct {
-            match OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-            {
-                Ok(f) => (f, true),
-                Err(e) if refused(&e) => (plain()?, false),
-                Err(e) => return Err(e),
-            }
-        } else {
-            (plain()?, false)
+        let (file, direct) = match direct.then(|| open(libc::O_DIRECT)) {
+            Some(Ok(f)) => (f, true),
+            Some(Err(e)) if !refused(&e) => return Err(e),
+            _ => (open(0)?, false),
         };
         Ok(DirectFile {
             file,
@@ -180,9 +161,16 @@ pub struct DirectWriter {
 }
 
 impl DirectWriter {
+    /// `None` where the file system does not allow O_DIRECT: then everything goes through
+    /// the caller's ordinary handle.
     pub fn open(path: &Path) -> Option<DirectWriter> {
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()?;
         Some(DirectWriter {
-            file: open_direct(path)?,
+            file,
             buf: AlignedBuf::default(),
         })
     }
