@@ -253,15 +253,10 @@ pub async fn run_data_plane(
     let threads = dp
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let reads = plan
-        .items
-        .iter()
-        .filter(|i| matches!(i, engine::plan::PlanItem::Read { .. }))
-        .count() as u64;
     let pipeline = engine::size_pipeline(
         first.rtt,
         connections,
-        plan.read_bytes / reads.max(1),
+        plan.read_bytes / plan.reads.max(1),
         request,
         dp.inflight,
     );

@@ -296,13 +296,7 @@ async fn run_inner(
         "fetching"
     );
     let pools = Arc::new(Pools::default());
-    let max_item = plan
-        .items
-        .iter()
-        .filter(|i| matches!(i, PlanItem::Read { .. }))
-        .map(|i| i.len())
-        .max()
-        .unwrap_or(0);
+    let max_item = plan.largest_read;
     let budget = cfg.budget.max(max_item).min(u64::from(u32::MAX) / 2) as usize;
     let budget_sem = Arc::new(Semaphore::new(budget));
     let expected = plan.items.len() as u64;

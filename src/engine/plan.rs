@@ -11,14 +11,6 @@ pub enum PlanItem {
     Zero { offset: u64, len: u64 },
 }
 
-impl PlanItem {
-    pub fn len(&self) -> u64 {
-        match *self {
-            PlanItem::Read { len, .. } | PlanItem::Zero { len, .. } => len,
-        }
-    }
-}
-
 /// The whole plan. The extent list is held in memory (a 16 TiB bitmap with every block
 /// changed is 256 Mi blocks, but coalesced into requests it is at most size/request_size).
 #[derive(Debug, Default)]
@@ -28,12 +20,19 @@ pub struct Plan {
     pub read_bytes: u64,
     /// Bytes known to be zero without reading.
     pub zero_bytes: u64,
+    /// How many reads, and the longest.
+    pub reads: u64,
+    pub largest_read: u64,
 }
 
 impl Plan {
     fn push(&mut self, item: PlanItem) {
         match item {
-            PlanItem::Read { len, .. } => self.read_bytes += len,
+            PlanItem::Read { len, .. } => {
+                self.read_bytes += len;
+                self.reads += 1;
+                self.largest_read = self.largest_read.max(len);
+            }
             PlanItem::Zero { len, .. } => self.zero_bytes += len,
         }
         self.items.push(item);
@@ -180,5 +179,11 @@ mod tests {
         let p = Plan::full(10 * 65536 + 512, 4 * 65536);
         assert_eq!(p.read_bytes, 10 * 65536 + 512);
         assert_eq!(p.items.len(), 3);
+        assert_eq!((p.reads, p.largest_read), (3, 4 * 65536));
+        let zeros = Plan::from_allocation(&[(0, 65536, true), (65536, 65536 + 512, false)], 65536);
+        assert_eq!(
+            (zeros.reads, zeros.largest_read, zeros.zero_bytes),
+            (2, 65536, 65536)
+        );
     }
 }
