@@ -29,7 +29,7 @@ async fn copy_with_nbdcopy(choice: NbdServerChoice, tool: &str) {
             "the built-in server was handed out"
         );
         // The second call reuses the running process.
-        assert_eq!(env.nbd_info(&s).await, (port, name.clone()));
+        assert_eq!(env.nbd_info(&s).await, (port, name));
         let expected_cert = match choice {
             NbdServerChoice::QemuNbd => {
                 std::fs::read_to_string(env.sim.nbd_tls_dir().join("server-cert.pem")).unwrap()
@@ -38,23 +38,7 @@ async fn copy_with_nbdcopy(choice: NbdServerChoice, tool: &str) {
         };
         assert_eq!(cert, expected_cert);
 
-        let out = env.dir.path().join("copy.raw");
-        let uri = format!(
-            "nbds://127.0.0.1:{port}/{}?tls-certificates={}",
-            name.replace('?', "%3F"),
-            env.sim.nbd_tls_dir().display()
-        );
-        let st = tokio::process::Command::new("nbdcopy")
-            .arg(&uri)
-            .arg(&out)
-            .kill_on_drop(true)
-            .status()
-            .await
-            .unwrap();
-        assert!(st.success(), "nbdcopy {uri} failed: {st}");
-        let snap = std::fs::read(env.sim.vdi_path(&env.uuid_of(&s).await).unwrap()).unwrap();
-        let copy = std::fs::read(&out).unwrap();
-        assert!(copy == snap, "nbdcopy's copy differs from the snapshot");
+        let copy = env.nbdcopy_snapshot(&s).await;
         assert_eq!(&copy[70_000..70_026], b"seen through a real server");
 
         // A real server never reports the VDI attached; data_destroy stops its process.

@@ -445,24 +445,7 @@ async fn nbdcopy_reads_the_export() {
         let env = Env::start(|_| {}).await;
         env.write(12345, b"seen by nbdcopy").await;
         let s = env.snapshot(&env.vdi).await;
-        let (port, name) = env.nbd_info(&s).await;
-        let out = env.dir.path().join("copy.raw");
-        let uri = format!(
-            "nbds://127.0.0.1:{port}/{}?tls-certificates={}",
-            name.replace('?', "%3F"),
-            env.sim.tls_dir().display()
-        );
-        let st = tokio::process::Command::new("nbdcopy")
-            .arg(&uri)
-            .arg(&out)
-            .kill_on_drop(true)
-            .status()
-            .await
-            .unwrap();
-        assert!(st.success(), "nbdcopy failed: {st}");
-        let snap = std::fs::read(env.sim.vdi_path(&env.uuid_of(&s).await).unwrap()).unwrap();
-        let copy = std::fs::read(&out).unwrap();
-        assert!(copy == snap, "nbdcopy's copy differs from the snapshot");
+        let copy = env.nbdcopy_snapshot(&s).await;
         assert_eq!(&copy[12345..12345 + 15], b"seen by nbdcopy");
     })
     .await;

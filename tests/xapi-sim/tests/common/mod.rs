@@ -131,6 +131,31 @@ impl Env {
         (u16::try_from(port).unwrap(), name.to_owned())
     }
 
+    /// Copies `snapshot`'s export with nbdcopy (libnbd), by the URI a user would build from
+    /// `get_nbd_info`, checks the copy is the snapshot's image byte for byte, and returns it.
+    pub async fn nbdcopy_snapshot(&self, snapshot: &str) -> Vec<u8> {
+        let (port, name) = self.nbd_info(snapshot).await;
+        let out = self.dir.path().join("copy.raw");
+        let uri = format!(
+            "nbds://127.0.0.1:{port}/{}?tls-certificates={}",
+            name.replace('?', "%3F"),
+            self.sim.nbd_tls_dir().display()
+        );
+        let st = tokio::process::Command::new("nbdcopy")
+            .arg(&uri)
+            .arg(&out)
+            .kill_on_drop(true)
+            .status()
+            .await
+            .unwrap();
+        assert!(st.success(), "nbdcopy {uri} failed: {st}");
+        let snap =
+            std::fs::read(self.sim.vdi_path(&self.uuid_of(snapshot).await).unwrap()).unwrap();
+        let copy = std::fs::read(&out).unwrap();
+        assert!(copy == snap, "nbdcopy's copy differs from the snapshot");
+        copy
+    }
+
     pub async fn nbd_connect(&self, vdi: &str) -> Result<Nbd> {
         let (port, name) = self.nbd_info(vdi).await;
         Nbd::connect(port, &name, self.sim.cert_der()).await
