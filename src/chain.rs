@@ -5,8 +5,8 @@
 //! state or the new one, never a mix and never a state that points past the data.
 
 use serde::{Deserialize, Serialize};
-use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The format version this build writes and reads.
@@ -90,36 +90,16 @@ pub fn load(path: &Path) -> Result<Option<ChainState>, ChainError> {
     Ok(Some(state))
 }
 
-/// Replace the state atomically and durably.
+/// Replace the state atomically and durably (0600: it names the chain's snapshots).
 pub fn save(path: &Path, state: &ChainState) -> Result<(), ChainError> {
-    let write_err = |p: &Path, source| ChainError::Write {
-        path: p.to_path_buf(),
+    let write_err = |source| ChainError::Write {
+        path: path.to_path_buf(),
         source,
     };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp_name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let mut text = serde_json::to_string_pretty(state)
-        .map_err(|e| write_err(path, std::io::Error::other(e)))?;
+    let mut text =
+        serde_json::to_string_pretty(state).map_err(|e| write_err(std::io::Error::other(e)))?;
     text.push('\n');
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(|e| write_err(path, e))
+    crate::durable::replace(path, text.as_bytes()).map_err(write_err)
 }
 
 #[cfg(test)]
@@ -152,18 +132,18 @@ mod tests {
         save(&path, &next).unwrap();
         assert_eq!(load(&path).unwrap(), Some(next));
         // No temporary files left behind.
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
     fn damaged_and_future_states_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chain.json");
-        fs::write(&path, "{ not json").unwrap();
+        std::fs::write(&path, "{ not json").unwrap();
         assert!(matches!(load(&path), Err(ChainError::Damaged { .. })));
         let mut s = serde_json::to_value(state()).unwrap();
         s["version"] = 2.into();
-        fs::write(&path, s.to_string()).unwrap();
+        std::fs::write(&path, s.to_string()).unwrap();
         assert!(matches!(
             load(&path),
             Err(ChainError::Version { found: 2, .. })

@@ -3,6 +3,7 @@
 mod backup;
 mod chain;
 mod cli;
+mod durable;
 mod engine;
 mod exit;
 mod export;

@@ -18,7 +18,7 @@ use cbtstream_proto::stream::{
 };
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -299,9 +299,7 @@ impl ImageState {
 
 /// The sidecar path of an image: the image path with [`SIDECAR_SUFFIX`] appended.
 pub fn sidecar_path(image: &Path) -> PathBuf {
-    let mut s = image.as_os_str().to_owned();
-    s.push(SIDECAR_SUFFIX);
-    PathBuf::from(s)
+    crate::durable::with_suffix(image, SIDECAR_SUFFIX)
 }
 
 /// The state recorded in an image's sidecar; `Ok(None)` if there is no sidecar.
@@ -333,26 +331,8 @@ pub fn image_state(image: &Path) -> Result<Option<ImageState>, RestoreError> {
 /// Writes the sidecar atomically: temp file, fsync, rename, fsync of the directory.
 fn write_image_state(image: &Path, state: &ImageState) -> Result<(), RestoreError> {
     let path = sidecar_path(image);
-    let mut tmp = path.clone().into_os_string();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(state.render().as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, &path)?;
-        sync_parent_dir(&path)
-    })();
-    result.map_err(|error| RestoreError::Image { path, error })
-}
-
-fn sync_parent_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+    crate::durable::replace(&path, state.render().as_bytes())
+        .map_err(|error| RestoreError::Image { path, error })
 }
 
 /// One input stream being read.
@@ -761,9 +741,7 @@ impl Applier {
 
         let full = header.is_full();
         let file = if full {
-            OpenOptions::new()
-                .write(true)
-                .create(true)
+            crate::durable::private_options()
                 .truncate(true)
                 .open(&self.image)
         } else {

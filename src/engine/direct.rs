@@ -65,9 +65,7 @@ impl DirectFile {
     /// Create (truncate) `path`, with O_DIRECT when `direct` and the file system allows it.
     pub fn create(path: &Path, direct: bool) -> io::Result<DirectFile> {
         let open = |flags| {
-            OpenOptions::new()
-                .write(true)
-                .create(true)
+            crate::durable::private_options()
                 .truncate(true)
                 .custom_flags(flags)
                 .open(path)

@@ -57,9 +57,7 @@ pub struct SinkStats {
 }
 
 pub fn partial_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".partial");
-    PathBuf::from(s)
+    crate::durable::with_suffix(path, ".partial")
 }
 
 /// Open the output (for files, the `.partial` file).
@@ -262,22 +260,12 @@ pub fn commit(output: &Output, file: Box<dyn Write + Send>) -> Result<(), SinkEr
         }
         Output::File(path) => {
             drop(file);
-            let p = partial_path(path);
-            let io = |what: &Path, source| SinkError::Io {
-                what: what.display().to_string(),
-                source,
-            };
-            File::open(&p)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| io(&p, e))?;
-            std::fs::rename(&p, path).map_err(|e| io(path, e))?;
-            let dir = path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io(dir, e))?;
+            crate::durable::commit_rename(&partial_path(path), path).map_err(|source| {
+                SinkError::Io {
+                    what: path.display().to_string(),
+                    source,
+                }
+            })?;
             Ok(())
         }
     }
