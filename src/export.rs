@@ -5,7 +5,7 @@ use crate::cli::{CompressArg, DataPlaneArgs, ExportArgs};
 use crate::engine::fetch::{self, FetchConfig};
 use crate::engine::plan::Plan;
 use crate::engine::sink::Output;
-use crate::engine::{self, EngineConfig, EngineError, ExportSummary};
+use crate::engine::{self, Connector, EngineConfig, EngineError, ExportSummary};
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::nbd::{Address, ConnectOptions, Connection, NbdUri};
 use crate::tls;
@@ -13,6 +13,7 @@ use cbtstream_proto::cbt::{self, CBT_BLOCK};
 use cbtstream_proto::stream::{Codec, Header};
 use std::io::{IsTerminal, Read};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn read_bitmap(path: &Path) -> Result<Vec<u8>, Failure> {
@@ -132,7 +133,7 @@ pub async fn shutdown_signal() -> &'static str {
     }
 }
 
-pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
+pub async fn export_nbd(args: ExportArgs) -> Result<ExportSummary, Failure> {
     let Some(nbd) = &args.nbd else {
         return Err(fail(Code::Usage, "give --nbd URI or --xapi URL"));
     };
@@ -165,8 +166,33 @@ pub async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         base_id: args.base_id.clone(),
     };
-    run_data_plane(first, &opts, bitmap, ids, &args.dp, &args.output).await?;
-    Ok(())
+    let output = match (&args.output, &args.to_command) {
+        (Some(path), _) => Output::from_arg(path),
+        (None, Some(cmd)) => {
+            let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
+            let sent = run_data_plane(
+                first,
+                Arc::new(opts),
+                bitmap,
+                ids,
+                &args.dp,
+                Output::Pipe(Arc::new(stdin)),
+            )
+            .await;
+            return match sent {
+                Ok(summary) => {
+                    child.wait_success().await.code(Code::Output)?;
+                    Ok(summary)
+                }
+                Err(e) => {
+                    child.kill().await;
+                    Err(e)
+                }
+            };
+        }
+        (None, None) => return Err(fail(Code::Usage, "give -o PATH|- or --to-command CMD")),
+    };
+    run_data_plane(first, Arc::new(opts), bitmap, ids, &args.dp, output).await
 }
 
 /// The ids that go into the stream header.
@@ -181,13 +207,13 @@ pub struct StreamIds {
 /// output is complete and durable.
 pub async fn run_data_plane(
     first: Connection,
-    opts: &ConnectOptions,
+    connector: Arc<dyn Connector>,
     bitmap: Option<Vec<u8>>,
     ids: StreamIds,
     dp: &DataPlaneArgs,
-    output: &Path,
+    output: Output,
 ) -> Result<ExportSummary, Failure> {
-    if dp.request_size % 64 != 0 || !(64..=32768).contains(&dp.request_size) {
+    if !dp.request_size.is_multiple_of(64) || !(64..=32768).contains(&dp.request_size) {
         return Err(fail(
             Code::Usage,
             "--request-size must be a multiple of 64 KiB between 64 and 32768",
@@ -281,11 +307,10 @@ pub async fn run_data_plane(
         budget: pipeline.budget,
         block: CBT_BLOCK,
     };
-    let output = Output::from_arg(output);
     let pb = progress_bar(plan.read_bytes + plan.zero_bytes);
     let run = engine::run(
         first,
-        opts,
+        connector,
         plan,
         header.clone(),
         output.clone(),
@@ -311,8 +336,5 @@ pub async fn run_data_plane(
         seconds = summary.seconds,
         "export complete"
     );
-    if dp.json {
-        eprintln!("{}", summary.json());
-    }
     Ok(summary)
 }

@@ -7,7 +7,7 @@
 
 use super::pool::Pools;
 use super::{Batch, Fetched, Job};
-use crate::nbd::{Completion, ConnError, ConnectOptions, Connection, Reply, RequestError};
+use crate::nbd::{Completion, ConnError, Connection, Reply, RequestError};
 use cbtstream_proto::nbd::{NbdError, ServerError};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -58,7 +58,7 @@ pub type JobQueue = async_channel::Receiver<Job>;
 /// Drive one connection until the job queue is drained.
 pub async fn worker(
     mut conn: Connection,
-    opts: ConnectOptions,
+    opts: Arc<dyn super::Connector>,
     jobs: JobQueue,
     mut out: Batch,
     pools: Arc<Pools>,
@@ -170,7 +170,7 @@ pub async fn worker(
         let mut attempt = 0;
         conn = loop {
             attempt += 1;
-            match Connection::connect(&opts).await {
+            match opts.connect().await {
                 Ok(c) => break c,
                 Err(e) if attempt >= cfg.reconnects.max(1) => return Err(FetchError::Reconnect(e)),
                 Err(e) => {
@@ -186,8 +186,8 @@ pub async fn worker(
 /// Open one more connection, or `None` to stop opening more: a connection closed before the
 /// greeting means the server's connection limit is reached (XenServer: 16 per host), and any
 /// other failure is logged; either way the export carries on with the connections it has.
-pub async fn open_one(opts: &ConnectOptions, have: usize) -> Option<Connection> {
-    match Connection::connect(opts).await {
+pub async fn open_one(opts: &dyn super::Connector, have: usize) -> Option<Connection> {
+    match opts.connect().await {
         Ok(c) => Some(c),
         Err(ConnError::Protocol(NbdError::ClosedBeforeGreeting)) => {
             tracing::info!(

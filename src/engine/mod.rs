@@ -22,7 +22,7 @@ pub mod plan;
 pub mod pool;
 pub mod sink;
 
-use crate::nbd::{ConnectOptions, Connection};
+use crate::nbd::{ConnError, ConnectOptions, Connection};
 use bytes::BytesMut;
 use cbtstream_proto::stream::{Codec, Header};
 use fetch::{FetchConfig, FetchError};
@@ -32,6 +32,26 @@ use sink::{Output, SinkError, SinkStats};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Opens connections to the export being read: for reconnects and extra connections.
+pub trait Connector: Send + Sync {
+    /// Open and negotiate one more connection to the same export.
+    fn connect(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Connection, ConnError>> + Send + '_>,
+    >;
+}
+
+impl Connector for ConnectOptions {
+    fn connect(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Connection, ConnError>> + Send + '_>,
+    > {
+        Box::pin(Connection::connect(self))
+    }
+}
 
 /// A read to do.
 pub struct Job {
@@ -196,6 +216,10 @@ pub struct ExportSummary {
 
 impl ExportSummary {
     pub fn json(&self) -> String {
+        self.json_value().to_string()
+    }
+
+    pub fn json_value(&self) -> serde_json::Value {
         let mbps = if self.seconds > 0.0 {
             self.bytes_read as f64 / self.seconds / 1e6
         } else {
@@ -211,7 +235,6 @@ impl ExportSummary {
             "seconds": (self.seconds * 1000.0).round() / 1000.0,
             "mb_per_s": (mbps * 10.0).round() / 10.0,
         })
-        .to_string()
     }
 }
 
@@ -258,7 +281,7 @@ pub fn size_pipeline(
 /// the disk size and plan); more are opened as configured.
 pub async fn run(
     first: Connection,
-    opts: &ConnectOptions,
+    opts: Arc<dyn Connector>,
     plan: Plan,
     header: Header,
     output: Output,
@@ -278,7 +301,7 @@ pub async fn run(
 
 async fn run_inner(
     first: Connection,
-    opts: &ConnectOptions,
+    opts: Arc<dyn Connector>,
     plan: Plan,
     header: Header,
     output: Output,
@@ -420,7 +443,7 @@ async fn run_inner(
             if have >= want || (queue.is_closed() && queue.is_empty()) {
                 break;
             }
-            let Some(conn) = fetch::open_one(&opts, have).await else {
+            let Some(conn) = fetch::open_one(opts.as_ref(), have).await else {
                 break;
             };
             count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
