@@ -1,6 +1,8 @@
 //! The client against an in-process XML-RPC server (hyper over tokio-rustls) that answers
 //! with scripted responses in XAPI's encoding, built with our codec.
 
+use super::calls::VdiRecord;
+use super::transport::{Endpoint, XapiOptions};
 use super::*;
 use crate::tls::Trust;
 use cbtstream_proto::xmlrpc::{decode_call, encode_xenapi_failure, encode_xenapi_success, Value};
