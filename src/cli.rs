@@ -3,8 +3,9 @@
 //! flows), `restore` and `engine`.
 
 use crate::exit::{fail, Code, Failure, WithCode};
+use crate::export::Destination;
 use crate::xen::commit::CommitOptions;
-use crate::xen::export::{Destination, ExportOptions};
+use crate::xen::export::ExportOptions;
 use crate::xen::gc::GcOptions;
 use crate::xen::XapiLogin;
 use clap::{Args, Parser, Subcommand, ValueEnum};

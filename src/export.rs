@@ -166,33 +166,53 @@ pub async fn export_nbd(args: ExportArgs) -> Result<ExportSummary, Failure> {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         base_id: args.base_id.clone(),
     };
-    let output = match (&args.output, &args.to_command) {
-        (Some(path), _) => Output::from_arg(path),
-        (None, Some(cmd)) => {
-            let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
-            let sent = run_data_plane(
-                first,
-                Arc::new(opts),
-                bitmap,
-                ids,
-                &args.dp,
-                Output::Pipe(Arc::new(stdin)),
-            )
-            .await;
-            return match sent {
-                Ok(summary) => {
-                    child.wait_success().await.code(Code::Output)?;
-                    Ok(summary)
-                }
-                Err(e) => {
-                    child.kill().await;
-                    Err(e)
-                }
-            };
-        }
+    let destination = match (&args.output, &args.to_command) {
+        (_, Some(cmd)) => Destination::Command(cmd.clone()),
+        (Some(path), None) => Destination::Output(path.clone()),
         (None, None) => return Err(fail(Code::Usage, "give -o PATH|- or --to-command CMD")),
     };
-    run_data_plane(first, Arc::new(opts), bitmap, ids, &args.dp, output).await
+    send_stream(first, Arc::new(opts), bitmap, ids, &args.dp, &destination).await
+}
+
+/// Where the stream goes.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// `-o PATH`, `-o -` (stdout), or a FIFO or device.
+    Output(std::path::PathBuf),
+    /// `--to-command CMD`: `sh -c CMD` reads the stream on its stdin.
+    Command(String),
+}
+
+/// [`run_data_plane`] into `destination`; for `--to-command`, also wait for the command and
+/// fail unless it exits 0 (when the stream fails, the command is killed).
+pub async fn send_stream(
+    first: Connection,
+    connector: Arc<dyn Connector>,
+    bitmap: Option<Vec<u8>>,
+    ids: StreamIds,
+    dp: &DataPlaneArgs,
+    destination: &Destination,
+) -> Result<ExportSummary, Failure> {
+    let cmd = match destination {
+        Destination::Output(path) => {
+            let output = Output::from_arg(path);
+            return run_data_plane(first, connector, bitmap, ids, dp, output).await;
+        }
+        Destination::Command(cmd) => cmd,
+    };
+    let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
+    // The engine drops its copies of the pipe when it returns: the command's EOF.
+    let output = Output::Pipe(Arc::new(stdin));
+    match run_data_plane(first, connector, bitmap, ids, dp, output).await {
+        Ok(summary) => {
+            child.wait_success().await.code(Code::Output)?;
+            Ok(summary)
+        }
+        Err(e) => {
+            child.kill().await;
+            Err(e)
+        }
+    }
 }
 
 /// The ids that go into the stream header.

@@ -12,23 +12,13 @@ use crate::cli::DataPlaneArgs;
 use crate::engine::sink::Output;
 use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
-use crate::export::{created_now, run_data_plane, shutdown_signal, StreamIds};
+use crate::export::{created_now, send_stream, shutdown_signal, Destination, StreamIds};
 use crate::xapi::{Ref, XapiError, XapiSession};
 use cbtstream_proto::cbt;
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Where the stream goes.
-#[derive(Debug, Clone)]
-pub enum Destination {
-    /// `-o PATH`, `-o -` (stdout), or a FIFO or device.
-    Output(PathBuf),
-    /// `--to-command CMD`: `sh -c CMD` reads the stream on its stdin.
-    Command(String),
-}
 
 /// `export --xapi`, as the CLI gathered it.
 #[derive(Debug, Clone)]
@@ -263,7 +253,7 @@ async fn export(
     let summary = {
         let transfer = async {
             let (nbd, first) = XenNbd::open(session.clone(), snap.clone(), params).await?;
-            send_stream(opts, first, nbd, bitmap, ids).await
+            send_stream(first, nbd, bitmap, ids, &opts.dp, &opts.destination).await
         };
         // Every NBD connection is closed when this returns.
         keepalive(session, &snap, opts.keepalive, transfer).await?
@@ -310,36 +300,4 @@ async fn export(
     };
     commit_point(session, opts.state.as_deref(), state, point).await?;
     Ok(report)
-}
-
-/// Run the data plane into the destination; for `--to-command`, also wait for the command
-/// and fail unless it exits 0.
-async fn send_stream(
-    opts: &ExportOptions,
-    first: crate::nbd::Connection,
-    nbd: Arc<XenNbd>,
-    bitmap: Option<Vec<u8>>,
-    ids: StreamIds,
-) -> Result<ExportSummary, Failure> {
-    match &opts.destination {
-        Destination::Output(path) => {
-            run_data_plane(first, nbd, bitmap, ids, &opts.dp, Output::from_arg(path)).await
-        }
-        Destination::Command(cmd) => {
-            let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
-            let pipe: Arc<OwnedFd> = Arc::new(stdin);
-            // The engine drops its copies of the pipe when it returns: the command's EOF.
-            let sent = run_data_plane(first, nbd, bitmap, ids, &opts.dp, Output::Pipe(pipe)).await;
-            match sent {
-                Ok(summary) => {
-                    child.wait_success().await.code(Code::Output)?;
-                    Ok(summary)
-                }
-                Err(e) => {
-                    child.kill().await;
-                    Err(e)
-                }
-            }
-        }
-    }
 }
