@@ -168,12 +168,7 @@ fn bitmap_shapes() {
                 "e",
             ],
         ));
-        let o = ok(run(&["inspect", p(&out)]));
-        assert!(
-            String::from_utf8_lossy(&o.stdout).contains("records:       0"),
-            "{}",
-            String::from_utf8_lossy(&o.stdout)
-        );
+        assert_eq!(inspect_number(&out, "records"), 0);
         ok(run(&["restore", "--to", p(&restored), p(&out)]));
         assert_same(&restored, &f.img);
 

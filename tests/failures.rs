@@ -332,6 +332,7 @@ fn damaged_streams_are_refused() {
                 assert_no_image(&target);
                 assert_fails(&onto, 4, "does not exist");
             } else {
+                assert!(target.exists(), "{name}: no image");
                 let state = std::fs::read_to_string(sidecar_of(&target)).unwrap();
                 assert!(state.contains("\nstate=applying\n"), "{name}: {state}");
                 assert_fails(&onto, 4, "did not finish, so the image is half-applied");

@@ -141,8 +141,11 @@ fn is_executable(p: &Path) -> bool {
 /// `$CBTSTREAM_ALLOW_MISSING_TOOLS=1`, prints that the test is skipped and returns false,
 /// and the caller returns.
 ///
-/// ```ignore
-/// if !require_tools("my_test", &["qemu-nbd", "nbdinfo"]) { return; }
+/// ```no_run
+/// # use cbtstream_testkit::require_tools;
+/// if !require_tools("my_test", &["qemu-nbd", "nbdinfo"]) {
+///     return;
+/// }
 /// ```
 #[track_caller]
 pub fn require_tools(test: &str, tools: &[&str]) -> bool {
