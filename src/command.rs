@@ -50,9 +50,22 @@ impl StreamCommand {
     }
 
     /// The stream failed: stop the command, so that what it received is not taken for a
-    /// whole stream (a truncated stream has no trailer; restore refuses it anyway).
-    pub async fn kill(mut self) {
+    /// whole stream (a truncated stream has no trailer; restore refuses it anyway). Returns
+    /// the command's failure when it had already ended with one (which is then most likely
+    /// why the stream failed: a broken pipe).
+    pub async fn kill(mut self) -> Option<CommandError> {
+        // A command that failed on its own may still be exiting when its pipe breaks: give
+        // it a moment, so that its status is what the error names.
+        let mut ended = None;
+        for _ in 0..50 {
+            ended = self.child.try_wait().ok().flatten();
+            if ended.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let _ = self.child.kill();
         let _ = tokio::task::spawn_blocking(move || self.child.wait()).await;
+        ended.filter(|s| !s.success()).map(CommandError::Failed)
     }
 }

@@ -208,8 +208,10 @@ pub async fn send_stream(
             child.wait_success().await.code(Code::Output)?;
             Ok(summary)
         }
-        Err(e) => {
-            child.kill().await;
+        Err(mut e) => {
+            if let Some(failed) = child.kill().await {
+                e.error = e.error.context(failed);
+            }
             Err(e)
         }
     }
