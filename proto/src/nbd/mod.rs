@@ -20,6 +20,9 @@ pub use transmission::{
     ReadAssembly, ReplyHeader, Request, MAX_CHUNK_PAYLOAD, MAX_REQUEST_LEN,
 };
 
+/// What `Debug` prints in place of an export name.
+pub const REDACTED: &str = "***";
+
 /// What went wrong talking NBD. Messages never contain the export name: it can carry a
 /// session token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
