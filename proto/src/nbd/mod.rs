@@ -97,7 +97,7 @@ pub enum NbdError {
         "extended reply header offset {got:#x} does not match the request offset {expected:#x}"
     )]
     HeaderOffsetMismatch { expected: u64, got: u64 },
-    #[error("request length {0} is not allowed (must be 1..={max})", max = MAX_REQUEST_LEN)]
+    #[error("request length {0} is not allowed (READ: 1..={max}; BLOCK_STATUS: 1..=2^32-1; no end past 2^64)", max = MAX_REQUEST_LEN)]
     BadRequestLength(u64),
     #[error("command {0} is not one the client sends")]
     UnsupportedCommand(u16),
