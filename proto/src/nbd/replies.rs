@@ -206,8 +206,13 @@ impl Replies {
                     if req.cmd != CMD_READ {
                         return Err(NbdError::UnexpectedChunk("OFFSET_DATA"));
                     }
-                    // Checks the length before waiting for the 8-byte offset.
-                    parse_offset_data_prefix(length, &0u64.to_be_bytes())?;
+                    // Before waiting for the 8-byte offset.
+                    if length < 9 {
+                        return Err(NbdError::MalformedChunk {
+                            kind: "OFFSET_DATA",
+                            why: "shorter than 9 bytes",
+                        });
+                    }
                     if input.len() < 8 {
                         return Ok(Some(Event::NeedBytes(8)));
                     }
@@ -220,7 +225,7 @@ impl Replies {
                     }
                     return Ok(Some(Event::Data { cookie, range }));
                 }
-                // Every other chunk is small: bounded by its type, then buffered whole.
+                // Every other chunk is bounded by its type, then buffered whole.
                 if length > chunk_limit(typ)? {
                     return Err(NbdError::ChunkTooLong(length));
                 }

@@ -423,6 +423,16 @@ fn lengths_are_checked_before_buffering() {
         drive(STRUCTURED, &[read(0, 512)], &s, s.len()).end,
         Some(NbdError::ChunkTooLong(13))
     );
+    // OFFSET_DATA with no data: refused at its header.
+    let mut s = Vec::new();
+    encode_chunk_header(&mut s, None, DONE, CHUNK_OFFSET_DATA, 1, 8);
+    assert!(matches!(
+        drive(STRUCTURED, &[read(0, 512)], &s, s.len()).end,
+        Some(NbdError::MalformedChunk {
+            kind: "OFFSET_DATA",
+            ..
+        })
+    ));
     // OFFSET_DATA longer than the request: refused from its offset, before the data.
     let mut s = Vec::new();
     encode_chunk_header(&mut s, None, DONE, CHUNK_OFFSET_DATA, 1, 8 + (1 << 20));
