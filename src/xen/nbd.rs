@@ -27,24 +27,15 @@ pub struct NbdParams {
 /// the name it gives. A record whose certificate does not parse or does not name its
 /// `subject` is refused (the caller moves on to the next record).
 fn record_options(info: &NbdInfo, params: NbdParams) -> Result<ConnectOptions, tls::TlsError> {
-    // MERGE: Trust::exact_cert_for_subject once tls.rs has it.
-    let trust = Trust::exact_cert_from_pem(
-        info.cert_pem.as_bytes(),
-        std::path::Path::new("get_nbd_info cert"),
-    )?;
+    let trust = Trust::exact_cert_for_subject(info.cert_pem.as_bytes(), &info.subject)?;
     let config = tls::client_config(&trust)?;
-    let name = if info.subject.is_empty() {
-        info.address.clone()
-    } else {
-        info.subject.clone()
-    };
     Ok(ConnectOptions {
         address: Address::Tcp {
             host: info.address.clone(),
             port: info.port,
         },
         export: info.exportname.expose().to_string(),
-        tls: Some((config, tls::server_name(&name)?)),
+        tls: Some((config, tls::server_name(&info.subject)?)),
         connect_timeout: params.connect_timeout,
         handshake_timeout: params.connect_timeout,
         extended_headers: params.extended_headers,
