@@ -1,78 +1,72 @@
 //! Applying one stream's records to the image.
 
 use super::input::{pipelined, Input};
-use super::report::{unix_now, RestoreReport};
-use super::sidecar::{write_image_state, ImageState, ImageStatus};
+use super::report::RestoreReport;
 use super::{PayloadDecoder, RestoreError};
 use crate::engine::direct::{write_at, DirectWriter};
-use cbtstream_proto::stream::{Header, Item, StreamError};
+use cbtstream_proto::stream::{Header, Item, StreamError, Trailer};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::Path;
 
 /// Largest single write of zeroes when holes cannot be punched.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// Writes streams' records into a file; keeps its buffers from one stream to the next.
 pub(super) struct Applier {
-    pub(super) image: PathBuf,
-    pub(super) payload: PayloadDecoder,
+    payload: PayloadDecoder,
     /// A block of zeroes, allocated the first time holes cannot be punched.
-    pub(super) zeros: Vec<u8>,
-    pub(super) punch_holes: bool,
+    zeros: Vec<u8>,
+    punch_holes: bool,
 }
 
 impl Applier {
-    fn image_error(&self, error: io::Error) -> RestoreError {
-        RestoreError::Image {
-            path: self.image.clone(),
-            error,
-        }
+    pub(super) fn new() -> Result<Applier, RestoreError> {
+        Ok(Applier {
+            payload: PayloadDecoder::new().map_err(|e| {
+                RestoreError::Internal(format!("cannot create a zstd decompressor: {e}"))
+            })?,
+            zeros: Vec::new(),
+            punch_holes: true,
+        })
     }
 
+    /// Applies one stream to the file at `path`: a full stream to a new (or emptied) file, an
+    /// incremental to the existing one. Returns the stream's verified trailer once the file is
+    /// fsynced. The sidecar is the caller's business.
     pub(super) fn apply(
         &mut self,
+        path: &Path,
         mut input: Input,
         header: &Header,
         report: &mut RestoreReport,
-    ) -> Result<(), RestoreError> {
-        let now = unix_now();
-        let mut state = ImageState {
-            status: ImageStatus::Applying,
-            point_id: header.point_id.clone(),
-            source_id: header.source_id.clone(),
-            base_id: header.base_id.clone(),
-            virtual_size: header.virtual_size,
-            stream_digest: None,
-            updated_unix_secs: now,
+    ) -> Result<Trailer, RestoreError> {
+        let image_error = |error| RestoreError::Image {
+            path: path.to_owned(),
+            error,
         };
-        // Durable before the image changes at all.
-        write_image_state(&self.image, &state)?;
-
         let full = header.is_full();
         let file = if full {
-            crate::durable::private_options()
-                .truncate(true)
-                .open(&self.image)
+            crate::durable::private_options().truncate(true).open(path)
         } else {
-            OpenOptions::new().write(true).open(&self.image)
+            OpenOptions::new().write(true).open(path)
         }
-        .map_err(|e| self.image_error(e))?;
+        .map_err(image_error)?;
         let old_len = if full {
             0
         } else {
-            file.metadata().map_err(|e| self.image_error(e))?.len()
+            file.metadata().map_err(image_error)?.len()
         };
         if full || old_len != header.virtual_size {
-            file.set_len(header.virtual_size)
-                .map_err(|e| self.image_error(e))?;
+            file.set_len(header.virtual_size).map_err(image_error)?;
         }
         // Everything from here on reads as zeroes already (fresh or grown): ZERO records there
         // need no work.
         let zero_from = old_len.min(header.virtual_size);
         // Data goes around the page cache: a restore writes the whole disk once and the host
         // has better use for its memory (see engine/direct.rs).
-        let mut direct = DirectWriter::open(&self.image);
+        let mut direct = DirectWriter::open(path);
 
         let name = input.name.clone();
         let mut trailer = None;
@@ -94,12 +88,7 @@ impl Applier {
                             input: name.clone(),
                             error,
                         })?;
-                    write_at(&mut direct, &file, data, offset).map_err(|error| {
-                        RestoreError::Image {
-                            path: self.image.clone(),
-                            error,
-                        }
-                    })?;
+                    write_at(&mut direct, &file, data, offset).map_err(image_error)?;
                     report.data_records += 1;
                     report.bytes_written += length;
                 }
@@ -108,7 +97,7 @@ impl Applier {
                     let end = offset.saturating_add(length).min(zero_from);
                     if offset < end {
                         self.zero_range(&file, offset, end - offset)
-                            .map_err(|e| self.image_error(e))?;
+                            .map_err(image_error)?;
                         report.bytes_zeroed += end - offset;
                     }
                 }
@@ -124,13 +113,7 @@ impl Applier {
                 at: "without a trailer".into(),
             }));
         };
-        file.sync_all().map_err(|e| self.image_error(e))?;
-        drop(file);
-
-        state.status = ImageStatus::Complete;
-        state.stream_digest = Some(trailer.digest_hex());
-        state.updated_unix_secs = unix_now();
-        write_image_state(&self.image, &state)?;
+        file.sync_all().map_err(image_error)?;
 
         tracing::info!(
             input = %input.name,
@@ -144,7 +127,7 @@ impl Applier {
         report.input_bytes += input.bytes_read;
         report.point_id = header.point_id.clone();
         report.virtual_size = header.virtual_size;
-        Ok(())
+        Ok(trailer)
     }
 
     /// Makes `[offset, offset + len)` read as zeroes: punch a hole, or write zeroes where the
@@ -221,12 +204,8 @@ mod tests {
         fs::write(&path, vec![0xaa; n as usize + 10]).unwrap();
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         for punch_holes in [true, false] {
-            let mut a = Applier {
-                image: path.clone(),
-                payload: PayloadDecoder::new().unwrap(),
-                zeros: Vec::new(),
-                punch_holes,
-            };
+            let mut a = Applier::new().unwrap();
+            a.punch_holes = punch_holes;
             file.write_all_at(&vec![0xaa; n as usize], 0).unwrap();
             a.zero_range(&file, 3, n - 3).unwrap();
             let got = fs::read(&path).unwrap();

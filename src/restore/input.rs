@@ -29,16 +29,24 @@ pub(super) struct Input {
 
 impl Input {
     pub(super) fn open(path: &Path) -> Result<Input, RestoreError> {
-        let (name, reader): (String, Box<dyn Read + Send>) = if path.as_os_str() == "-" {
-            ("<stdin>".to_owned(), Box::new(io::stdin()))
-        } else {
-            let name = path.display().to_string();
-            match File::open(path) {
-                Ok(f) => (name, Box::new(f)),
-                Err(error) => return Err(RestoreError::Input { input: name, error }),
+        if path.as_os_str() == "-" {
+            return Ok(Input::from_reader(
+                "<stdin>".to_owned(),
+                Box::new(io::stdin()),
+            ));
+        }
+        let name = path.display().to_string();
+        let opened = File::open(path).and_then(|f| {
+            // A directory opens, and only fails when read: refuse it as the bad argument it is.
+            if f.metadata()?.is_dir() {
+                return Err(io::Error::from(io::ErrorKind::IsADirectory));
             }
-        };
-        Ok(Input::from_reader(name, reader))
+            Ok(f)
+        });
+        match opened {
+            Ok(f) => Ok(Input::from_reader(name, Box::new(f))),
+            Err(error) => Err(RestoreError::Open { input: name, error }),
+        }
     }
 
     pub(super) fn from_reader(name: String, reader: Box<dyn Read + Send>) -> Input {

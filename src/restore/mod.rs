@@ -29,10 +29,16 @@ mod testutil;
 
 pub use inspect::inspect;
 pub use report::RestoreReport;
+use sidecar::write_image_state;
 pub use sidecar::{image_state, sidecar_path, ImageState, ImageStatus};
 
+/// Suffix appended to the image path to name the file a full restore writes before it
+/// replaces the image.
+pub const PARTIAL_SUFFIX: &str = ".partial";
+
+use crate::exit::Code;
 use apply::Applier;
-use cbtstream_proto::stream::{Header, StreamError};
+use cbtstream_proto::stream::{Header, StreamError, Trailer};
 use decode::PayloadDecoder;
 use input::Input;
 use std::fs;
@@ -48,6 +54,8 @@ use std::time::Instant;
 pub enum RestoreError {
     #[error("invalid restore request: {0}")]
     Usage(String),
+    #[error("cannot open {input}: {error}")]
+    Open { input: String, error: io::Error },
     #[error("reading {input}: {error}")]
     Input { input: String, error: io::Error },
     #[error("image {}: {error}", path.display())]
@@ -60,12 +68,25 @@ pub enum RestoreError {
     MissingImage { path: PathBuf, input: String },
     #[error("image {} is not known to be complete: {reason}", path.display())]
     IncompleteImage { path: PathBuf, reason: String },
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl RestoreError {
-    /// True if a stream is damaged (corrupt, altered or truncated): exit code 4.
-    pub fn is_integrity(&self) -> bool {
-        matches!(self, RestoreError::Damaged { .. })
+    /// The exit code (see the table in README.md). An input that cannot be opened is a bad
+    /// argument, like an unreadable bitmap for export; one that fails while it is read is a
+    /// failed source.
+    pub fn exit_code(&self) -> Code {
+        match self {
+            RestoreError::Usage(_) | RestoreError::Open { .. } => Code::Usage,
+            RestoreError::Input { .. } => Code::Source,
+            RestoreError::Damaged { .. }
+            | RestoreError::ChainMismatch { .. }
+            | RestoreError::MissingImage { .. }
+            | RestoreError::IncompleteImage { .. } => Code::Integrity,
+            RestoreError::Image { .. } => Code::Output,
+            RestoreError::Internal(_) => Code::Failure,
+        }
     }
 }
 
@@ -80,7 +101,14 @@ pub fn restore(to: &Path, inputs: &[PathBuf]) -> Result<RestoreReport, RestoreEr
             "standard input (-) can be given only once".into(),
         ));
     }
-    match fs::metadata(to) {
+    match fs::symlink_metadata(to) {
+        // A full restore replaces the file at `to`: it would replace the link, not its target.
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(RestoreError::Usage(format!(
+                "{} is a symbolic link: give the path of the image itself",
+                to.display()
+            )))
+        }
         Ok(m) if !m.is_file() => {
             return Err(RestoreError::Usage(format!(
                 "{} is not a regular file (only raw image files are supported)",
@@ -99,24 +127,60 @@ pub fn restore(to: &Path, inputs: &[PathBuf]) -> Result<RestoreReport, RestoreEr
     }
     check_chain(to, &streams)?;
 
-    let mut applier = Applier {
-        image: to.to_owned(),
-        payload: PayloadDecoder::new().map_err(|error| RestoreError::Input {
-            input: "zstd decompressor".into(),
-            error,
-        })?,
-        zeros: Vec::new(),
-        punch_holes: true,
-    };
+    let mut applier = Applier::new()?;
     let mut report = RestoreReport {
         image: to.to_owned(),
         ..RestoreReport::default()
     };
+    // From the first full stream on, everything goes to IMAGE.partial, which replaces the image
+    // only once the last stream verified; incrementals before it are applied in place.
+    let partial = crate::durable::with_suffix(to, PARTIAL_SUFFIX);
+    let mut into_partial: Option<(Header, Trailer)> = None;
     for (input, header) in streams {
-        applier.apply(input, &header, &mut report)?;
+        if header.is_full() || into_partial.is_some() {
+            match applier.apply(&partial, input, &header, &mut report) {
+                Ok(trailer) => into_partial = Some((header, trailer)),
+                Err(e) => return Err(discard(&partial, e)),
+            }
+        } else {
+            write_image_state(to, &ImageState::applying(&header))?;
+            let trailer = applier.apply(to, input, &header, &mut report)?;
+            write_image_state(to, &ImageState::complete(&header, &trailer))?;
+        }
+    }
+    if let Some((header, trailer)) = into_partial {
+        replace_image(to, &partial, &header, &trailer).map_err(|e| discard(&partial, e))?;
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Puts the verified and fsynced `partial` in place of `image`. The sidecar says `applying`
+/// before the rename and `complete` after it, so at no crash point does the sidecar call the
+/// image complete at a point it does not hold (see docs/FORMAT.md).
+fn replace_image(
+    image: &Path,
+    partial: &Path,
+    header: &Header,
+    trailer: &Trailer,
+) -> Result<(), RestoreError> {
+    write_image_state(image, &ImageState::applying(header))?;
+    crate::durable::commit_rename(partial, image).map_err(|error| RestoreError::Image {
+        path: image.to_owned(),
+        error,
+    })?;
+    write_image_state(image, &ImageState::complete(header, trailer))
+}
+
+/// Removes what is left of a failed restore into `partial` (nothing once it was renamed) and
+/// returns the error that stopped it.
+fn discard(partial: &Path, error: RestoreError) -> RestoreError {
+    if let Err(e) = fs::remove_file(partial) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(path = %partial.display(), "could not remove a failed restore's output: {e}");
+        }
+    }
+    error
 }
 
 /// Where the image will be before a stream: (point, source, where that comes from): the

@@ -1,7 +1,9 @@
 //! The image sidecar (`IMAGE.cbtstream`): which point in time an image holds, and whether it
 //! holds it completely. The format is in `docs/FORMAT.md`.
 
+use super::report::unix_now;
 use super::RestoreError;
+use cbtstream_proto::stream::{Header, Trailer};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,28 @@ pub struct ImageState {
 }
 
 impl ImageState {
+    /// The state while `header`'s stream is being applied, or after a restore of it died.
+    pub(super) fn applying(header: &Header) -> ImageState {
+        ImageState {
+            status: ImageStatus::Applying,
+            point_id: header.point_id.clone(),
+            source_id: header.source_id.clone(),
+            base_id: header.base_id.clone(),
+            virtual_size: header.virtual_size,
+            stream_digest: None,
+            updated_unix_secs: unix_now(),
+        }
+    }
+
+    /// The state once `header`'s stream, which ended with `trailer`, is on disk.
+    pub(super) fn complete(header: &Header, trailer: &Trailer) -> ImageState {
+        ImageState {
+            status: ImageStatus::Complete,
+            stream_digest: Some(trailer.digest_hex()),
+            ..ImageState::applying(header)
+        }
+    }
+
     fn render(&self) -> String {
         let mut s = String::with_capacity(256);
         s.push_str(SIDECAR_MAGIC);

@@ -57,7 +57,7 @@ fn chain_mismatch_is_refused_before_writing() {
     let e = restore(&img, &[c.streams[0].clone(), c.streams[2].clone()]).unwrap_err();
     assert!(matches!(e, RestoreError::ChainMismatch { .. }), "{e}");
     assert!(e.to_string().contains("its base is point `p1`"), "{e}");
-    assert!(!e.is_integrity());
+    assert!(!is_damaged(&e));
     assert!(!img.exists(), "nothing may be written on a chain mismatch");
     assert!(!sidecar_path(&img).exists());
 
@@ -109,7 +109,7 @@ fn truncated_stream_leaves_image_applying_and_blocks_incrementals() {
     // Cut inside the trailer: every record is applied, the stream is still refused.
     fs::write(&cut, &good[..good.len() - 5]).unwrap();
     let e = restore(&img, std::slice::from_ref(&cut)).unwrap_err();
-    assert!(e.is_integrity(), "{e}");
+    assert!(is_damaged(&e), "{e}");
     assert!(
         matches!(&e, RestoreError::Damaged { error, .. } if error.is_truncation()),
         "{e}"
@@ -124,7 +124,7 @@ fn truncated_stream_leaves_image_applying_and_blocks_incrementals() {
     fs::write(&cut, &good[..good.len() / 2]).unwrap();
     restore(&img, &c.streams[..1]).unwrap();
     let e = restore(&img, std::slice::from_ref(&cut)).unwrap_err();
-    assert!(e.is_integrity(), "{e}");
+    assert!(is_damaged(&e), "{e}");
     assert_eq!(
         image_state(&img).unwrap().unwrap().status,
         ImageStatus::Applying
@@ -152,15 +152,74 @@ fn flipped_bytes_are_refused() {
         m[pos] ^= 1 << rng.below(8);
         fs::write(&bad, &m).unwrap();
         let e = restore(&img, std::slice::from_ref(&bad)).unwrap_err();
-        assert!(e.is_integrity(), "flip at {pos}: {e}");
+        assert!(is_damaged(&e), "flip at {pos}: {e}");
         if round == 0 {
             assert!(e.to_string().contains("record 0 (offset 0x0)"), "{e}");
         }
-        assert!(inspect(&bad).unwrap_err().is_integrity());
-        if let Ok(Some(state)) = image_state(&img) {
-            assert_eq!(state.status, ImageStatus::Applying);
-        }
+        assert!(is_damaged(&inspect(&bad).unwrap_err()));
+        // A failed full restore leaves nothing behind: no image, no sidecar, no partial.
+        assert!(
+            !img.exists() && !sidecar_path(&img).exists(),
+            "flip at {pos}"
+        );
+        assert!(!partial_path(&img).exists(), "flip at {pos}");
     }
+}
+
+fn partial_path(image: &Path) -> PathBuf {
+    crate::durable::with_suffix(image, PARTIAL_SUFFIX)
+}
+
+#[test]
+fn failed_full_restore_keeps_the_old_image_and_sidecar() {
+    let c = chain();
+    let img = c.dir.path().join("disk.raw");
+    restore(&img, &c.streams[..2]).unwrap();
+    let (image_before, sidecar_before) = (fs::read(&img).unwrap(), sidecar_text(&img));
+    let unchanged = |what: &str| {
+        assert!(
+            fs::read(&img).unwrap() == image_before,
+            "{what}: image changed"
+        );
+        assert_eq!(
+            sidecar_text(&img),
+            sidecar_before,
+            "{what}: sidecar changed"
+        );
+        assert!(!partial_path(&img).exists(), "{what}: partial left");
+    };
+
+    // A full stream damaged near its end: the records before were written (to the partial
+    // file), and the image is still the old one.
+    let mut bad = fs::read(&c.streams[0]).unwrap();
+    let last_payload = bad.len() - 112 - 10;
+    bad[last_payload] ^= 1;
+    let bad_path = c.dir.path().join("bad.cbt");
+    fs::write(&bad_path, &bad).unwrap();
+    let e = restore(&img, std::slice::from_ref(&bad_path)).unwrap_err();
+    assert!(is_damaged(&e), "{e}");
+    unchanged("damaged full stream");
+
+    // A good full stream followed by a damaged incremental: all or nothing.
+    let inc = fs::read(&c.streams[1]).unwrap();
+    fs::write(&bad_path, &inc[..inc.len() - 1]).unwrap();
+    let e = restore(&img, &[c.streams[0].clone(), bad_path]).unwrap_err();
+    assert!(e.to_string().contains("stream truncated"), "{e}");
+    unchanged("full stream, then a truncated incremental");
+
+    // The old image is still good for its next incremental.
+    restore(&img, &c.streams[2..]).unwrap();
+    assert_eq!(fs::read(&img).unwrap(), c.disks[2]);
+}
+
+#[test]
+fn a_leftover_partial_file_is_overwritten_and_removed() {
+    let c = chain();
+    let img = c.dir.path().join("disk.raw");
+    fs::write(partial_path(&img), vec![0xee; 2 * c.disks[0].len()]).unwrap();
+    restore(&img, &c.streams[..1]).unwrap();
+    assert_eq!(fs::read(&img).unwrap(), c.disks[0]);
+    assert!(!partial_path(&img).exists());
 }
 
 #[test]
@@ -221,6 +280,17 @@ fn usage_errors() {
         Err(RestoreError::Usage(_))
     ));
     let e = restore(&img, &[dir.path().join("nope")]).unwrap_err();
-    assert!(matches!(e, RestoreError::Input { .. }), "{e}");
-    assert!(!e.is_integrity());
+    assert!(matches!(e, RestoreError::Open { .. }), "{e}");
+    assert_eq!(e.exit_code(), Code::Usage);
+    assert!(e.to_string().starts_with("cannot open "), "{e}");
+    let e = restore(&img, &[dir.path().to_owned()]).unwrap_err();
+    assert!(matches!(e, RestoreError::Open { .. }), "{e}");
+    assert!(e.to_string().contains("directory"), "{e}");
+    // A symbolic link would be replaced by a full restore, not written through.
+    let link = dir.path().join("link");
+    fs::write(&img, b"").unwrap();
+    std::os::unix::fs::symlink(&img, &link).unwrap();
+    let e = restore(&link, &[dir.path().join("nope")]).unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert_eq!(e.exit_code(), Code::Usage);
 }

@@ -1,5 +1,6 @@
 //! Test data for the restore unit tests: a PRNG, disks, and streams made with the encoder.
 
+use super::RestoreError;
 use cbtstream_proto::stream::{checksum, Codec, Encoder, Header};
 use std::fs;
 use std::path::PathBuf;
@@ -125,4 +126,9 @@ pub(super) fn chain() -> Chain {
         disks: vec![d0, d1, d2],
         streams,
     }
+}
+
+/// True if `e` says a stream is damaged (corrupt, altered or truncated).
+pub(super) fn is_damaged(e: &RestoreError) -> bool {
+    matches!(e, RestoreError::Damaged { .. })
 }
