@@ -290,6 +290,12 @@ fn damaged_streams_and_broken_chains_are_integrity_errors() {
     assert_fails(&o, 4, &[p(&elsewhere), "does not follow on", "`p8`"]);
     let o = run(&["restore", "--to", p(&s.dir.join("none.raw")), p(&elsewhere)]);
     assert_fails(&o, 4, &["none.raw does not exist", p(&elsewhere)]);
+    // An image without a sidecar holds no known point.
+    let bare = s.dir.join("bare.raw");
+    fs::copy(&s.image, &bare).unwrap();
+    let next = s.write("next.cbts", &stream(&s.disk, "p1", Some("p0"), &[1]));
+    let o = run(&["restore", "--to", p(&bare), p(&next)]);
+    assert_fails(&o, 4, &[p(&bare), "no sidecar"]);
     s.assert_untouched("integrity errors");
 }
 
@@ -336,6 +342,17 @@ fn an_image_that_cannot_be_written_is_an_output_error() {
         sidecar.contains("state=applying\npoint_id=p1\n"),
         "{sidecar}"
     );
+    // ... and nothing but a full stream goes onto it.
+    let o = run(&["restore", "--to", p(&s.image), p(&grown)]);
+    assert_fails(&o, 4, &[p(&s.image), "did not finish"]);
+
+    // A sidecar that cannot be read.
+    let other = s.dir.join("other.raw");
+    fs::write(&other, &s.disk).unwrap();
+    let other_sidecar = s.dir.join("other.raw.cbtstream");
+    fs::create_dir(&other_sidecar).unwrap();
+    let o = run(&["restore", "--to", p(&other), p(&grown)]);
+    assert_fails(&o, 5, &[p(&other_sidecar)]);
 
     // A directory that does not exist.
     let nowhere = s.dir.join("no-such-dir").join("disk.raw");
