@@ -5,11 +5,13 @@ use super::report::unix_now;
 use super::RestoreError;
 use cbtstream_proto::stream::{Header, Trailer};
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// Suffix appended to the image path to name its sidecar.
 pub const SIDECAR_SUFFIX: &str = ".cbtstream";
+/// Largest sidecar accepted; a real one is a few hundred bytes.
+const MAX_SIDECAR_LEN: u64 = 64 * 1024;
 /// First line of a sidecar file (format name and version).
 const SIDECAR_MAGIC: &str = "cbtstream-image 1";
 
@@ -142,14 +144,14 @@ pub fn sidecar_path(image: &Path) -> PathBuf {
 /// The state recorded in an image's sidecar; `Ok(None)` if there is no sidecar.
 pub fn image_state(image: &Path) -> Result<Option<ImageState>, RestoreError> {
     let path = sidecar_path(image);
-    let text = match fs::read(&path) {
-        Ok(bytes) if bytes.len() > 64 * 1024 => {
+    let text = match read_at_most(&path, MAX_SIDECAR_LEN) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => {
             return Err(RestoreError::IncompleteImage {
                 path: image.to_owned(),
                 reason: format!("sidecar {} is too large to be one", path.display()),
             })
         }
-        Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(RestoreError::Image { path, error }),
     };
@@ -165,6 +167,16 @@ pub fn image_state(image: &Path) -> Result<Option<ImageState>, RestoreError> {
         })
 }
 
+/// The contents of `path`, or `None` if it holds more than `limit` bytes (found without
+/// reading more than that: the file is not trusted to be small).
+fn read_at_most(path: &Path, limit: u64) -> io::Result<Option<Vec<u8>>> {
+    let mut bytes = Vec::new();
+    fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
+}
+
 /// Writes the sidecar atomically: temp file, fsync, rename, fsync of the directory.
 pub(super) fn write_image_state(image: &Path, state: &ImageState) -> Result<(), RestoreError> {
     let path = sidecar_path(image);
@@ -175,6 +187,20 @@ pub(super) fn write_image_state(image: &Path, state: &ImageState) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_sidecar_is_refused_without_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        // 1 TiB, sparse: reading it whole would exhaust memory.
+        let f = fs::File::create(sidecar_path(&image)).unwrap();
+        f.set_len(1 << 40).unwrap();
+        let e = image_state(&image).unwrap_err();
+        assert!(e.to_string().contains("too large to be one"), "{e}");
+        f.set_len(MAX_SIDECAR_LEN).unwrap();
+        let e = image_state(&image).unwrap_err();
+        assert!(e.to_string().contains("not a cbtstream sidecar"), "{e}");
+    }
 
     #[test]
     fn sidecar_round_trips() {
@@ -200,5 +226,29 @@ mod tests {
             sidecar_path(Path::new("/a/b.raw")),
             PathBuf::from("/a/b.raw.cbtstream")
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever a sidecar holds, reading it gives a state or an error, never a panic; and
+        /// any ids a stream can carry come back as they were written.
+        #[test]
+        fn parse_any_text_and_round_trip_any_ids(
+            text in "(cbtstream-image 1\n)?([a-z_]{0,12}=?[ -~]{0,20}\n){0,8}",
+            point in "[^\\p{Cc}]{1,40}",
+            source in "[^\\p{Cc}]{0,40}",
+            size in proptest::prelude::any::<u64>(),
+        ) {
+            let _ = ImageState::parse(&text);
+            let s = ImageState {
+                status: ImageStatus::Complete,
+                point_id: point,
+                source_id: source,
+                base_id: None,
+                virtual_size: size,
+                stream_digest: Some("00".into()),
+                updated_unix_secs: 1,
+            };
+            proptest::prop_assert_eq!(ImageState::parse(&s.render()).unwrap(), s);
+        }
     }
 }
