@@ -1,4 +1,5 @@
-//! Applying one stream's records to the image.
+//! Applying one stream's records to a file: the image itself, or the partial file a full restore
+//! writes before it replaces the image.
 
 use super::input::{pipelined, Input};
 use super::report::RestoreReport;
