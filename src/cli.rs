@@ -446,20 +446,6 @@ fn run_async<T, F: std::future::Future<Output = Result<T, Failure>>>(fut: F) -> 
     rt.block_on(fut)
 }
 
-fn restore_code(e: &crate::restore::RestoreError) -> Code {
-    use crate::restore::RestoreError as E;
-    if e.is_integrity() {
-        Code::Integrity
-    } else {
-        match e {
-            E::Usage(..) => Code::Usage,
-            E::Image { .. } => Code::Output,
-            E::Input { .. } => Code::Source,
-            _ => Code::Integrity,
-        }
-    }
-}
-
 fn restore(args: RestoreArgs) -> Result<(), Failure> {
     if args.streams.iter().filter(|s| s.as_os_str() == "-").count() > 1 {
         return Err(fail(Code::Usage, "stdin (\"-\") can be given only once"));
@@ -470,7 +456,7 @@ fn restore(args: RestoreArgs) -> Result<(), Failure> {
             Ok(())
         }
         Err(e) => Err(Failure {
-            code: restore_code(&e),
+            code: e.exit_code(),
             error: e.into(),
         }),
     }
@@ -483,7 +469,7 @@ fn inspect(args: InspectArgs) -> Result<(), Failure> {
             Ok(())
         }
         Err(e) => Err(Failure {
-            code: restore_code(&e),
+            code: e.exit_code(),
             error: e.into(),
         }),
     }
