@@ -447,9 +447,6 @@ fn run_async<T, F: std::future::Future<Output = Result<T, Failure>>>(fut: F) -> 
 }
 
 fn restore(args: RestoreArgs) -> Result<(), Failure> {
-    if args.streams.iter().filter(|s| s.as_os_str() == "-").count() > 1 {
-        return Err(fail(Code::Usage, "stdin (\"-\") can be given only once"));
-    }
     match crate::restore::restore(&args.to, &args.streams) {
         Ok(report) => {
             eprintln!("{report}");
