@@ -201,10 +201,10 @@ pub struct ExportArgs {
     #[arg(long, requires = "xapi")]
     pub enable_cbt: bool,
     /// With --xapi: when the chain is broken (base gone, CBT reset), do a full export instead of failing.
-    #[arg(long, requires = "xapi")]
+    #[arg(long, requires = "xapi", conflicts_with = "full")]
     pub fallback_full: bool,
     /// With --xapi: how many bases to keep on the host (default 1: only the newest).
-    #[arg(long, requires = "xapi", value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, requires = "xapi", conflicts_with = "full", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub keep_bases: Option<u32>,
     /// With --xapi: seconds between the cheap XenAPI calls that keep the session in use
     /// during a long export (its NBD export name is only good while the session lives).
@@ -214,6 +214,16 @@ pub struct ExportArgs {
     pub xapi_args: XapiArgs,
     #[command(flatten)]
     pub dp: DataPlaneArgs,
+}
+
+impl ExportArgs {
+    /// Where the stream goes (clap makes sure exactly one of -o and --to-command is given).
+    pub fn destination(&self) -> Destination {
+        match (&self.to_command, &self.output) {
+            (Some(cmd), _) => Destination::Command(cmd.clone()),
+            (None, path) => Destination::Output(path.clone().unwrap_or_else(|| "-".into())),
+        }
+    }
 }
 
 /// `cbtstream gc`: remove snapshots left by killed runs.
@@ -248,6 +258,10 @@ pub struct CommitArgs {
     /// XenAPI URL of the pool master (default: the one the state file recorded).
     #[arg(long, value_name = "URL")]
     pub xapi: Option<String>,
+    /// Commit only if the pending point is this one (the id the export printed): a later
+    /// export that started meanwhile supersedes it.
+    #[arg(long, value_name = "UUID")]
+    pub point: Option<String>,
     #[command(flatten)]
     pub xapi_args: XapiArgs,
 }
@@ -336,11 +350,15 @@ fn xen_export_options(args: ExportArgs, url: &str) -> Result<ExportOptions, Fail
             "give --state FILE (the chain), --base SNAPSHOT_UUID, or --full",
         ));
     }
-    let destination = match (args.output, args.to_command) {
-        (_, Some(cmd)) => Destination::Command(cmd),
-        (Some(path), None) => Destination::Output(path),
-        (None, None) => return Err(fail(Code::Usage, "give -o PATH|- or --to-command CMD")),
-    };
+    let destination = args.destination();
+    if args.commit_on_eof
+        && matches!(&destination, Destination::Output(p) if matches!(crate::engine::sink::Output::from_arg(p), crate::engine::sink::Output::File(_)))
+    {
+        return Err(fail(
+            Code::Usage,
+            "--commit-on-eof is for a stream to stdout or a FIFO; a file is committed once it is complete",
+        ));
+    }
     Ok(ExportOptions {
         login: xapi_login(url, &args.xapi_args)?,
         vdi: args.vdi.unwrap_or_default(),
@@ -383,6 +401,7 @@ fn commit(args: CommitArgs) -> Result<(), Failure> {
     let opts = CommitOptions {
         login: xapi_login(args.xapi.as_deref().unwrap_or_default(), &args.xapi_args)?,
         url: args.xapi,
+        point: args.point,
         state: args.state,
     };
     let point = run_async(crate::xen::commit::run(opts))?;

@@ -21,6 +21,17 @@ pub struct StreamCommand {
     child: Child,
 }
 
+/// A command left behind when the export is abandoned (a signal) must not read the EOF of a
+/// truncated stream and take it for a whole one: it is killed and reaped.
+impl Drop for StreamCommand {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl StreamCommand {
     /// Start the command; returns it and the write end of its stdin. Close every copy of
     /// that (which ends the command's input) before [`StreamCommand::wait_success`].

@@ -166,11 +166,7 @@ pub async fn export_nbd(args: ExportArgs) -> Result<ExportSummary, Failure> {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         base_id: args.base_id.clone(),
     };
-    let destination = match (&args.output, &args.to_command) {
-        (_, Some(cmd)) => Destination::Command(cmd.clone()),
-        (Some(path), None) => Destination::Output(path.clone()),
-        (None, None) => return Err(fail(Code::Usage, "give -o PATH|- or --to-command CMD")),
-    };
+    let destination = args.destination();
     send_stream(first, Arc::new(opts), bitmap, ids, &args.dp, &destination).await
 }
 
