@@ -115,12 +115,17 @@ def run(info):
         assert rec["power_state"] == "Running"
         assert rec["is_a_snapshot"] is False
         vbds = x.VM.get_VBDs(vm)
-        assert vbds == rec["VBDs"] and len(vbds) == 1
-        vbd = x.VBD.get_record(vbds[0])
-        assert vbd["VM"] == vm
-        assert vbd["type"] == "Disk"
-        assert vbd["currently_attached"] is True
-        state["vbd_vdi"] = vbd["VDI"]
+        assert sorted(vbds) == sorted(rec["VBDs"]) and len(vbds) == 2
+        by_type = {}
+        for r in vbds:
+            vbd = x.VBD.get_record(r)
+            assert vbd["VM"] == vm
+            assert vbd["currently_attached"] is True
+            by_type[vbd["type"]] = vbd
+        disk, cd = by_type["Disk"], by_type["CD"]
+        assert disk["userdevice"] == "0" and disk["empty"] is False
+        assert cd["empty"] is True and cd["VDI"] == "OpaqueRef:NULL", cd
+        state["vbd_vdi"] = disk["VDI"]
 
     check("VM and VBD records", vm_lookup)
 

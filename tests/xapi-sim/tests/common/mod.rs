@@ -122,6 +122,27 @@ impl Env {
             .unwrap()
     }
 
+    /// The VM's disk VBDs (type `Disk`), in `userdevice` order.
+    pub async fn disk_vbds(&self, vm: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for v in self.call("VM.get_VBDs", &[vm]).await.into_array().unwrap() {
+            let r = v.into_string().unwrap();
+            let rec = self.call("VBD.get_record", &[&r]).await;
+            if rec.get("type").unwrap().as_str() == Some("Disk") {
+                let slot: u32 = rec
+                    .get("userdevice")
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                out.push((slot, r));
+            }
+        }
+        out.sort();
+        out.into_iter().map(|(_, r)| r).collect()
+    }
+
     pub async fn nbd_info(&self, vdi: &str) -> (u16, String) {
         let v = self.call("VDI.get_nbd_info", &[vdi]).await;
         let recs = v.as_array().unwrap();
