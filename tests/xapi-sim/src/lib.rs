@@ -37,9 +37,14 @@ mod api;
 pub mod client;
 mod disk;
 mod http;
+mod http_disk;
+mod http_raw;
+mod metadata;
 mod nbd;
 mod pool;
 mod state;
+mod tar;
+mod vhd;
 
 pub use client::XapiClient;
 

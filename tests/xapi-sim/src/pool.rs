@@ -424,3 +424,20 @@ pub(crate) fn task_record(st: &State, r: &str) -> R {
         ("subtasks", Value::Array(vec![])),
     ]))
 }
+/// Ends a task: `Ok(result value XML)` or `Err(failure)`. An unknown task is ignored (it may
+/// have been destroyed meanwhile).
+pub(crate) fn task_finish(st: &mut State, r: &str, outcome: Result<String, Fail>) {
+    if let Some(t) = st.tasks.get_mut(r) {
+        t.finished = disk::xapi_now();
+        match outcome {
+            Ok(result) => {
+                t.status = "success";
+                t.result = result;
+            }
+            Err(f) => {
+                t.status = "failure";
+                t.error_info = std::iter::once(f.code).chain(f.args).collect();
+            }
+        }
+    }
+}

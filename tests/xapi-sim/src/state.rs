@@ -120,7 +120,7 @@ impl Vdi {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Vm {
     pub uuid: String,
     pub name_label: String,

@@ -1,0 +1,459 @@
+//! xapi's HTTP handlers for disks and VM metadata: `GET /export_raw_vdi`,
+//! `PUT /import_raw_vdi`, `GET /export_metadata`, `PUT /import_metadata`.
+//!
+//! As on a real host: authentication by `session_id` (query or cookie) or HTTP Basic, else
+//! `401` with `WWW-Authenticate`; the `200` head goes out before the disk is attached and
+//! before a request body is read; export bodies end when the connection closes; outcomes
+//! after the `200` go into the task (`task_id`, else a task made for the request, named in
+//! the `task-id` header), and a failed handler writes a `500` page into the body.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine;
+use cbtstream_proto::xmlrpc::{encode_value, Value};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::http_raw::{error_page, send_and_close, Body, Head};
+use crate::pool::{self, task_finish, Record};
+use crate::state::{Fail, Shared, State, VdiType};
+use crate::{disk, metadata, vhd};
+
+/// Pieces in which disk data is read and written.
+const PIECE: usize = 1 << 20;
+
+/// Serves one request on a disk path and closes the connection.
+pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    head: Head,
+    pending: &[u8],
+    s: &mut S,
+) {
+    let body = Body { pending, s };
+    let method = match head.path.as_str() {
+        "/export_raw_vdi" | "/export_metadata" => "GET",
+        _ => "PUT",
+    };
+    // xapi registers each handler for one method; another one finds no handler.
+    if head.method != method {
+        return send_and_close(body.s, &error_page(&head.version, 404, &[])).await;
+    }
+    match head.path.as_str() {
+        "/export_raw_vdi" => export_raw_vdi(&shared, &head, body.s).await,
+        "/import_raw_vdi" => import_raw_vdi(&shared, &head, body).await,
+        "/export_metadata" => metadata::export(&shared, &head, body.s).await,
+        _ => metadata::import(&shared, &head, body).await,
+    }
+}
+
+/// Checks the credentials: a `session_id` (which must be valid), else HTTP Basic with the
+/// pool's user and password.
+pub(crate) fn authenticate(st: &mut State, head: &Head) -> bool {
+    if let Some(s) = head.param("session_id") {
+        return match st.sessions.get_mut(s) {
+            Some(sess) => {
+                sess.last_active = Instant::now();
+                true
+            }
+            None => false,
+        };
+    }
+    let Some(b64) = head
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Basic "))
+    else {
+        return false;
+    };
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&raw);
+    text.split_once(':')
+        .is_some_and(|(u, p)| u == st.user && p == st.password)
+}
+
+/// `401 Unauthorised` with xapi's realm.
+pub(crate) fn unauthorised(head: &Head) -> Vec<u8> {
+    error_page(
+        &head.version,
+        401,
+        &[("WWW-Authenticate", "Basic realm=\"xapi\"")],
+    )
+}
+
+/// The client's `task_id` if it names a task, else a new task for this request.
+pub(crate) fn task_for(st: &mut State, head: &Head, label: &str) -> String {
+    match head.param("task_id") {
+        Some(t) if st.tasks.contains_key(t) => t.to_owned(),
+        _ => pool::task_create(st, label, ""),
+    }
+}
+
+/// A VDI by ref, else by uuid (xapi's `vdi` parameter).
+fn find_vdi(st: &State, v: &str) -> Option<String> {
+    if st.vdis.contains_key(v) {
+        return Some(v.to_owned());
+    }
+    st.vdi_ref_by_uuid(v)
+}
+
+fn io_error() -> Fail {
+    Fail::new("VDI_IO_ERROR", ["Device I/O errors"])
+}
+
+/// The VDI attached to dom0 for the length of a transfer (xapi's dom0 VBD): `VDI.destroy`
+/// and `VDI.data_destroy` see it in use meanwhile.
+struct Dom0Attach {
+    shared: Arc<Shared>,
+    vdi: String,
+}
+
+impl Dom0Attach {
+    /// Attaches `r` and returns its image and size; `cbt_metadata` VDIs cannot be plugged.
+    fn new(shared: &Arc<Shared>, r: &str) -> Result<(Dom0Attach, File, u64), Fail> {
+        let mut st = shared.lock();
+        let v = st.vdi_mut(r)?;
+        let path = match (&v.path, v.typ) {
+            (Some(p), VdiType::User) => p.clone(),
+            _ => return Err(Fail::incompatible_type(r, "cbt_metadata")),
+        };
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|_| io_error())?;
+        v.nbd_conns += 1;
+        let size = v.virtual_size;
+        Ok((
+            Dom0Attach {
+                shared: shared.clone(),
+                vdi: r.to_owned(),
+            },
+            f,
+            size,
+        ))
+    }
+}
+
+impl Drop for Dom0Attach {
+    fn drop(&mut self) {
+        if let Some(v) = self.shared.lock().vdis.get_mut(&self.vdi) {
+            v.nbd_conns = v.nbd_conns.saturating_sub(1);
+        }
+        self.shared.changed.notify_all();
+    }
+}
+
+/// Ends the task and the connection: success, or a failure with a `500` page in the body.
+async fn finish<S: AsyncWrite + Unpin>(
+    shared: &Shared,
+    task: &str,
+    s: &mut S,
+    outcome: Result<String, Fail>,
+) {
+    let failed = outcome.is_err();
+    task_finish(&mut shared.lock(), task, outcome);
+    let page = if failed {
+        error_page("HTTP/1.1", 500, &[])
+    } else {
+        Vec::new()
+    };
+    send_and_close(s, &page).await;
+}
+
+/// The checks before the `200`: credentials, the VDI, the format. `Err` is the response
+/// to send.
+fn prepare_export(
+    shared: &Shared,
+    head: &Head,
+) -> Result<(String, String, String, String), Vec<u8>> {
+    let mut st = shared.lock();
+    if !authenticate(&mut st, head) {
+        return Err(unauthorised(head));
+    }
+    let Some(r) = head.param("vdi").and_then(|v| find_vdi(&st, v)) else {
+        return Err(error_page(&head.version, 500, &[]));
+    };
+    let task = task_for(&mut st, head, "VDI export");
+    let format = head.param("format").unwrap_or("raw").to_ascii_lowercase();
+    if !matches!(format.as_str(), "raw" | "vhd") {
+        task_finish(&mut st, &task, Err(unknown_format(&format)));
+        return Err(error_page(&head.version, 404, &[]));
+    }
+    let uuid = st.vdi(&r).map(|v| v.uuid.clone()).unwrap_or_default();
+    Ok((r, task, format, uuid))
+}
+
+async fn export_raw_vdi<S: AsyncWrite + Unpin>(shared: &Arc<Shared>, head: &Head, s: &mut S) {
+    let (r, task, format, uuid) = match prepare_export(shared, head) {
+        Ok(p) => p,
+        Err(page) => return send_and_close(s, &page).await,
+    };
+    let content_type = if format == "vhd" {
+        "application/vhd"
+    } else {
+        "application/octet-stream"
+    };
+    let ok = format!(
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nCache-Control: no-cache, no-store\r\n\
+         task-id:{task}\r\ncontent-type:{content_type}\r\n\
+         content-disposition: attachment; filename=\"{uuid}.{format}\"\r\n\r\n"
+    );
+    if s.write_all(ok.as_bytes()).await.is_err() {
+        return task_finish(&mut shared.lock(), &task, Err(io_error()));
+    }
+    let outcome = match Dom0Attach::new(shared, &r) {
+        Err(f) => Err(f),
+        Ok((_, _, size)) if format == "vhd" && size > vhd::MAX_VHD_SIZE => Err(Fail::new(
+            "VDI_TOO_LARGE",
+            [r.clone(), vhd::MAX_VHD_SIZE.to_string()],
+        )),
+        Ok((_attach, f, size)) => {
+            let sent = if format == "vhd" {
+                send_vhd(&f, size, s).await
+            } else {
+                send_raw(&f, size, s).await
+            };
+            sent.map(|()| String::new()).map_err(|_| io_error())
+        }
+    };
+    finish(shared, &task, s, outcome).await;
+}
+
+/// xapi knows `tar` and `qcow2` too; the simulator does not.
+fn unknown_format(format: &str) -> Fail {
+    match format {
+        "tar" | "qcow2" => Fail::new(
+            "INTERNAL_ERROR",
+            [format!("format {format} is not simulated")],
+        ),
+        _ => Fail::new("INTERNAL_ERROR", [format!("Unknown format {format}")]),
+    }
+}
+
+/// The whole disk, holes as zeroes.
+async fn send_raw<S: AsyncWrite + Unpin>(f: &File, size: u64, s: &mut S) -> std::io::Result<()> {
+    let mut buf = vec![0u8; PIECE];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(PIECE as u64) as usize;
+        disk::read_padded(f, off, &mut buf[..n])?;
+        s.write_all(&buf[..n]).await?;
+        off += n as u64;
+    }
+    s.flush().await
+}
+
+async fn send_vhd<S: AsyncWrite + Unpin>(f: &File, size: u64, s: &mut S) -> std::io::Result<()> {
+    let blocks = disk::data_blocks(f, size, vhd::BLOCK)?;
+    let stream = vhd::stream(size, &blocks, uuid::Uuid::new_v4().into_bytes());
+    s.write_all(&stream.prefix).await?;
+    let mut buf = vec![0u8; vhd::BLOCK as usize];
+    for b in blocks {
+        disk::read_padded(f, b * vhd::BLOCK, &mut buf)?;
+        // Past the disk's end the last block reads as zeroes.
+        let valid = (size - b * vhd::BLOCK).min(vhd::BLOCK) as usize;
+        buf[valid..].fill(0);
+        s.write_all(&vhd::SECTOR_BITMAP).await?;
+        s.write_all(&buf).await?;
+    }
+    s.write_all(&stream.footer).await?;
+    s.flush().await
+}
+
+async fn import_raw_vdi<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    head: &Head,
+    mut body: Body<'_, S>,
+) {
+    let prepared = prepare_import(shared, head);
+    let (r, task) = match prepared {
+        Ok(p) => p,
+        Err(page) => return send_and_close(body.s, &page).await,
+    };
+    let ok = format!(
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nCache-Control: no-cache, no-store\r\n\
+         task-id:{task}\r\ncontent-type: application/octet-stream\r\n\r\n"
+    );
+    if body.s.write_all(ok.as_bytes()).await.is_err() || body.s.flush().await.is_err() {
+        return task_finish(&mut shared.lock(), &task, Err(io_error()));
+    }
+    let outcome = match attach_for_import(shared, &r) {
+        Err(f) => Err(f),
+        Ok((_attach, f, size)) => {
+            let sink = Sink {
+                shared,
+                vdi: &r,
+                f: &f,
+                size,
+            };
+            let res = if head.has_param("chunked") {
+                sink.chunked(&mut body).await
+            } else {
+                sink.plain(&mut body, head.content_length().unwrap_or(size))
+                    .await
+            };
+            res.map(|()| encode_value(&Value::from(r.as_str())))
+        }
+    };
+    finish(shared, &task, body.s, outcome).await;
+}
+
+/// The checks before the `200`: credentials, framing, format, the VDI (or the SR to create
+/// it in). `Err` is the response to send.
+fn prepare_import(shared: &Shared, head: &Head) -> Result<(String, String), Vec<u8>> {
+    let mut st = shared.lock();
+    if !authenticate(&mut st, head) {
+        return Err(unauthorised(head));
+    }
+    // A failed lookup of the VDI happens before the import starts: no task is touched.
+    let vdi = match head.param("vdi") {
+        Some(v) => Some(find_vdi(&st, v).ok_or_else(|| error_page(&head.version, 500, &[]))?),
+        None => None,
+    };
+    let task = task_for(&mut st, head, "VDI import");
+    let format = head.param("format").unwrap_or("raw").to_ascii_lowercase();
+    let refused = if let Some(te) = head.header("transfer-encoding") {
+        Some(Fail::new(
+            "INTERNAL_ERROR",
+            [format!("Cannot handle encoding: {te}")],
+        ))
+    } else if head.has_param("chunked") && format != "raw" {
+        Some(Fail::new("INTERNAL_ERROR", ["Cannot handle chunked VHD"]))
+    } else if format != "raw" {
+        Some(match format.as_str() {
+            "vhd" => Fail::new("INTERNAL_ERROR", ["format vhd import is not simulated"]),
+            f => unknown_format(f),
+        })
+    } else {
+        None
+    };
+    if let Some(f) = refused {
+        task_finish(&mut st, &task, Err(f));
+        return Err(error_page("HTTP/1.0", 404, &[]));
+    }
+    if let Some(r) = vdi {
+        return Ok((r, task));
+    }
+    // No VDI: a raw import of Content-Length bytes into a new VDI of the named SR.
+    let sr = head.param("sr_id").map(str::to_owned).or_else(|| {
+        let u = head.param("sr_uuid")?;
+        (u == st.sr_uuid).then(|| st.sr_ref.clone())
+    });
+    let (Some(sr), Some(len)) = (sr, head.content_length()) else {
+        task_finish(
+            &mut st,
+            &task,
+            Err(Fail::new("VDI_MISSING", Vec::<String>::new())),
+        );
+        return Err(error_page("HTTP/1.1", 400, &[]));
+    };
+    let args = BTreeMap::from([
+        ("SR".to_owned(), Value::from(sr)),
+        ("virtual_size".to_owned(), Value::int64_str(len as i64)),
+        ("name_label".to_owned(), Value::from("Imported VDI")),
+        ("type".to_owned(), Value::from("user")),
+        ("sharable".to_owned(), Value::Bool(false)),
+        ("read_only".to_owned(), Value::Bool(false)),
+        ("other_config".to_owned(), Value::Struct(BTreeMap::new())),
+    ]);
+    match pool::vdi_create(&mut st, &Record(&args)) {
+        Ok(v) => Ok((v.into_string().unwrap_or_default(), task)),
+        Err(f) => {
+            task_finish(&mut st, &task, Err(f));
+            Err(error_page("HTTP/1.1", 500, &[]))
+        }
+    }
+}
+
+/// Attaches the VDI read-write to dom0; a VDI plugged into a running VM is refused.
+fn attach_for_import(shared: &Arc<Shared>, r: &str) -> Result<(Dom0Attach, File, u64), Fail> {
+    {
+        let st = shared.lock();
+        let running = st.vbds.values().any(|b| {
+            b.vdi == r
+                && b.currently_attached
+                && st
+                    .vms
+                    .get(&b.vm)
+                    .is_some_and(|vm| vm.power_state == "Running")
+        });
+        if running {
+            return Err(Fail::in_use(r, "import_raw_vdi"));
+        }
+    }
+    Dom0Attach::new(shared, r)
+}
+
+/// Where imported data goes: the image, the CBT log and the byte counter.
+struct Sink<'a> {
+    shared: &'a Shared,
+    vdi: &'a str,
+    f: &'a File,
+    size: u64,
+}
+
+impl Sink<'_> {
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), Fail> {
+        disk::write_sparse(self.f, offset, data).map_err(|_| io_error())?;
+        let mut st = self.shared.lock();
+        st.bytes_imported += data.len() as u64;
+        if let Some(log) = st.vdis.get_mut(self.vdi).and_then(|v| v.log.as_mut()) {
+            log.bitmap.mark(offset, data.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Copies `len` body bytes to `offset`.
+    async fn copy<S: AsyncRead + Unpin>(
+        &self,
+        body: &mut Body<'_, S>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Fail> {
+        let mut buf = vec![0u8; PIECE.min(len as usize)];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PIECE as u64) as usize;
+            body.read_exact(&mut buf[..n])
+                .await
+                .map_err(|_| io_error())?;
+            self.write(offset + done, &buf[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// `format=raw`: `len` bytes (Content-Length, else the disk size) from offset 0.
+    async fn plain<S: AsyncRead + Unpin>(
+        &self,
+        body: &mut Body<'_, S>,
+        len: u64,
+    ) -> Result<(), Fail> {
+        if len == 0 || len > self.size {
+            return Err(io_error());
+        }
+        self.copy(body, 0, len).await
+    }
+
+    /// vhd-tool's chunked framing: `{offset u64 LE, length u32 LE, data}` records, sector
+    /// aligned, ended by a record of zeroes.
+    async fn chunked<S: AsyncRead + Unpin>(&self, body: &mut Body<'_, S>) -> Result<(), Fail> {
+        loop {
+            let mut rec = [0u8; 12];
+            body.read_exact(&mut rec).await.map_err(|_| io_error())?;
+            let offset = u64::from_le_bytes(rec[..8].try_into().unwrap_or_default());
+            let len = u64::from(u32::from_le_bytes(rec[8..].try_into().unwrap_or_default()));
+            if offset == 0 && len == 0 {
+                return Ok(());
+            }
+            let fits = offset.checked_add(len).is_some_and(|end| end <= self.size);
+            if offset % 512 != 0 || len % 512 != 0 || !fits {
+                return Err(io_error());
+            }
+            self.copy(body, offset, len).await?;
+        }
+    }
+}
