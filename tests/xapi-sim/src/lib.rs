@@ -4,7 +4,9 @@
 //! codes), keeps real CBT logs over real raw disk images, and hands out real NBD servers
 //! (`VDI.get_nbd_info` → the XenServer-profile server of `cbtstream-testkit`, TLS with an
 //! xapi-style self-signed certificate; or, with [`SimConfig::nbd_server`], a qemu-nbd or
-//! nbdkit process per export name). See `README.md` beside this file for the supported
+//! nbdkit process per export name), and serves xapi's HTTP disk and metadata handlers
+//! (`/export_raw_vdi`, `/import_raw_vdi`, `/export_metadata`, `/import_metadata`) on the same
+//! listener. See `README.md` beside this file for the supported
 //! methods, the `sim.*` test methods and the differences from a real host; the behaviour
 //! follows `docs/XENSERVER.md` sections 1, 2, 4, 5 and 9.
 //!
