@@ -31,6 +31,12 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     pending: &[u8],
     s: &mut S,
 ) {
+    // Counted like XenAPI calls, e.g. `Simulator::calls("GET /export_raw_vdi")`.
+    *shared
+        .lock()
+        .calls
+        .entry(format!("{} {}", head.method, head.path))
+        .or_default() += 1;
     let body = Body { pending, s };
     let method = match head.path.as_str() {
         "/export_raw_vdi" | "/export_metadata" => "GET",

@@ -565,7 +565,9 @@ impl Simulator {
         self.shared.waiters.load(Ordering::SeqCst)
     }
 
-    /// How many times `method` was called since the simulator started.
+    /// How many times `method` was called since the simulator started: a XenAPI method name,
+    /// or `"<HTTP method> <path>"` for the disk and metadata handlers (e.g.
+    /// `"GET /export_raw_vdi"`).
     pub fn calls(&self, method: &str) -> u64 {
         self.shared.lock().calls.get(method).copied().unwrap_or(0)
     }

@@ -182,8 +182,11 @@ pub(crate) async fn import<S: AsyncRead + AsyncWrite + Unpin>(
                 vdi_map: head
                     .query
                     .iter()
-                    .filter(|(k, _)| k.len() > 4 && k.starts_with("vdi"))
-                    .map(|(k, v)| (k[4..].to_owned(), v.clone()))
+                    // xapi drops the 4th character, meant to be the `:` of `vdi:`.
+                    .filter(|(k, _)| k.starts_with("vdi"))
+                    .filter_map(|(k, v)| {
+                        Some((k.get(4..).filter(|o| !o.is_empty())?.to_owned(), v.clone()))
+                    })
                     .collect(),
             };
             import_archive(&mut shared.lock(), &bytes, &opts)

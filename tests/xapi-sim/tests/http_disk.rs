@@ -512,3 +512,76 @@ async fn raw_import_refusals() {
     })
     .await;
 }
+
+/// Writes `bytes` on a fresh TLS connection, half-closes, and returns whatever comes back.
+async fn raw_exchange(env: &Env, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(env.sim.addr())
+        .await
+        .unwrap();
+    let cfg = cbtstream_testkit::rustls_client_config(&[env.sim.cert_der().to_vec()]).unwrap();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let _ = s.write_all(bytes).await;
+    let _ = s.shutdown().await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    out
+}
+
+/// Hostile heads, parameters and bodies: an HTTP answer or a failed task, never a panic or a
+/// hung server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_never_breaks_the_handlers() {
+    bounded(async {
+        let env = Env::start(|_| {}).await;
+        let s = env.session.clone();
+        let (vdi, _) = env.new_vdi(MIB).await;
+        let heads: Vec<Vec<u8>> = vec![
+            b"\xff\xfe\r\n\r\n".to_vec(),
+            b"GET /export_raw_vdi".to_vec(),
+            b"GET /export_raw_vdi?vdi=%zz HTTP/1.1\r\n\r\n".to_vec(),
+            vec![b'A'; 40_000],
+            format!("PUT /import_raw_vdi?session_id={s}&vdi={vdi} HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\nabc").into_bytes(),
+            format!("PUT /import_metadata?session_id={s}&vdi%E2%82%AC=x&vdi=&vdi:=y HTTP/1.1\r\n\r\nnot a tar").into_bytes(),
+            format!("GET /export_raw_vdi?session_id={s}&vdi={vdi}&format=%00 HTTP/1.1\r\n\r\n").into_bytes(),
+            b"GET /export_metadata?session_id=x HTTP/1.0\r\nAuthorization: Basic !!!\r\n\r\n".to_vec(),
+        ];
+        for h in &heads {
+            raw_exchange(&env, h).await;
+        }
+        let mut huge = u64::MAX.to_le_bytes().to_vec();
+        huge.extend(u32::MAX.to_le_bytes());
+        let mut wrap = (u64::MAX - 511).to_le_bytes().to_vec();
+        wrap.extend(1024u32.to_le_bytes());
+        for body in [huge, wrap, vec![0xff; 11]] {
+            let r = env
+                .http("PUT", &format!("/import_raw_vdi?session_id={s}&vdi={vdi}&chunked"), &body)
+                .await;
+            assert!(r.body.starts_with(b"HTTP/1.1 500"));
+        }
+        for body in [vec![0u8; 512], vec![b'x'; 2048], vec![0xffu8; 5000]] {
+            env.http("PUT", &format!("/import_metadata?session_id={s}&dry_run=true"), &body)
+                .await;
+        }
+        let r = env
+            .http("PUT", &format!("/import_raw_vdi?session_id={s}&vdi={vdi}"), b"")
+            .await;
+        assert!(r.body.starts_with(b"HTTP/1.1 500"), "an empty body is refused");
+        assert!(env.failed_task_with(&["VDI_IO_ERROR", "Device I/O errors"]).await);
+        // Every handler finished its task (a panic would leave one pending).
+        for t in env.call("task.get_all", &[]).await.into_array().unwrap() {
+            let status = env.call("task.get_status", &[t.as_str().unwrap()]).await;
+            assert_ne!(status, Value::from("pending"));
+        }
+        // Still serving; the handlers were counted.
+        env.call("VDI.get_record", &[&vdi]).await;
+        assert!(env.sim.calls("PUT /import_raw_vdi") >= 4);
+        assert!(env.sim.calls("PUT /import_metadata") >= 4);
+        assert!(!env.sim.is_attached(&env.uuid_of(&vdi).await));
+    })
+    .await;
+}
