@@ -1,7 +1,8 @@
 //! The VHD stream of `GET /export_raw_vdi?format=vhd`, byte for byte as vhd-tool's
 //! `vhd_from_raw` writes it (ocaml-vhd `f.ml`): footer copy, dynamic header, 512 zero bytes,
 //! BAT at 2048, then each allocated 2 MiB block (a 512-byte all-ones sector bitmap and the
-//! data) in ascending order, then the footer. No batmap.
+//! data) in ascending order, then the footer. No batmap. And the checks of a VHD that
+//! `PUT /import_raw_vdi?format=vhd` reads (vhd-tool's `serve_vhd_to_raw`).
 
 /// VHD block size: 2 MiB.
 pub(crate) const BLOCK: u64 = 2 << 20;
@@ -122,6 +123,88 @@ fn geometry(sectors: u64) -> (u16, u8, u8) {
     ((cth / heads) as u16, heads as u8, spt as u8)
 }
 
+/// What an import needs from a VHD's footer and dynamic header.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// Where the dynamic header starts.
+    pub header_offset: u64,
+}
+
+/// The dynamic header's fields an import needs.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Dynamic {
+    pub table_offset: u64,
+    pub entries: u64,
+}
+
+/// Checks a footer as vhd-tool does (cookie, version, checksum; disk type 2, 3 or 4).
+pub(crate) fn parse_footer(f: &[u8; 512]) -> Result<Layout, &'static str> {
+    if &f[0..8] != b"conectix" {
+        return Err("no VHD footer cookie");
+    }
+    if f[12..16] != 0x0001_0000u32.to_be_bytes() {
+        return Err("unknown VHD version");
+    }
+    if !checksum_ok(f, 64) {
+        return Err("bad VHD footer checksum");
+    }
+    if !matches!(be32(&f[60..64]), 2..=4) {
+        return Err("not a fixed, dynamic or differencing VHD");
+    }
+    Ok(Layout {
+        header_offset: be64(&f[16..24]),
+    })
+}
+
+/// Checks a dynamic header (cookie, checksum, version); only 2 MiB blocks are simulated.
+pub(crate) fn parse_header(h: &[u8; 1024]) -> Result<Dynamic, &'static str> {
+    if &h[0..8] != b"cxsparse" {
+        return Err("no VHD dynamic header cookie");
+    }
+    if !checksum_ok(h, 36) {
+        return Err("bad VHD header checksum");
+    }
+    if h[24..28] != 0x0001_0000u32.to_be_bytes() {
+        return Err("unknown VHD header version");
+    }
+    if u64::from(be32(&h[32..36])) != BLOCK {
+        return Err("a VHD block size other than 2 MiB");
+    }
+    Ok(Dynamic {
+        table_offset: be64(&h[16..24]),
+        entries: u64::from(be32(&h[28..32])),
+    })
+}
+
+fn checksum_ok(b: &[u8], at: usize) -> bool {
+    let mut copy = b.to_vec();
+    copy[at..at + 4].fill(0);
+    checksum(&copy) == be32(&b[at..at + 4])
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b.try_into().unwrap_or_default())
+}
+
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().unwrap_or_default())
+}
+
+/// The BAT's allocated blocks as (byte offset of the block's bitmap, block number), in
+/// stream order.
+pub(crate) fn allocated(bat: &[u8]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = bat
+        .chunks_exact(4)
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let sector = be32(e);
+            (sector != u32::MAX).then_some((u64::from(sector) * 512, i as u64))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +229,27 @@ mod tests {
             }),
             u32::from_be_bytes(s.footer[64..68].try_into().unwrap())
         );
+    }
+
+    #[test]
+    fn parses_what_it_writes() {
+        let s = stream(5 << 20, &[0, 2], [1; 16]);
+        assert_eq!(parse_footer(&s.footer), Ok(Layout { header_offset: 512 }));
+        let h: &[u8; 1024] = s.prefix[512..1536].try_into().unwrap();
+        assert_eq!(
+            parse_header(h),
+            Ok(Dynamic {
+                table_offset: 2048,
+                entries: 3
+            })
+        );
+        assert_eq!(
+            allocated(&s.prefix[2048..2060]),
+            vec![(2560, 0), (2560 + 512 + BLOCK, 2)]
+        );
+        let mut bad = s.footer;
+        bad[40] ^= 1;
+        assert_eq!(parse_footer(&bad), Err("bad VHD footer checksum"));
     }
 
     #[test]

@@ -585,3 +585,135 @@ async fn garbage_never_breaks_the_handlers() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhd_import_writes_the_marked_sectors() {
+    bounded(async {
+        let (env, size) = mostly_empty_disk().await;
+        let s = env.session.clone();
+        let vhd = env
+            .http(
+                "GET",
+                &format!("/export_raw_vdi?session_id={s}&vdi={}&format=vhd", env.vdi),
+                b"",
+            )
+            .await
+            .body;
+        // Onto a VDI with other data: the blocks of the stream replace theirs, block 2 keeps
+        // its own (a VHD with some blocks acts as a delta).
+        let (vdi, uuid) = env.new_vdi(size).await;
+        let mut old = vec![0u8; size as usize];
+        old[4 * MIB as usize..4 * MIB as usize + 4].copy_from_slice(b"keep");
+        old[5..9].copy_from_slice(b"gone");
+        env.http(
+            "PUT",
+            &format!("/import_raw_vdi?session_id={s}&vdi={vdi}"),
+            &old,
+        )
+        .await;
+        let before = env.sim.bytes_imported();
+        let r = env
+            .http(
+                "PUT",
+                &format!("/import_raw_vdi?session_id={s}&vdi={uuid}&format=vhd"),
+                &vhd,
+            )
+            .await;
+        assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+        let task = r.header("task-id").unwrap().to_owned();
+        assert_eq!(
+            env.call("task.get_status", &[&task]).await,
+            Value::from("success"),
+            "{:?}",
+            env.call("task.get_error_info", &[&task]).await
+        );
+        // Block 0 whole, and the part of block 4 inside the disk.
+        assert_eq!(env.sim.bytes_imported() - before, 2 * MIB + MIB + 512);
+        let mut want = disk_bytes(&env);
+        want[4 * MIB as usize..4 * MIB as usize + 4].copy_from_slice(b"keep");
+        assert!(std::fs::read(env.sim.vdi_path(&uuid).unwrap()).unwrap() == want);
+
+        // A VHD made by qemu-img (footer at both ends, BAT at 1536, creator qem2).
+        let dir = tempfile::tempdir().unwrap();
+        let (src, out) = (dir.path().join("src.raw"), dir.path().join("src.vhd"));
+        let mut data = vec![0u8; 6 * MIB as usize];
+        data[3 * MIB as usize + 512..3 * MIB as usize + 1024].fill(0x5a);
+        std::fs::write(&src, &data).unwrap();
+        let st = std::process::Command::new("qemu-img")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vpc",
+                "-o",
+                "subformat=dynamic,force_size=on",
+            ])
+            .arg(&src)
+            .arg(&out)
+            .status()
+            .expect("qemu-img is needed (scripts/install-deps.sh installs it)");
+        assert!(st.success());
+        let (vdi2, uuid2) = env.new_vdi(6 * MIB).await;
+        env.write_vdi(&uuid2, 0, b"old").await;
+        let r = env
+            .http(
+                "PUT",
+                &format!("/import_raw_vdi?session_id={s}&vdi={vdi2}&format=vhd"),
+                &std::fs::read(&out).unwrap(),
+            )
+            .await;
+        let task = r.header("task-id").unwrap().to_owned();
+        assert_eq!(
+            env.call("task.get_status", &[&task]).await,
+            Value::from("success")
+        );
+        let mut want = data.clone();
+        want[..3].copy_from_slice(b"old");
+        assert!(std::fs::read(env.sim.vdi_path(&uuid2).unwrap()).unwrap() == want);
+
+        // Broken streams: VDI_IO_ERROR. A bad footer; a block placed before the BAT (the
+        // reader cannot go back); a stream cut inside a block.
+        let mut bad_cookie = vhd.clone();
+        bad_cookie[0] = b'C';
+        let mut backwards = vhd.clone();
+        backwards[2048..2052].copy_from_slice(&1u32.to_be_bytes());
+        for body in [bad_cookie, backwards, vhd[..5000].to_vec()] {
+            let r = env
+                .http(
+                    "PUT",
+                    &format!("/import_raw_vdi?session_id={s}&vdi={vdi}&format=vhd"),
+                    &body,
+                )
+                .await;
+            assert!(r.body.starts_with(b"HTTP/1.1 500"));
+            let task = r.header("task-id").unwrap().to_owned();
+            assert_eq!(
+                env.call("task.get_error_info", &[&task]).await,
+                Value::Array(vec!["VDI_IO_ERROR".into(), "Device I/O errors".into()])
+            );
+        }
+        // A VHD needs an existing VDI.
+        let sr = env
+            .call("VDI.get_SR", &[&env.vdi])
+            .await
+            .into_string()
+            .unwrap();
+        let r = env
+            .http(
+                "PUT",
+                &format!("/import_raw_vdi?session_id={s}&sr_id={sr}&format=vhd"),
+                &vhd,
+            )
+            .await;
+        assert_eq!(r.status_line, "HTTP/1.0 400 Bad Request");
+        assert!(
+            env.failed_task_with(&[
+                "INTERNAL_ERROR",
+                "Importing a VHD directly into an SR not yet supported"
+            ])
+            .await
+        );
+    })
+    .await;
+}

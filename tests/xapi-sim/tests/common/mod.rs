@@ -109,6 +109,11 @@ impl Env {
             .await;
     }
 
+    /// `sim.write` into any live VDI, by uuid.
+    pub async fn write_vdi(&self, uuid: &str, offset: u64, data: &[u8]) {
+        self.sim.write(uuid, offset, data).unwrap();
+    }
+
     /// The changed blocks between two VDIs; checks the bitmap length for `size`.
     pub async fn changed(&self, from: &str, to: &str, size: u64) -> Vec<u64> {
         let v = self.call("VDI.list_changed_blocks", &[from, to]).await;
