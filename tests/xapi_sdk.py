@@ -325,7 +325,7 @@ def run(info):
         assert back[:DISK_SIZE] == raw and not back[DISK_SIZE:].strip(b"\0"), "qemu-img's copy differs"
         status, h, _ = https("GET", f"/export_raw_vdi?vdi={uuid}")
         assert status == 401 and h["www-authenticate"] == 'Basic realm="xapi"', (status, h)
-        state["raw"] = raw
+        state["raw"], state["vhd"] = raw, vhd
 
     check("HTTP export_raw_vdi (raw, vhd) with http.client and qemu-img", http_exports)
 
@@ -345,12 +345,16 @@ def run(info):
         status, h, _ = https("PUT", f"/import_raw_vdi?session_id={s}&vdi={new}&chunked=true", body=body)
         assert status == 200 and x.task.get_status(h["task-id"]) == "success"
         assert image(new_uuid) == state["raw"][:512] + b"c" * 1024 + state["raw"][1536:]
+        # The VHD export replaces block 0, the only one holding data, chunk included.
+        status, h, _ = https("PUT", f"/import_raw_vdi?session_id={s}&vdi={new}&format=vhd", body=state["vhd"])
+        assert status == 200 and x.task.get_status(h["task-id"]) == "success"
+        assert image(new_uuid) == state["raw"]
         # The running VM's disk is refused.
         status, h, body = https("PUT", f"/import_raw_vdi?session_id={s}&vdi={info['vdi']}", body=b"x" * 512)
         assert status == 200 and body.startswith(b"HTTP/1.1 500"), (status, body[:40])
         assert x.task.get_error_info(h["task-id"])[0] == "VDI_IN_USE"
 
-    check("HTTP import_raw_vdi (plain, chunked) with http.client", http_imports)
+    check("HTTP import_raw_vdi (plain, chunked, vhd) with http.client", http_imports)
 
     def http_metadata():
         s, vm_uuid = session.handle, info["vm"]
