@@ -27,8 +27,8 @@ pub(crate) fn is_disk_path(path: &str) -> bool {
     )
 }
 
-/// A parsed request head.
-#[derive(Debug)]
+/// A parsed request head. No `Debug`: the query and the headers carry session refs and
+/// passwords.
 pub(crate) struct Head {
     pub method: String,
     /// Without the query and without a trailing `/` (XO sends `/import_raw_vdi/?...`).

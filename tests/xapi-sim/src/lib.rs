@@ -40,6 +40,7 @@ pub mod client;
 mod disk;
 mod http;
 mod http_disk;
+mod http_import;
 mod http_raw;
 mod metadata;
 mod nbd;

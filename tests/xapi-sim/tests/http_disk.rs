@@ -73,6 +73,27 @@ async fn raw_export_is_the_whole_disk() {
         assert_eq!(r.body.len() as u64, size);
         // The export does not leave the VDI attached.
         assert!(!env.sim.is_attached(&uuid));
+        // A VDI without data cannot be attached: the failure follows the 200 head.
+        let snap = env.snapshot(&env.vdi).await;
+        env.call("VDI.data_destroy", &[&snap]).await;
+        let r = env
+            .http(
+                "GET",
+                &format!("/export_raw_vdi?session_id={}&vdi={snap}", env.session),
+                b"",
+            )
+            .await;
+        assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+        assert!(r.body.starts_with(b"HTTP/1.1 500 Internal Error\r\n"));
+        let task = r.header("task-id").unwrap().to_owned();
+        assert_eq!(
+            env.call("task.get_error_info", &[&task]).await,
+            Value::Array(vec![
+                "VDI_INCOMPATIBLE_TYPE".into(),
+                snap.as_str().into(),
+                "cbt_metadata".into()
+            ])
+        );
     })
     .await;
 }
