@@ -30,12 +30,6 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     pending: &[u8],
     s: &mut S,
 ) {
-    // Counted like XenAPI calls, e.g. `Simulator::calls("GET /export_raw_vdi")`.
-    *shared
-        .lock()
-        .calls
-        .entry(format!("{} {}", head.method, head.path))
-        .or_default() += 1;
     let body = Body { pending, s };
     let method = match head.path.as_str() {
         "/export_raw_vdi" | "/export_metadata" => "GET",
@@ -45,6 +39,12 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     if head.method != method {
         return send_and_close(body.s, &error_page(&head.version, 404, &[])).await;
     }
+    // Counted like XenAPI calls, e.g. `Simulator::calls("GET /export_raw_vdi")`.
+    *shared
+        .lock()
+        .calls
+        .entry(format!("{method} {}", head.path))
+        .or_default() += 1;
     match head.path.as_str() {
         "/export_raw_vdi" => export_raw_vdi(&shared, &head, body.s).await,
         "/import_raw_vdi" => http_import::import_raw_vdi(&shared, &head, body).await,
