@@ -8,7 +8,7 @@
 //! (`/export_raw_vdi`, `/import_raw_vdi`, `/export_metadata`, `/import_metadata`) on the same
 //! listener. See `README.md` beside this file for the supported
 //! methods, the `sim.*` test methods and the differences from a real host; the behaviour
-//! follows `docs/XENSERVER.md` sections 1, 2, 4, 5 and 9.
+//! follows `docs/XENSERVER.md` sections 1, 2, 4, 5, 9 and 11.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
