@@ -3,6 +3,9 @@
 
 If the SDK, which real XenServer tools are built on, can drive the simulator, then the
 simulator speaks real XenAPI: XML-RPC envelope, value encodings, method names, error codes.
+The HTTP handlers (/export_raw_vdi, /import_raw_vdi, /export_metadata, /import_metadata) are
+not XenAPI calls: Python's own http.client, tarfile and xmlrpc.client check them from outside,
+and qemu-img reads the VHD export back.
 
 Usage: .venv/bin/python3 tests/xapi_sdk.py [PATH_TO_XAPI_SIM]
 (default: $XAPI_SIM, else target/debug/xapi-sim). Exit status 0 only if every check passed;
@@ -11,12 +14,18 @@ project's virtual environment .venv/.
 """
 
 import base64
+import http.client
+import io
 import json
 import os
+import ssl
+import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import traceback
+import xmlrpc.client
 
 import XenAPI
 
@@ -115,12 +124,17 @@ def run(info):
         assert rec["power_state"] == "Running"
         assert rec["is_a_snapshot"] is False
         vbds = x.VM.get_VBDs(vm)
-        assert vbds == rec["VBDs"] and len(vbds) == 1
-        vbd = x.VBD.get_record(vbds[0])
-        assert vbd["VM"] == vm
-        assert vbd["type"] == "Disk"
-        assert vbd["currently_attached"] is True
-        state["vbd_vdi"] = vbd["VDI"]
+        assert sorted(vbds) == sorted(rec["VBDs"]) and len(vbds) == 2
+        by_type = {}
+        for r in vbds:
+            vbd = x.VBD.get_record(r)
+            assert vbd["VM"] == vm
+            assert vbd["currently_attached"] is True
+            by_type[vbd["type"]] = vbd
+        disk, cd = by_type["Disk"], by_type["CD"]
+        assert disk["userdevice"] == "0" and disk["empty"] is False
+        assert cd["empty"] is True and cd["VDI"] == "OpaqueRef:NULL", cd
+        state["vbd_vdi"] = disk["VDI"]
 
     check("VM and VBD records", vm_lookup)
 
@@ -221,6 +235,160 @@ def run(info):
         assert got == [0, 2, 5, 6, 64], got
 
     check("data_destroy and cbt_metadata", data_destroy)
+
+    def sr_vdi_create_and_vbds():
+        srs = x.SR.get_all()
+        assert len(srs) == 1, srs
+        assert x.SR.get_record(srs[0])["content_type"] == "user"
+        # What the cbt sample cbt_import_whole_vdi.py sends.
+        new = x.VDI.create({
+            "SR": srs[0], "virtual_size": str(DISK_SIZE), "name_label": "CBT backup",
+            "type": "user", "sharable": False, "read_only": False, "other_config": {},
+        })
+        state["new"] = new
+        assert x.VDI.get_virtual_size(new) == str(DISK_SIZE)
+        assert x.VDI.get_cbt_enabled(new) is False
+        vm = x.VM.get_by_uuid(info["vm"])
+        vbd = x.VBD.create({
+            "VM": vm, "VDI": new, "userdevice": "autodetect", "bootable": False, "mode": "RW",
+            "type": "Disk", "unpluggable": True, "empty": False, "other_config": {},
+            "qos_algorithm_type": "", "qos_algorithm_params": {},
+        })
+        assert x.VBD.get_VDI(vbd) == new and x.VBD.get_userdevice(vbd) == "1"
+        assert vbd in x.VM.get_VBDs(vm)
+        expect_failure("VDI_IN_USE", x.VDI.destroy, state["vdi"])
+        x.VBD.destroy(vbd)
+        expect_failure("HANDLE_INVALID", x.VBD.get_record, vbd)
+        scratch = x.VDI.create({
+            "SR": srs[0], "virtual_size": "512", "type": "user", "sharable": False,
+            "read_only": False, "other_config": {},
+        })
+        x.VDI.destroy(scratch)
+        expect_failure("HANDLE_INVALID", x.VDI.get_record, scratch)
+
+    check("SR, VDI.create, VBD.create and destroy", sr_vdi_create_and_vbds)
+
+    def network_purposes():
+        nets = x.network.get_all()
+        assert len(nets) == 1, nets
+        net = nets[0]
+        assert x.network.get_purpose(net) == ["nbd"]
+        assert x.network.get_record(net)["purpose"] == ["nbd"]
+        x.network.remove_purpose(net, "nbd")
+        assert x.VDI.get_nbd_info(state["s2"]) == []
+        x.network.add_purpose(net, "insecure_nbd")
+        details = expect_failure("NETWORK_INCOMPATIBLE_PURPOSES", x.network.add_purpose, net, "nbd")
+        assert details[1:] == ["nbd", "insecure_nbd"], details
+        x.network.remove_purpose(net, "insecure_nbd")
+        x.network.add_purpose(net, "nbd")
+        assert len(x.VDI.get_nbd_info(state["s2"])) == 1
+
+    check("network purposes", network_purposes)
+
+    host, port = info["url"][len("https://"):].rstrip("/").rsplit(":", 1)
+    tls = ssl.create_default_context(cafile=info["ca"])
+    tls.check_hostname = False  # the certificate names the host, the URL an address
+
+    def https(method, path, body=None, headers=None):
+        conn = http.client.HTTPSConnection(host, int(port), context=tls, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()  # close-delimited bodies end when the server closes
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+        finally:
+            conn.close()
+
+    def image(uuid):
+        with open(os.path.join(info["data_dir"], f"{uuid}.raw"), "rb") as f:
+            return f.read()
+
+    def http_exports():
+        s, uuid = session.handle, info["vdi"]
+        status, h, raw = https("GET", f"/export_raw_vdi?session_id={s}&vdi={uuid}&format=raw")
+        assert status == 200 and "content-length" not in h, (status, h)
+        assert raw == image(uuid), "the raw export differs from the disk"
+        status, h, vhd = https("GET", f"/export_raw_vdi?session_id={s}&vdi={uuid}&format=vhd")
+        assert status == 200 and h["content-type"] == "application/vhd", (status, h)
+        assert vhd[:8] == b"conectix" and vhd[-512:] == vhd[:512]
+        with tempfile.TemporaryDirectory() as d:
+            src, dst = os.path.join(d, "a.vhd"), os.path.join(d, "a.raw")
+            with open(src, "wb") as f:
+                f.write(vhd)
+            subprocess.run(
+                ["qemu-img", "convert", "--image-opts",
+                 f"driver=vpc,force_size_calc=current_size,file.filename={src}", "-O", "raw", dst],
+                check=True,
+            )
+            with open(dst, "rb") as f:
+                back = f.read()
+        assert back[:DISK_SIZE] == raw and not back[DISK_SIZE:].strip(b"\0"), "qemu-img's copy differs"
+        status, h, _ = https("GET", f"/export_raw_vdi?vdi={uuid}")
+        assert status == 401 and h["www-authenticate"] == 'Basic realm="xapi"', (status, h)
+        state["raw"], state["vhd"] = raw, vhd
+
+    check("HTTP export_raw_vdi (raw, vhd) with http.client and qemu-img", http_exports)
+
+    def http_imports():
+        s, new = session.handle, state["new"]
+        new_uuid = x.VDI.get_uuid(new)
+        task = x.task.create("import", "xapi_sdk.py")
+        status, h, _ = https(
+            "PUT", f"/import_raw_vdi?session_id={s}&vdi={new_uuid}&format=raw&task_id={task}",
+            body=state["raw"],
+        )
+        assert status == 200 and h["task-id"] == task, (status, h)
+        assert x.task.get_status(task) == "success", x.task.get_error_info(task)
+        assert x.task.get_result(task) == f"<value>{new}</value>"
+        assert image(new_uuid) == state["raw"]
+        body = struct.pack("<QI", 512, 1024) + b"c" * 1024 + bytes(12)
+        status, h, _ = https("PUT", f"/import_raw_vdi?session_id={s}&vdi={new}&chunked=true", body=body)
+        assert status == 200 and x.task.get_status(h["task-id"]) == "success"
+        assert image(new_uuid) == state["raw"][:512] + b"c" * 1024 + state["raw"][1536:]
+        # The VHD export replaces block 0, the only one holding data, chunk included.
+        status, h, _ = https("PUT", f"/import_raw_vdi?session_id={s}&vdi={new}&format=vhd", body=state["vhd"])
+        assert status == 200 and x.task.get_status(h["task-id"]) == "success"
+        assert image(new_uuid) == state["raw"]
+        # The running VM's disk is refused.
+        status, h, body = https("PUT", f"/import_raw_vdi?session_id={s}&vdi={info['vdi']}", body=b"x" * 512)
+        assert status == 200 and body.startswith(b"HTTP/1.1 500"), (status, body[:40])
+        assert x.task.get_error_info(h["task-id"])[0] == "VDI_IN_USE"
+
+    check("HTTP import_raw_vdi (plain, chunked, vhd) with http.client", http_imports)
+
+    def http_metadata():
+        s, vm_uuid = session.handle, info["vm"]
+        status, h, archive = https(
+            "GET", f"/export_metadata?session_id={s}&uuid={vm_uuid}&export_snapshots=false"
+        )
+        assert status == 200 and int(h["content-length"]) == len(archive), (status, h)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as t:
+            assert t.getnames() == ["ova.xml"], t.getnames()
+            xml = t.extractfile("ova.xml").read().decode()
+        (ova,), _ = xmlrpc.client.loads(
+            f"<methodResponse><params><param>{xml}</param></params></methodResponse>"
+        )
+        classes = sorted(o["class"] for o in ova["objects"])
+        assert classes == ["SR", "VBD", "VBD", "VDI", "VM"], classes
+        assert ova["version"]["export_vsn"] == 2
+        new = state["new"]
+        mapping = f"vdi:{info['vdi']}={x.VDI.get_uuid(new)}"
+        task = x.task.create("metadata import", "")
+        status, h, _ = https(
+            "PUT", f"/import_metadata?session_id={s}&task_id={task}&{mapping}", body=archive
+        )
+        assert status == 200 and x.task.get_status(task) == "success", x.task.get_error_info(task)
+        (refs,), _ = xmlrpc.client.loads(
+            "<methodResponse><params><param>" + x.task.get_result(task)
+            + "</param></params></methodResponse>"
+        )
+        assert len(refs) == 1, refs
+        rec = x.VM.get_record(refs[0])
+        assert rec["power_state"] == "Halted" and rec["uuid"] != vm_uuid
+        disks = [x.VBD.get_VDI(b) for b in rec["VBDs"] if x.VBD.get_type(b) == "Disk"]
+        assert disks == [new], disks
+
+    check("HTTP export_metadata / import_metadata with tarfile and xmlrpc.client", http_metadata)
 
     def bad_password():
         other = XenAPI.Session(info["url"], ignore_ssl=True)

@@ -14,8 +14,10 @@ use cbtstream_proto::cbt::encode_base64;
 use cbtstream_proto::xmlrpc::Value;
 
 use crate::disk::{self, Bitmap};
+use crate::pool::{self, Record};
 use crate::state::{
-    new_ref, new_uuid, CbtLog, Fail, FailRule, Session, Shared, State, Vbd, Vdi, VdiType, Vm,
+    new_ref, new_uuid, CbtLog, Fail, FailRule, Session, Shared, State, Vbd, VbdType, Vdi, VdiType,
+    Vm,
 };
 use crate::MAX_VDI_SIZE;
 
@@ -28,7 +30,22 @@ fn arity(method: &str) -> Option<(usize, usize)> {
         "session.login_with_password" => (2, 4),
         "session.logout" => (1, 1),
         "session.get_uuid" => (2, 2),
-        "VM.get_all" | "VDI.get_all" | "VDI.get_all_records" | "SR.get_all" => (1, 1),
+        "VM.get_all"
+        | "VDI.get_all"
+        | "VDI.get_all_records"
+        | "SR.get_all"
+        | "VBD.get_all"
+        | "network.get_all"
+        | "task.get_all" => (1, 1),
+        "VDI.create"
+        | "VBD.create"
+        | "VBD.destroy"
+        | "network.get_by_uuid"
+        | "network.get_record"
+        | "task.get_by_uuid"
+        | "task.get_record"
+        | "task.destroy" => (2, 2),
+        "network.add_purpose" | "network.remove_purpose" | "task.create" => (3, 3),
         "VM.get_by_uuid" | "VM.get_record" | "VM.destroy" => (2, 2),
         "VM.snapshot" => (3, 4),
         "VBD.get_by_uuid" | "VBD.get_record" => (2, 2),
@@ -157,6 +174,8 @@ fn getter(method: &str) -> Option<(&str, &str)> {
         "VBD" => VBD_FIELDS,
         "VDI" => VDI_FIELDS,
         "SR" => SR_FIELDS,
+        "network" => pool::NETWORK_FIELDS,
+        "task" => pool::TASK_FIELDS,
         _ => return None,
     };
     fields.contains(&field).then_some((class, field))
@@ -168,6 +187,8 @@ fn record_of(st: &State, class: &str, r: &str) -> R {
         "VBD" => st.vbd_record(r),
         "VDI" => st.vdi_record(r),
         "SR" => st.sr_record(r),
+        "network" => pool::network_record(st, r),
+        "task" => pool::task_record(st, r),
         _ => Err(Fail::new("MESSAGE_METHOD_UNKNOWN", [class])),
     }
 }
@@ -204,6 +225,14 @@ impl Params<'_> {
         m.iter()
             .map(|(k, v)| Ok((k.clone(), v.as_str().ok_or_else(bad)?.to_owned())))
             .collect()
+    }
+
+    fn record(&self, i: usize, name: &str) -> Result<Record<'_>, Fail> {
+        self.0
+            .get(i)
+            .and_then(Value::as_struct)
+            .map(Record)
+            .ok_or_else(|| Fail::new("FIELD_TYPE_ERROR", [name]))
     }
 
     fn strings(&self, i: usize, name: &str) -> Result<Vec<String>, Fail> {
@@ -298,6 +327,31 @@ fn dispatch_inner(shared: &Shared, method: &str, params: &[Value]) -> R {
         "VBD.get_by_uuid" => by_uuid(st.vbds.iter().map(|(r, v)| (r, &v.uuid)), "VBD", &p),
         "VDI.get_by_uuid" => by_uuid(st.vdis.iter().map(|(r, v)| (r, &v.uuid)), "VDI", &p),
         "SR.get_by_uuid" => by_uuid(std::iter::once((&st.sr_ref, &st.sr_uuid)), "SR", &p),
+        "VBD.get_all" => Ok(refs(st.vbds.keys())),
+        "network.get_all" => Ok(refs(st.networks.keys())),
+        "task.get_all" => Ok(refs(st.tasks.keys())),
+        "network.get_by_uuid" => {
+            by_uuid(st.networks.iter().map(|(r, n)| (r, &n.uuid)), "network", &p)
+        }
+        "task.get_by_uuid" => by_uuid(st.tasks.iter().map(|(r, t)| (r, &t.uuid)), "task", &p),
+        "network.get_record" => pool::network_record(st, p.str(1, "self")?),
+        "task.get_record" => pool::task_record(st, p.str(1, "self")?),
+        "network.add_purpose" => pool::add_purpose(st, p.str(1, "self")?, p.str(2, "value")?),
+        "network.remove_purpose" => pool::remove_purpose(st, p.str(1, "self")?, p.str(2, "value")?),
+        "VDI.create" => pool::vdi_create(st, &p.record(1, "args")?),
+        "VBD.create" => pool::vbd_create(st, &p.record(1, "args")?),
+        "VBD.destroy" => pool::vbd_destroy(st, p.str(1, "self")?),
+        "task.create" => {
+            let r = pool::task_create(st, p.str(1, "label")?, p.str(2, "description")?);
+            Ok(r.into())
+        }
+        "task.destroy" => {
+            let r = p.str(1, "self")?;
+            st.tasks
+                .remove(r)
+                .ok_or_else(|| Fail::handle_invalid("task", r))?;
+            Ok(void())
+        }
         "VM.get_record" => st.vm_record(p.str(1, "self")?),
         "VBD.get_record" => st.vbd_record(p.str(1, "self")?),
         "VDI.get_record" => st.vdi_record(p.str(1, "self")?),
@@ -358,7 +412,7 @@ fn dispatch_inner(shared: &Shared, method: &str, params: &[Value]) -> R {
             Ok(void())
         }
         "sim.set_nbd_available" => {
-            st.nbd_available = p.bool(1, "available")?;
+            pool::set_nbd_available(st, p.bool(1, "available")?);
             Ok(void())
         }
         "sim.list_vdis" => list_vdis(st),
@@ -521,6 +575,7 @@ pub(crate) fn vdi_snapshot(st: &mut State, r: &str, check_type: bool) -> Result<
             snapshot_of: r.to_owned(),
             snapshot_time: disk::xapi_now(),
             other_config: BTreeMap::new(),
+            read_only: false,
             path: Some(dst),
             log,
             nbd_conns: 0,
@@ -550,17 +605,24 @@ fn vm_snapshot(st: &mut State, p: &Params) -> R {
             [format!("VM is a snapshot: {vm}")],
         ));
     }
-    let disks: Vec<(String, String)> = st
+    // Disks are snapshotted; CD drives keep their ISO (or stay empty).
+    let vbds: Vec<Vbd> = st
         .vbds
         .values()
-        .filter(|b| b.vm == vm && !ignore.contains(&b.vdi))
-        .map(|b| (b.vdi.clone(), b.userdevice.clone()))
+        .filter(|b| b.vm == vm && !(b.typ == VbdType::Disk && ignore.contains(&b.vdi)))
+        .cloned()
         .collect();
     let snap_vm = new_ref();
-    let mut vbds = Vec::new();
-    for (vdi, userdevice) in disks {
-        let s = vdi_snapshot(st, &vdi, true)?;
-        vbds.push((s, userdevice));
+    let mut copies = Vec::new();
+    for mut b in vbds {
+        if b.typ == VbdType::Disk {
+            b.vdi = vdi_snapshot(st, &b.vdi, true)?;
+            b.other_config = BTreeMap::from([("owner".to_owned(), String::new())]);
+        }
+        b.uuid = new_uuid();
+        b.vm = snap_vm.clone();
+        b.currently_attached = false;
+        copies.push(b);
     }
     st.vms.insert(
         snap_vm.clone(),
@@ -574,17 +636,8 @@ fn vm_snapshot(st: &mut State, p: &Params) -> R {
             other_config: BTreeMap::new(),
         },
     );
-    for (vdi, userdevice) in vbds {
-        st.vbds.insert(
-            new_ref(),
-            Vbd {
-                uuid: new_uuid(),
-                vm: snap_vm.clone(),
-                vdi,
-                userdevice,
-                currently_attached: false,
-            },
-        );
+    for b in copies {
+        st.vbds.insert(new_ref(), b);
     }
     Ok(snap_vm.into())
 }
@@ -664,7 +717,7 @@ fn get_nbd_info(st: &mut State, p: &Params, session: &str) -> R {
     if v.typ == VdiType::CbtMetadata {
         return Err(Fail::incompatible_type(r, "cbt_metadata"));
     }
-    if !st.nbd_available {
+    if !st.nbd_available() {
         // No network with the `nbd` purpose: no PIF to list.
         return Ok(Value::Array(vec![]));
     }

@@ -89,6 +89,86 @@ pub(crate) fn grow(path: &Path, size: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The `block`-sized blocks of the first `size` bytes of `path` that hold a non-zero byte,
+/// ascending (vhd-tool's `Raw_input.vhd`: `SEEK_DATA`, then a zero check per block).
+pub(crate) fn data_blocks(f: &File, size: u64, block: u64) -> io::Result<Vec<u64>> {
+    let len = f.metadata()?.len().min(size);
+    let mut buf = vec![0u8; block as usize];
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let Some(start) = seek(f, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= len {
+            break;
+        }
+        let end = seek(f, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let mut b = start / block;
+        while b * block < end {
+            let off = b * block;
+            let n = (len - off).min(block) as usize;
+            f.read_exact_at(&mut buf[..n], off)?;
+            if buf[..n].iter().any(|&x| x != 0) && out.last() != Some(&b) {
+                out.push(b);
+            }
+            b += 1;
+        }
+        pos = end.max(start + 1);
+    }
+    Ok(out)
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeroes.
+pub(crate) fn read_padded(f: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], offset + got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    buf[got..].fill(0);
+    Ok(())
+}
+
+/// Writes `data` at `offset`, keeping the image sparse: an all-zero range becomes a hole
+/// (falling back to writing the zeroes where holes cannot be punched).
+pub(crate) fn write_sparse(f: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+    // In 64 KiB pieces, so sparse data stays sparse.
+    let mut done = 0;
+    while done < data.len() {
+        let n = (data.len() - done).min(CBT_BLOCK as usize);
+        write_piece(f, offset + done as u64, &data[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
+fn write_piece(f: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+    if data.iter().all(|&b| b == 0) {
+        if let (Ok(off), Ok(len)) = (
+            libc::off_t::try_from(offset),
+            libc::off_t::try_from(data.len()),
+        ) {
+            // SAFETY: fallocate on a valid, owned descriptor; it only changes the file's
+            // allocation within the range, which reads as zeroes afterwards.
+            let r = unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    len,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+        }
+    }
+    f.write_all_at(data, offset)
+}
+
 /// Bytes of a CBT bitmap for a disk of `size` bytes: `ceil(ceil(size / 64 KiB) / 8)`.
 pub(crate) fn bitmap_len(size: u64) -> usize {
     blocks_for(size).div_ceil(8) as usize

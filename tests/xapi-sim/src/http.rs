@@ -1,4 +1,5 @@
-//! The HTTPS front: XML-RPC over `POST /` (also `/RPC2` and `/xmlrpc`), as XAPI serves it.
+//! The HTTPS front: XML-RPC over `POST /` (also `/RPC2` and `/xmlrpc`), as XAPI serves it,
+//! and the disk and metadata handlers of `http_disk` on the same listener.
 //!
 //! Every XenAPI answer is HTTP 200 with a `Status` struct; only a request that is not
 //! XML-RPC at all gets an HTTP 500 with an XML-RPC `<fault>` (research notes 5.1). Other
@@ -18,11 +19,14 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::dispatch;
+use crate::http_disk;
+use crate::http_raw::{is_disk_path, read_head, Prefixed, HEAD_TIMEOUT};
 use crate::state::Shared;
 
 /// Largest accepted request body. `sim.write` carries base64 guest data; 64 MiB of XML is
@@ -65,16 +69,36 @@ pub(crate) fn spawn(
                         else {
                             return;
                         };
-                        let svc = service_fn(move |req| handle(req, role.clone()));
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(tls), svc)
-                            .await;
+                        serve_connection(tls, role).await;
                     });
                 }
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
     })
+}
+
+/// The disk handlers take a connection whose first request is theirs; everything else goes
+/// to hyper (the bytes already read replayed first).
+async fn serve_connection(mut tls: TlsStream<TcpStream>, role: Arc<Role>) {
+    let mut prefix = Vec::new();
+    if let Role::Master(shared) = &*role {
+        let Ok(Ok((head, buf))) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tls)).await
+        else {
+            return;
+        };
+        if let Some((head, used)) = head {
+            if is_disk_path(&head.path) {
+                let pending = buf.get(used..).unwrap_or_default();
+                return http_disk::serve(shared.clone(), head, pending, &mut tls).await;
+            }
+        }
+        prefix = buf;
+    }
+    let svc = service_fn(move |req| handle(req, role.clone()));
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(Prefixed::new(prefix, tls)), svc)
+        .await;
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {

@@ -4,9 +4,11 @@
 //! codes), keeps real CBT logs over real raw disk images, and hands out real NBD servers
 //! (`VDI.get_nbd_info` → the XenServer-profile server of `cbtstream-testkit`, TLS with an
 //! xapi-style self-signed certificate; or, with [`SimConfig::nbd_server`], a qemu-nbd or
-//! nbdkit process per export name). See `README.md` beside this file for the supported
+//! nbdkit process per export name), and serves xapi's HTTP disk and metadata handlers
+//! (`/export_raw_vdi`, `/import_raw_vdi`, `/export_metadata`, `/import_metadata`) on the same
+//! listener. See `README.md` beside this file for the supported
 //! methods, the `sim.*` test methods and the differences from a real host; the behaviour
-//! follows `docs/XENSERVER.md` sections 1, 2, 4, 5 and 9.
+//! follows `docs/XENSERVER.md` sections 1, 2, 4, 5, 9 and 11.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -37,15 +39,26 @@ mod api;
 pub mod client;
 mod disk;
 mod http;
+mod http_disk;
+mod http_import;
+mod http_raw;
+mod metadata;
 mod nbd;
+mod pool;
 mod state;
+mod tar;
+mod vhd;
 
 pub use client::XapiClient;
 
-use state::{new_ref, new_uuid, CbtLog, Fail, FailRule, Shared, State, Vbd, Vdi, VdiType, Vm};
+use state::{
+    new_ref, new_uuid, CbtLog, Fail, FailRule, Shared, State, Vbd, VbdType, Vdi, VdiType, Vm,
+};
 
 /// Default size of the VM's disk.
 pub const DEFAULT_DISK_SIZE: u64 = 64 << 20;
+/// The most disks the simulator's VM has (slots 0..15; XenServer allows 16 VBDs for HVM).
+pub const MAX_DISKS: usize = 15;
 /// The largest disk the simulator accepts (XenServer's limit on GFS2; its CBT bitmap is
 /// 32 MiB).
 pub const MAX_VDI_SIZE: u64 = 16 << 40;
@@ -95,8 +108,11 @@ pub struct SimConfig {
     /// A second HTTPS listener playing a pool member: every call answers
     /// `HOST_IS_SLAVE ["127.0.0.1:<master port>"]`.
     pub slave_listener: Option<SocketAddr>,
-    /// Size of the VM's one disk in bytes; a multiple of 512 (default 64 MiB).
+    /// Size of each of the VM's disks in bytes; a multiple of 512 (default 64 MiB).
     pub disk_size: u64,
+    /// How many disks the VM has (default 1), in slots (`userdevice`) 0..disks-1; a CD drive
+    /// (empty) follows them.
+    pub disks: usize,
     /// A VDI stays attached this long after its last NBD connection closed (default 1 s).
     pub nbd_lag: Duration,
     /// How long `VDI.data_destroy` waits for the VDI to be detached (default 4 s, as XAPI).
@@ -104,7 +120,7 @@ pub struct SimConfig {
     pub user: String,
     /// `None`: a random password (see [`Simulator::password`]).
     pub password: Option<String>,
-    /// Whether the VM's disk starts with CBT enabled (default true).
+    /// Whether the VM's disks start with CBT enabled (default true).
     pub cbt_enabled: bool,
     /// Log each call's method and outcome on stderr (never arguments: they hold passwords
     /// and session refs).
@@ -121,6 +137,7 @@ impl SimConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             slave_listener: None,
             disk_size: DEFAULT_DISK_SIZE,
+            disks: 1,
             nbd_lag: DEFAULT_NBD_LAG,
             data_destroy_timeout: DEFAULT_DATA_DESTROY_TIMEOUT,
             user: "root".into(),
@@ -158,8 +175,8 @@ pub struct Simulator {
     password: String,
     vm_ref: String,
     vm_uuid: String,
-    vdi_ref: String,
-    vdi_uuid: String,
+    /// The VM's disks in slot order: (ref, uuid).
+    disks: Vec<(String, String)>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -169,7 +186,7 @@ impl std::fmt::Debug for Simulator {
             .field("addr", &self.addr)
             .field("nbd_port", &self.nbd.port)
             .field("vm", &self.vm_uuid)
-            .field("vdi", &self.vdi_uuid)
+            .field("disks", &self.disks())
             .finish_non_exhaustive()
     }
 }
@@ -186,9 +203,12 @@ impl Drop for Simulator {
 }
 
 impl Simulator {
-    /// Creates the certificate, one running VM with one disk (all zeroes), starts the NBD
-    /// server and the HTTPS listener(s) on the current tokio runtime.
+    /// Creates the certificate, one running VM with its disks (all zeroes) and an empty CD
+    /// drive, starts the NBD server and the HTTPS listener(s) on the current tokio runtime.
     pub async fn start(cfg: SimConfig) -> Result<Simulator> {
+        if !(1..=MAX_DISKS).contains(&cfg.disks) {
+            bail!("the VM has 1 to {MAX_DISKS} disks, not {}", cfg.disks);
+        }
         if cfg.disk_size == 0 || cfg.disk_size % 512 != 0 || cfg.disk_size > MAX_VDI_SIZE {
             bail!(
                 "the disk size must be a positive multiple of 512 up to 16 TiB, not {}",
@@ -229,7 +249,7 @@ impl Simulator {
                 )
             }
         };
-        let (vm_ref, vm_uuid, vdi_ref, vdi_uuid) = (new_ref(), new_uuid(), new_ref(), new_uuid());
+        let (vm_ref, vm_uuid) = (new_ref(), new_uuid());
         let mut st = State {
             user: cfg.user.clone(),
             password: password.clone(),
@@ -244,15 +264,14 @@ impl Simulator {
             vdis: BTreeMap::new(),
             sr_ref: new_ref(),
             sr_uuid: new_uuid(),
-            nbd_available: true,
+            networks: BTreeMap::from([pool::default_network()]),
+            tasks: BTreeMap::new(),
+            bytes_imported: 0,
             failures: Vec::new(),
             nbd_port: 0,
             cert_pem: cert_pem.clone(),
             real_nbd,
         };
-        let path = st.image_path(&vdi_uuid);
-        disk::create_sparse(&path, cfg.disk_size)
-            .with_context(|| format!("creating {}", path.display()))?;
         st.vms.insert(
             vm_ref.clone(),
             Vm {
@@ -265,37 +284,60 @@ impl Simulator {
                 other_config: BTreeMap::new(),
             },
         );
+        let mut disks = Vec::new();
+        for slot in 0..cfg.disks {
+            let (vdi_ref, vdi_uuid) = (new_ref(), new_uuid());
+            let path = st.image_path(&vdi_uuid);
+            disk::create_sparse(&path, cfg.disk_size)
+                .with_context(|| format!("creating {}", path.display()))?;
+            let userdevice = slot.to_string();
+            st.vbds
+                .insert(new_ref(), Vbd::disk(&vm_ref, &vdi_ref, &userdevice, true));
+            let name_label = match slot {
+                0 => "cbtstream test disk".to_owned(),
+                n => format!("cbtstream test disk {n}"),
+            };
+            st.vdis.insert(
+                vdi_ref.clone(),
+                Vdi {
+                    uuid: vdi_uuid.clone(),
+                    name_label,
+                    name_description: "".into(),
+                    typ: VdiType::User,
+                    virtual_size: cfg.disk_size,
+                    cbt_enabled: cfg.cbt_enabled,
+                    is_a_snapshot: false,
+                    snapshot_of: state::NULL_REF.into(),
+                    snapshot_time: disk::xapi_datetime(0),
+                    other_config: BTreeMap::new(),
+                    read_only: false,
+                    path: Some(path),
+                    log: cfg.cbt_enabled.then(|| CbtLog {
+                        bitmap: disk::Bitmap::new(cfg.disk_size),
+                        parent: None,
+                        child: None,
+                    }),
+                    nbd_conns: 0,
+                    linger_until: None,
+                },
+            );
+            disks.push((vdi_ref, vdi_uuid));
+        }
+        // The CD drive, empty: userdevice 3 as XenServer templates place it, or after the
+        // disks when they use slot 3.
         st.vbds.insert(
             new_ref(),
             Vbd {
-                uuid: new_uuid(),
-                vm: vm_ref.clone(),
-                vdi: vdi_ref.clone(),
-                userdevice: "0".into(),
-                currently_attached: true,
-            },
-        );
-        st.vdis.insert(
-            vdi_ref.clone(),
-            Vdi {
-                uuid: vdi_uuid.clone(),
-                name_label: "cbtstream test disk".into(),
-                name_description: "".into(),
-                typ: VdiType::User,
-                virtual_size: cfg.disk_size,
-                cbt_enabled: cfg.cbt_enabled,
-                is_a_snapshot: false,
-                snapshot_of: state::NULL_REF.into(),
-                snapshot_time: disk::xapi_datetime(0),
-                other_config: BTreeMap::new(),
-                path: Some(path),
-                log: cfg.cbt_enabled.then(|| CbtLog {
-                    bitmap: disk::Bitmap::new(cfg.disk_size),
-                    parent: None,
-                    child: None,
-                }),
-                nbd_conns: 0,
-                linger_until: None,
+                typ: VbdType::CD,
+                mode: "RO",
+                empty: true,
+                bootable: false,
+                ..Vbd::disk(
+                    &vm_ref,
+                    state::NULL_REF,
+                    &cfg.disks.max(3).to_string(),
+                    true,
+                )
             },
         );
         let shared = Arc::new(Shared {
@@ -355,8 +397,7 @@ impl Simulator {
             password,
             vm_ref,
             vm_uuid,
-            vdi_ref,
-            vdi_uuid,
+            disks,
             tasks,
         })
     }
@@ -423,12 +464,24 @@ impl Simulator {
         &self.vm_ref
     }
 
+    /// The uuid of the VM's first disk (slot 0).
     pub fn vdi_uuid(&self) -> &str {
-        &self.vdi_uuid
+        &self.disks[0].1
     }
 
+    /// The ref of the VM's first disk (slot 0).
     pub fn vdi_ref(&self) -> &str {
-        &self.vdi_ref
+        &self.disks[0].0
+    }
+
+    /// The uuids of the VM's disks as it started, in slot order.
+    pub fn disks(&self) -> Vec<String> {
+        self.disks.iter().map(|(_, u)| u.clone()).collect()
+    }
+
+    /// The refs of the VM's disks as it started, in slot order.
+    pub fn disk_refs(&self) -> Vec<String> {
+        self.disks.iter().map(|(r, _)| r.clone()).collect()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -453,7 +506,8 @@ impl Simulator {
             "user": self.user,
             "password": self.password,
             "vm": self.vm_uuid,
-            "vdi": self.vdi_uuid,
+            "vdi": self.vdi_uuid(),
+            "disks": self.disks(),
             "nbd_port": self.nbd.port,
             "tls_dir": self.tls_dir(),
             "nbd_server": self.nbd_server.as_str(),
@@ -471,10 +525,16 @@ impl Simulator {
         XapiClient::new(&self.url(), self.cert_der())
     }
 
-    /// Like `sim.set_nbd_available`: off, `get_nbd_info` returns `[]` and the NBD server
-    /// refuses every export (no network with the `nbd` purpose).
+    /// Like `sim.set_nbd_available`: a shortcut for `network.add_purpose` /
+    /// `remove_purpose` of `nbd`. Off (no network with `nbd`), `get_nbd_info` returns `[]`
+    /// and the NBD server refuses every export.
     pub fn set_nbd_available(&self, on: bool) {
-        self.shared.lock().nbd_available = on;
+        pool::set_nbd_available(&mut self.shared.lock(), on);
+    }
+
+    /// Data bytes `/import_raw_vdi` wrote, over all imports.
+    pub fn bytes_imported(&self) -> u64 {
+        self.shared.lock().bytes_imported
     }
 
     /// Like `sim.fail_next`: the next `times` calls of `method` (`None`: every call) fail
@@ -506,7 +566,9 @@ impl Simulator {
         self.shared.waiters.load(Ordering::SeqCst)
     }
 
-    /// How many times `method` was called since the simulator started.
+    /// How many times `method` was called since the simulator started: a XenAPI method name,
+    /// or `"<HTTP method> <path>"` for the disk and metadata handlers (e.g.
+    /// `"GET /export_raw_vdi"`).
     pub fn calls(&self, method: &str) -> u64 {
         self.shared.lock().calls.get(method).copied().unwrap_or(0)
     }

@@ -21,9 +21,12 @@ struct Args {
     /// Directory for the disk images and the certificate (created if missing).
     #[arg(long)]
     data_dir: PathBuf,
-    /// Size of the VM's disk in bytes (a multiple of 512).
+    /// Size of each of the VM's disks in bytes (a multiple of 512).
     #[arg(long, default_value_t = DEFAULT_DISK_SIZE)]
     disk_size: u64,
+    /// How many disks the VM has (1 to 15), in slots 0..N-1; an empty CD drive follows.
+    #[arg(long, default_value_t = 1)]
+    disks: usize,
     /// How long a VDI stays attached after its last NBD connection closed.
     #[arg(long, default_value_t = 1000)]
     nbd_lag_ms: u64,
@@ -61,6 +64,7 @@ async fn main() -> Result<()> {
         listen: a.listen,
         slave_listener: a.slave_listen,
         disk_size: a.disk_size,
+        disks: a.disks,
         nbd_lag: Duration::from_millis(a.nbd_lag_ms),
         data_destroy_timeout: Duration::from_millis(a.data_destroy_timeout_ms),
         user: a.user,

@@ -67,7 +67,7 @@ pub(crate) fn resolver(shared: Arc<Shared>) -> Resolver {
     Arc::new(move |name: &str| {
         let (uuid, session) = parse_export_name(name)?;
         let mut st = shared.lock();
-        if !st.nbd_available {
+        if !st.nbd_available() {
             return None;
         }
         st.sessions.get_mut(&session)?.last_active = Instant::now();

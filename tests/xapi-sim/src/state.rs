@@ -101,6 +101,7 @@ pub(crate) struct Vdi {
     pub snapshot_of: String,
     pub snapshot_time: String,
     pub other_config: BTreeMap<String, String>,
+    pub read_only: bool,
     /// The raw image; `None` once the data is destroyed.
     pub path: Option<PathBuf>,
     /// `None` when CBT is disabled (or was never enabled on the source of a snapshot).
@@ -119,7 +120,7 @@ impl Vdi {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Vm {
     pub uuid: String,
     pub name_label: String,
@@ -130,13 +131,78 @@ pub(crate) struct Vm {
     pub other_config: BTreeMap<String, String>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VbdType {
+    Disk,
+    CD,
+}
+
+impl VbdType {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            VbdType::Disk => "Disk",
+            VbdType::CD => "CD",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 pub(crate) struct Vbd {
     pub uuid: String,
     pub vm: String,
+    /// `OpaqueRef:NULL` for an empty CD drive.
     pub vdi: String,
     pub userdevice: String,
+    pub typ: VbdType,
+    /// `RW` or `RO`.
+    pub mode: &'static str,
+    pub bootable: bool,
+    pub empty: bool,
     pub currently_attached: bool,
+    pub other_config: BTreeMap<String, String>,
+}
+
+impl Vbd {
+    /// A disk VBD of `vm` (read-write, not empty).
+    pub(crate) fn disk(vm: &str, vdi: &str, userdevice: &str, attached: bool) -> Vbd {
+        Vbd {
+            uuid: new_uuid(),
+            vm: vm.to_owned(),
+            vdi: vdi.to_owned(),
+            userdevice: userdevice.to_owned(),
+            typ: VbdType::Disk,
+            mode: "RW",
+            bootable: userdevice == "0",
+            empty: false,
+            currently_attached: attached,
+            other_config: BTreeMap::new(),
+        }
+    }
+}
+
+/// A network; NBD is served while some network has the `nbd` purpose.
+#[derive(Debug)]
+pub(crate) struct Network {
+    pub uuid: String,
+    pub name_label: String,
+    pub bridge: String,
+    /// `nbd` and/or `insecure_nbd` (never both).
+    pub purpose: Vec<String>,
+}
+
+/// An asynchronous task, as the HTTP handlers report into them.
+#[derive(Debug)]
+pub(crate) struct Task {
+    pub uuid: String,
+    pub name_label: String,
+    pub name_description: String,
+    /// `pending`, `success` or `failure`.
+    pub status: &'static str,
+    /// The XML-RPC `<value>` of the result on success, as XAPI stores it.
+    pub result: String,
+    pub error_info: Vec<String>,
+    pub created: String,
+    pub finished: String,
 }
 
 #[derive(Debug)]
@@ -172,7 +238,10 @@ pub(crate) struct State {
     pub vdis: BTreeMap<String, Vdi>,
     pub sr_ref: String,
     pub sr_uuid: String,
-    pub nbd_available: bool,
+    pub networks: BTreeMap<String, Network>,
+    pub tasks: BTreeMap<String, Task>,
+    /// Data bytes written by `/import_raw_vdi` (a probe for tests).
+    pub bytes_imported: u64,
     pub failures: Vec<FailRule>,
     /// Filled in once the NBD server is up.
     pub nbd_port: u16,
@@ -200,6 +269,13 @@ impl State {
             .iter()
             .find(|(_, v)| v.uuid == uuid)
             .map(|(r, _)| r.clone())
+    }
+
+    /// NBD is served (and `get_nbd_info` answers) while some network has the `nbd` purpose.
+    pub(crate) fn nbd_available(&self) -> bool {
+        self.networks
+            .values()
+            .any(|n| n.purpose.iter().any(|p| p == "nbd"))
     }
 
     pub(crate) fn image_path(&self, uuid: &str) -> PathBuf {
@@ -246,7 +322,7 @@ impl State {
             ("physical_utilisation", Value::int64_str(physical as i64)),
             ("type", v.typ.as_str().into()),
             ("sharable", false.into()),
-            ("read_only", false.into()),
+            ("read_only", v.read_only.into()),
             ("other_config", string_map(&v.other_config)),
             ("storage_lock", false.into()),
             ("location", location.into()),
@@ -327,13 +403,13 @@ impl State {
                 format!("xvd{}", device_letter(&b.userdevice)).into(),
             ),
             ("userdevice", b.userdevice.as_str().into()),
-            ("bootable", (b.userdevice == "0").into()),
-            ("mode", "RW".into()),
-            ("type", "Disk".into()),
+            ("bootable", b.bootable.into()),
+            ("mode", b.mode.into()),
+            ("type", b.typ.as_str().into()),
             ("unpluggable", false.into()),
             ("storage_lock", false.into()),
-            ("empty", false.into()),
-            ("other_config", Value::Struct(BTreeMap::new())),
+            ("empty", b.empty.into()),
+            ("other_config", string_map(&b.other_config)),
             ("currently_attached", b.currently_attached.into()),
             ("status_code", Value::int64_str(0)),
             ("status_detail", "".into()),

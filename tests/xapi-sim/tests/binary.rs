@@ -27,6 +27,8 @@ async fn prints_its_json_line_serves_and_stops_on_sigterm() {
             "1048576",
             "--nbd-lag-ms",
             "50",
+            "--disks",
+            "2",
         ])
         .args(["--slave-listen", "127.0.0.1:0", "--password", "secret"])
         .arg("--data-dir")
@@ -78,6 +80,13 @@ async fn prints_its_json_line_serves_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert!(vm.as_str().unwrap().starts_with("OpaqueRef:"));
+    let disks = info["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2);
+    assert_eq!(disks[0], info["vdi"]);
+    for d in disks {
+        let path = dir.path().join(format!("{}.raw", d.as_str().unwrap()));
+        assert_eq!(std::fs::metadata(path).unwrap().len(), 1048576);
+    }
     assert!(info["slave_url"].as_str().is_some());
 
     // SIGTERM: a prompt, clean exit.
@@ -109,4 +118,24 @@ fn refuses_a_bad_disk_size() {
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 512"));
+}
+
+#[test]
+fn refuses_a_bad_disk_count() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in ["0", "16"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xapi-sim"))
+            .args(["--disks", n])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("the VM has 1 to 15 disks, not {n}")),
+            "{err}"
+        );
+    }
 }

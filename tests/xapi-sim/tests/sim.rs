@@ -32,8 +32,10 @@ async fn login_records_and_wire_format() {
         assert_eq!(rec.get("is_a_snapshot").unwrap().as_bool(), Some(false));
         let vbds = env.call("VM.get_VBDs", &[sim.vm_ref()]).await;
         let vbds = vbds.as_array().unwrap();
-        assert_eq!(vbds.len(), 1);
-        let vbd = env.call("VBD.get_record", &[vbds[0].as_str().unwrap()]).await;
+        // The disk and the empty CD drive.
+        assert_eq!(vbds.len(), 2);
+        let vbd = env.disk_vbds(sim.vm_ref()).await.remove(0);
+        let vbd = env.call("VBD.get_record", &[&vbd]).await;
         assert_eq!(vbd.get("VDI").unwrap().as_str(), Some(env.vdi.as_str()));
         assert_eq!(vbd.get("VM").unwrap().as_str(), Some(sim.vm_ref()));
         assert_eq!(vbd.get("currently_attached").unwrap().as_bool(), Some(true));
@@ -735,28 +737,30 @@ async fn vm_snapshots() {
         assert_eq!(rec.get("is_a_snapshot"), Some(&Value::Bool(true)));
         assert_eq!(rec.get("snapshot_of"), Some(&Value::from(vm.as_str())));
         assert_eq!(rec.get("name_label"), Some(&Value::from("first")));
-        let vbds = rec.get("VBDs").unwrap().as_array().unwrap();
-        assert_eq!(vbds.len(), 1);
-        let vbd = env
-            .call("VBD.get_record", &[vbds[0].as_str().unwrap()])
-            .await;
+        assert_eq!(rec.get("VBDs").unwrap().as_array().unwrap().len(), 2);
+        let vbd = env.disk_vbds(snap1).await.remove(0);
+        let vbd = env.call("VBD.get_record", &[&vbd]).await;
         assert_eq!(vbd.get("currently_attached"), Some(&Value::Bool(false)));
         let d1 = vbd.get("VDI").unwrap().as_str().unwrap().to_owned();
         env.write(BLOCK * 2, b"z").await;
         let snap2 = env.call("VM.snapshot", &[&vm, "second"]).await;
-        let vbds = env.call("VM.get_VBDs", &[snap2.as_str().unwrap()]).await;
-        let vbd = vbds.as_array().unwrap()[0].as_str().unwrap().to_owned();
+        let vbd = env.disk_vbds(snap2.as_str().unwrap()).await.remove(0);
         let d2 = env
             .call("VBD.get_VDI", &[&vbd])
             .await
             .into_string()
             .unwrap();
         assert_eq!(env.changed(&d1, &d2, 4 << 20).await, vec![2]);
-        // data_destroy drops the snapshot VM's VBD with the data.
+        // data_destroy drops the snapshot VM's disk VBD with the data; the CD drive stays.
         env.call("VDI.data_destroy", &[&d1]).await;
+        assert_eq!(env.disk_vbds(snap1).await, Vec::<String>::new());
         assert_eq!(
-            env.call("VM.get_VBDs", &[snap1]).await,
-            Value::Array(vec![])
+            env.call("VM.get_VBDs", &[snap1])
+                .await
+                .as_array()
+                .unwrap()
+                .len(),
+            1
         );
         env.call("VM.destroy", &[snap1]).await;
         assert_eq!(
@@ -781,11 +785,20 @@ async fn every_record_field_has_a_getter() {
             .await
             .into_string()
             .unwrap();
+        let net = env.call("network.get_all", &[]).await.into_array().unwrap();
+        let net = net[0].as_str().unwrap().to_owned();
+        let task = env
+            .call("task.create", &["t", ""])
+            .await
+            .into_string()
+            .unwrap();
         for (class, r) in [
             ("VM", env.sim.vm_ref()),
             ("VBD", vbd.as_str()),
             ("VDI", env.vdi.as_str()),
             ("SR", sr.as_str()),
+            ("network", net.as_str()),
+            ("task", task.as_str()),
         ] {
             let rec = env.call(&format!("{class}.get_record"), &[r]).await;
             for (field, value) in rec.as_struct().unwrap() {
@@ -844,6 +857,19 @@ async fn garbage_arguments_never_break_the_simulator() {
             "VDI.add_to_other_config",
             "VDI.set_name_label",
             "VDI.get_virtual_size",
+            "VDI.create",
+            "VBD.create",
+            "VBD.destroy",
+            "VBD.get_all",
+            "SR.get_all",
+            "network.get_all",
+            "network.get_record",
+            "network.get_purpose",
+            "network.add_purpose",
+            "network.remove_purpose",
+            "task.create",
+            "task.get_record",
+            "task.destroy",
             "sim.write",
             "sim.fail_next",
             "sim.set_nbd_available",

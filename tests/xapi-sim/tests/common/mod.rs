@@ -109,6 +109,11 @@ impl Env {
             .await;
     }
 
+    /// `sim.write` into any live VDI, by uuid.
+    pub async fn write_vdi(&self, uuid: &str, offset: u64, data: &[u8]) {
+        self.sim.write(uuid, offset, data).unwrap();
+    }
+
     /// The changed blocks between two VDIs; checks the bitmap length for `size`.
     pub async fn changed(&self, from: &str, to: &str, size: u64) -> Vec<u64> {
         let v = self.call("VDI.list_changed_blocks", &[from, to]).await;
@@ -120,6 +125,27 @@ impl Env {
             .await
             .into_string()
             .unwrap()
+    }
+
+    /// The VM's disk VBDs (type `Disk`), in `userdevice` order.
+    pub async fn disk_vbds(&self, vm: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for v in self.call("VM.get_VBDs", &[vm]).await.into_array().unwrap() {
+            let r = v.into_string().unwrap();
+            let rec = self.call("VBD.get_record", &[&r]).await;
+            if rec.get("type").unwrap().as_str() == Some("Disk") {
+                let slot: u32 = rec
+                    .get("userdevice")
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                out.push((slot, r));
+            }
+        }
+        out.sort();
+        out.into_iter().map(|(_, r)| r).collect()
     }
 
     pub async fn nbd_info(&self, vdi: &str) -> (u16, String) {
@@ -269,5 +295,114 @@ impl Nbd {
         b.extend_from_slice(&[0; 20]);
         let _ = self.s.write_all(&b).await;
         let _ = self.s.shutdown().await;
+    }
+}
+
+/// A reply of the disk and metadata handlers, read until the server closed.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status_line: String,
+    /// Names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// Everything after the head (a failed handler's 500 page included).
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Env {
+    /// Whether some task failed with exactly this `error_info`.
+    pub async fn failed_task_with(&self, error_info: &[&str]) -> bool {
+        let want = Value::Array(error_info.iter().map(|&e| Value::from(e)).collect());
+        for t in self.call("task.get_all", &[]).await.into_array().unwrap() {
+            if self
+                .call("task.get_error_info", &[t.as_str().unwrap()])
+                .await
+                == want
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// `method path_and_query` over HTTPS with `body` (sent with a Content-Length).
+    pub async fn http(&self, method: &str, path_and_query: &str, body: &[u8]) -> HttpReply {
+        self.http_with(method, path_and_query, &[], body).await
+    }
+
+    /// Like vhd-tool: the request head, then (with a body) wait for the response head before
+    /// streaming the body; then read until the server closes.
+    pub async fn http_with(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> HttpReply {
+        let tcp = TcpStream::connect(self.sim.addr()).await.unwrap();
+        let cfg = cbtstream_testkit::rustls_client_config(&[self.sim.cert_der().to_vec()]).unwrap();
+        let mut s = TlsConnector::from(cfg)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let mut head = format!(
+            "{method} {path_and_query} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        );
+        let chunked = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"));
+        if !chunked && (!body.is_empty() || method == "PUT") {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.flush().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        if !body.is_empty() {
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            // The server may have answered and closed without reading the body.
+            let _ = s.write_all(body).await;
+            // Half-close: a body cut short then ends here, as when a client dies.
+            let _ = s.shutdown().await;
+        }
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let end = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(&got)));
+        let text = String::from_utf8(got[..end].to_vec()).unwrap();
+        let mut lines = text.split("\r\n");
+        let status_line = lines.next().unwrap().to_owned();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        HttpReply {
+            status_line,
+            headers,
+            body: got[end + 4..].to_vec(),
+        }
     }
 }
