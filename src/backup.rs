@@ -235,7 +235,21 @@ async fn backup(
         base_id: base.as_ref().map(|(u, _)| u.clone()),
     };
     // Every NBD connection is closed when this returns.
-    run_data_plane(first, &opts, bitmap, ids, &args.dp, &args.output).await?;
+    let progress = Arc::new(crate::progress::Bar::stderr());
+    let dp = args.dp.options();
+    let summary = run_data_plane(
+        first,
+        Arc::new(opts),
+        bitmap,
+        ids,
+        &dp,
+        &args.output,
+        progress,
+    )
+    .await?;
+    if args.dp.json {
+        eprintln!("{}", summary.json());
+    }
 
     // Commit 1: the state file says the new snapshot is the base. Only now.
     // The bases before this one: the state's, or the one given with --base. When this run

@@ -8,6 +8,7 @@ mod engine;
 mod exit;
 mod export;
 mod nbd;
+mod progress;
 mod restore;
 mod tls;
 mod xapi;
