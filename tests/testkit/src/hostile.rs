@@ -76,6 +76,10 @@ pub enum Misbehaviour {
     /// data up to its last non-zero byte (rounded up to 4 KiB) is reported as data, the rest
     /// as zero (`HOLE | ZERO`). READs are answered correctly.
     BlockStatusPastRange,
+    /// Not a transmission fault: the export's size is advertised as 2^62 bytes (the image's
+    /// real bytes are served; reads past them get EINVAL). Not in [`Misbehaviour::ALL`],
+    /// whose faults all break reads: this one must be refused before anything is read.
+    HugeSize,
 }
 
 impl Misbehaviour {
@@ -316,7 +320,11 @@ async fn options_and_serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let size = sh.image.len() as u64;
+    let size = if sh.script == Misbehaviour::HugeSize {
+        1 << 62
+    } else {
+        sh.image.len() as u64
+    };
     let mut structured = false;
     loop {
         let opt = read_option(&mut s).await?;
@@ -577,7 +585,9 @@ fn misbehave(out: &mut Vec<u8>, sh: &Shared, req: &Request) -> Then {
         }
         // Never reached in transmission (the handshake fails first); if a client somehow
         // got here, answer correctly.
-        Misbehaviour::BadGreetingMagic | Misbehaviour::WrongCertificate => {
+        Misbehaviour::BadGreetingMagic
+        | Misbehaviour::WrongCertificate
+        | Misbehaviour::HugeSize => {
             encode_simple_reply(out, cookie, 0);
             out.extend_from_slice(data);
             Then::Continue
