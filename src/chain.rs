@@ -1,16 +1,22 @@
 //! The state of a backup chain, kept in a small JSON file next to the backups: which
-//! snapshot the next incremental starts from. It is replaced atomically (write a temporary
-//! file, fsync it, rename it over the old one, fsync the directory), and only after the
-//! export it records is complete and durable, so a crash at any point leaves either the old
-//! state or the new one, never a mix and never a state that points past the data.
+//! snapshot the next incremental starts from, and a point exported but not yet committed.
+//! It is replaced atomically (see [`crate::durable::replace`]), and the committed base moves
+//! only after the export it records is complete and durable, so a crash at any point leaves
+//! either the old state or the new one, never a mix and never a state that points past the
+//! data.
+//!
+//! A stream written to a pipe is durable only once its reader says so: such a point is
+//! recorded as `pending` (its snapshot kept as it is) until `cbtstream commit` confirms it.
+//! The committed base stays where it was until then.
 
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// The format version this build writes and reads.
-pub const STATE_VERSION: u32 = 1;
+/// The format version this build writes. Version 1 (no pending point, a base always set)
+/// is read too.
+pub const STATE_VERSION: u32 = 2;
 /// A state file is a few hundred bytes; refuse anything absurd before reading it.
 const MAX_STATE_BYTES: u64 = 1 << 20;
 
@@ -22,18 +28,64 @@ pub struct ChainState {
     /// The XenAPI URL of the pool master used last (no credentials).
     pub host: String,
     /// The snapshot the next incremental starts from: a `cbt_metadata` VDI, or a full
-    /// snapshot when `data_destroy` failed.
-    pub base: String,
+    /// snapshot when `data_destroy` failed. None until a first point is committed.
+    pub base: Option<String>,
     /// True once `data_destroy` turned the base into `cbt_metadata`.
     pub base_is_metadata: bool,
-    /// The stream point id of the last export (the base's uuid).
-    pub point_id: String,
-    /// The virtual size at the last export.
+    /// The stream point id of the last committed export (the base's uuid).
+    pub point_id: Option<String>,
+    /// The virtual size at the last committed export.
     pub virtual_size: u64,
     pub updated_unix_secs: u64,
     /// Older bases kept by `--keep-bases`, oldest first.
     #[serde(default)]
     pub older_bases: Vec<String>,
+    /// A point whose stream went to a pipe and awaits `cbtstream commit`.
+    #[serde(default)]
+    pub pending: Option<PendingPoint>,
+}
+
+/// An exported point not yet committed: its snapshot is still a full snapshot, tagged as
+/// ours, and nothing on the host moved for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingPoint {
+    /// The snapshot's uuid (also the stream's point id).
+    pub snapshot: String,
+    /// The point its stream applies onto; None for a full stream (a new chain).
+    pub stream_base: Option<String>,
+    pub virtual_size: u64,
+    pub created_unix_secs: u64,
+    /// `--keep-bases` of the export, applied when it is committed.
+    pub keep_bases: u32,
+}
+
+impl ChainState {
+    /// An empty chain for `vdi`: nothing committed yet.
+    pub fn new(vdi: &str, host: String) -> ChainState {
+        ChainState {
+            version: STATE_VERSION,
+            vdi: vdi.to_string(),
+            host,
+            base: None,
+            base_is_metadata: false,
+            point_id: None,
+            virtual_size: 0,
+            updated_unix_secs: 0,
+            older_bases: Vec::new(),
+            pending: None,
+        }
+    }
+
+    /// Every snapshot the chain still needs: the base, the older bases kept, the pending one.
+    pub fn needed(&self) -> Vec<String> {
+        let pending = self.pending.as_ref().map(|p| p.snapshot.clone());
+        self.base
+            .iter()
+            .cloned()
+            .chain(self.older_bases.iter().cloned())
+            .chain(pending)
+            .collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +98,7 @@ pub enum ChainError {
     #[error("the chain state {path} is damaged: {why}")]
     Damaged { path: PathBuf, why: String },
     #[error(
-        "the chain state {path} has version {found}; this cbtstream reads version {STATE_VERSION}"
+        "the chain state {path} has version {found}; this cbtstream reads versions 1 to {STATE_VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
     #[error("writing the chain state {path}: {source}")]
@@ -81,7 +133,7 @@ pub fn load(path: &Path) -> Result<Option<ChainState>, ChainError> {
         path: path.to_path_buf(),
         why: e.to_string(),
     })?;
-    if state.version != STATE_VERSION {
+    if !(1..=STATE_VERSION).contains(&state.version) {
         return Err(ChainError::Version {
             path: path.to_path_buf(),
             found: state.version,
@@ -111,12 +163,13 @@ mod tests {
             version: STATE_VERSION,
             vdi: "vdi-1".into(),
             host: "https://pool/".into(),
-            base: "snap-2".into(),
+            base: Some("snap-2".into()),
             base_is_metadata: true,
-            point_id: "snap-2".into(),
+            point_id: Some("snap-2".into()),
             virtual_size: 1 << 30,
             updated_unix_secs: 1_795_000_000,
             older_bases: vec![],
+            pending: None,
         }
     }
 
@@ -128,7 +181,15 @@ mod tests {
         save(&path, &state()).unwrap();
         assert_eq!(load(&path).unwrap(), Some(state()));
         let mut next = state();
-        next.base = "snap-3".into();
+        next.base = Some("snap-3".into());
+        next.pending = Some(PendingPoint {
+            snapshot: "snap-4".into(),
+            stream_base: Some("snap-3".into()),
+            virtual_size: 1 << 30,
+            created_unix_secs: 1_795_000_100,
+            keep_bases: 1,
+        });
+        assert_eq!(next.needed(), ["snap-3", "snap-4"]);
         save(&path, &next).unwrap();
         assert_eq!(load(&path).unwrap(), Some(next));
         // No temporary files left behind.
@@ -142,11 +203,23 @@ mod tests {
         std::fs::write(&path, "{ not json").unwrap();
         assert!(matches!(load(&path), Err(ChainError::Damaged { .. })));
         let mut s = serde_json::to_value(state()).unwrap();
-        s["version"] = 2.into();
+        s["version"] = 3.into();
         std::fs::write(&path, s.to_string()).unwrap();
         assert!(matches!(
             load(&path),
-            Err(ChainError::Version { found: 2, .. })
+            Err(ChainError::Version { found: 3, .. })
         ));
+    }
+
+    #[test]
+    fn version_1_states_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chain.json");
+        let v1 = r#"{"version": 1, "vdi": "vdi-1", "host": "https://pool/", "base": "snap-2",
+            "base_is_metadata": true, "point_id": "snap-2", "virtual_size": 1073741824,
+            "updated_unix_secs": 1795000000}"#;
+        std::fs::write(&path, v1).unwrap();
+        let s = load(&path).unwrap().unwrap();
+        assert_eq!((s.base.as_deref(), s.pending), (Some("snap-2"), None));
     }
 }

@@ -1,7 +1,12 @@
-//! Command-line interface: argument definitions and dispatch. The work lives in `export`,
-//! `restore` and `engine`.
+//! Command-line interface: argument definitions, their conversion into each command's plain
+//! options, and dispatch. The work lives in `export` (any NBD server), `xen` (the XenServer
+//! flows), `restore` and `engine`.
 
 use crate::exit::{fail, Code, Failure, WithCode};
+use crate::xen::commit::CommitOptions;
+use crate::xen::export::{Destination, ExportOptions};
+use crate::xen::gc::GcOptions;
+use crate::xen::XapiLogin;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +33,8 @@ enum Command {
     Restore(RestoreArgs),
     /// Check a stream (every checksum and the trailer) and print what it holds.
     Inspect(InspectArgs),
+    /// Commit a point whose stream went to a pipe, once its reader stored it.
+    Commit(CommitArgs),
     /// Remove snapshots that cbtstream took but did not commit (left by a killed run).
     Gc(GcArgs),
 }
@@ -41,22 +48,22 @@ pub enum CompressArg {
 #[derive(Args, Debug, Clone)]
 pub struct TlsArgs {
     /// PEM file of trusted CA certificates (a self-signed server certificate works too).
-    #[arg(long, value_name = "FILE", group = "trust")]
+    #[arg(long, value_name = "FILE", group = "trust", conflicts_with = "xapi")]
     pub tls_ca: Option<PathBuf>,
     /// Trust exactly this server certificate (PEM), compared byte for byte.
-    #[arg(long, value_name = "FILE", group = "trust")]
+    #[arg(long, value_name = "FILE", group = "trust", conflicts_with = "xapi")]
     pub tls_cert: Option<PathBuf>,
     /// Trust the server certificate whose DER has this SHA-256 (64 hex digits).
-    #[arg(long, value_name = "SHA256", group = "trust")]
+    #[arg(long, value_name = "SHA256", group = "trust", conflicts_with = "xapi")]
     pub tls_pin: Option<String>,
     /// Name to verify the certificate against and send as SNI (default: the URI host).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "xapi")]
     pub tls_server_name: Option<String>,
     /// Accept any TLS certificate. The connection is encrypted but NOT authenticated.
-    #[arg(long, group = "trust")]
+    #[arg(long, group = "trust", conflicts_with = "xapi")]
     pub tls_insecure_no_verify: bool,
     /// Allow an nbd:// URI over TCP: data crosses the network unencrypted.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "xapi")]
     pub allow_plaintext: bool,
 }
 
@@ -126,7 +133,7 @@ pub struct DataPlaneArgs {
 
 fn parse_request_size(text: &str) -> Result<u64, String> {
     match text.parse::<u64>() {
-        Ok(kib) if kib % 64 == 0 && (64..=32768).contains(&kib) => Ok(kib),
+        Ok(kib) if kib.is_multiple_of(64) && (64..=32768).contains(&kib) => Ok(kib),
         _ => Err("must be a multiple of 64 between 64 and 32768 (KiB)".into()),
     }
 }
@@ -163,6 +170,7 @@ impl ExportArgs {
             changed_blocks: self.changed_blocks.clone(),
             full: self.full,
             output: self.output.clone(),
+            to_command: self.to_command.clone(),
             tls: crate::export::NbdTlsOptions {
                 ca: t.tls_ca.clone(),
                 cert: t.tls_cert.clone(),
@@ -179,18 +187,9 @@ impl ExportArgs {
     }
 }
 
-/// `export --nbd`, then the `--json` summary.
-async fn export_nbd(args: ExportArgs) -> Result<(), Failure> {
-    let progress = std::sync::Arc::new(crate::progress::Bar::stderr());
-    let summary = crate::export::export_nbd(args.nbd_options(), progress).await?;
-    if args.dp.json {
-        eprintln!("{}", summary.json());
-    }
-    Ok(())
-}
-
 #[derive(Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["nbd", "xapi"])))]
+#[command(group(clap::ArgGroup::new("destination").required(true).args(["output", "to_command"])))]
 pub struct ExportArgs {
     /// NBD URI of the disk: nbds://host[:port]/export, nbd://, nbd+unix:///export?socket=PATH.
     #[arg(long, value_name = "URI")]
@@ -205,18 +204,28 @@ pub struct ExportArgs {
     #[arg(long)]
     pub full: bool,
     /// Output file, or "-" for stdout. A file is written as PATH.partial and renamed when done.
-    #[arg(short, long, value_name = "PATH|-")]
-    pub output: PathBuf,
+    /// With --xapi and --state, a stream to stdout (or a FIFO) leaves the point pending until
+    /// `cbtstream commit`.
+    #[arg(short, long, value_name = "PATH|-", group = "destination")]
+    pub output: Option<PathBuf>,
+    /// Send the stream to `sh -c CMD` on its stdin; with --xapi the point is committed only
+    /// when CMD exits 0.
+    #[arg(long, value_name = "CMD", group = "destination")]
+    pub to_command: Option<String>,
+    /// With --xapi and a stream to stdout: commit as soon as the pipe took the last byte,
+    /// trusting its reader to have stored it.
+    #[arg(long, requires = "xapi", conflicts_with = "to_command")]
+    pub commit_on_eof: bool,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// With --nbd: id of the point in time this export captures (default: a fresh UUID).
-    #[arg(long, value_name = "ID", conflicts_with = "xapi")]
+    #[arg(long, value_name = "ID", conflicts_with = "xapi", value_parser = stream_id("point id"))]
     pub point_id: Option<String>,
     /// With --nbd: id of the point in time this incremental applies on top of.
-    #[arg(long, value_name = "ID", conflicts_with = "xapi")]
+    #[arg(long, value_name = "ID", conflicts_with_all = ["xapi", "full"], requires = "changed_blocks", value_parser = stream_id("base id"))]
     pub base_id: Option<String>,
     /// With --nbd: id of the source disk, recorded in the stream header.
-    #[arg(long, value_name = "ID", default_value = "", conflicts_with = "xapi")]
+    #[arg(long, value_name = "ID", default_value = "", conflicts_with = "xapi", value_parser = stream_id("source id"))]
     pub source_id: String,
     /// With --xapi: the VDI to back up.
     #[arg(long, value_name = "UUID", requires = "xapi")]
@@ -238,9 +247,13 @@ pub struct ExportArgs {
     /// With --xapi: when the chain is broken (base gone, CBT reset), do a full export instead of failing.
     #[arg(long, requires = "xapi")]
     pub fallback_full: bool,
-    /// With --xapi: how many bases to keep on the host (1: only the newest).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub keep_bases: u32,
+    /// With --xapi: how many bases to keep on the host (default 1: only the newest).
+    #[arg(long, requires = "xapi", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub keep_bases: Option<u32>,
+    /// With --xapi: seconds between the cheap XenAPI calls that keep the session in use
+    /// during a long export (its NBD export name is only good while the session lives).
+    #[arg(long, value_name = "SECS", default_value_t = 300, requires = "xapi", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub xapi_keepalive: u64,
     #[command(flatten)]
     pub xapi_args: XapiArgs,
     #[command(flatten)]
@@ -262,6 +275,23 @@ pub struct GcArgs {
     /// List what would be removed, remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Without --state: remove every snapshot cbtstream tagged that is not cbt_metadata
+    /// (one may be a base kept after data_destroy failed, or belong to a running export).
+    #[arg(long, conflicts_with = "state")]
+    pub force: bool,
+    #[command(flatten)]
+    pub xapi_args: XapiArgs,
+}
+
+/// `cbtstream commit`: finish a pending point.
+#[derive(Args, Debug, Clone)]
+pub struct CommitArgs {
+    /// The chain's state file, which records the pending point.
+    #[arg(long, value_name = "FILE")]
+    pub state: PathBuf,
+    /// XenAPI URL of the pool master (default: the one the state file recorded).
+    #[arg(long, value_name = "URL")]
+    pub xapi: Option<String>,
     #[command(flatten)]
     pub xapi_args: XapiArgs,
 }
@@ -308,11 +338,9 @@ pub fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Export(args) if args.xapi.is_some() => {
-            run_async(crate::backup::export_xapi(*args))
-        }
-        Command::Export(args) => run_async(export_nbd(*args)),
-        Command::Gc(args) => run_async(crate::backup::gc(args)),
+        Command::Export(args) => export(*args),
+        Command::Commit(args) => commit(args),
+        Command::Gc(args) => gc(args),
         Command::Restore(args) => restore(args),
         Command::Inspect(args) => inspect(args),
     };
@@ -322,6 +350,113 @@ pub fn main() -> ExitCode {
             eprintln!("cbtstream: error: {}", describe(&f.error));
             ExitCode::from(f.code as u8)
         }
+    }
+}
+
+/// How to log in to XenAPI, from the flags: the password is read (and its absence is a
+/// usage error) before anything happens.
+fn xapi_login(url: &str, a: &XapiArgs) -> Result<XapiLogin, Failure> {
+    let password = crate::xen::read_password(a.password_file.as_deref())?;
+    let trust = crate::tls::trust_from_flags(
+        a.xapi_ca.as_deref(),
+        None,
+        a.xapi_pin.as_deref(),
+        a.xapi_insecure,
+    )
+    .code(Code::Usage)?;
+    Ok(XapiLogin {
+        url: url.to_string(),
+        user: a.user.clone(),
+        password,
+        trust,
+        allow_plaintext: a.xapi_allow_plaintext,
+    })
+}
+
+fn xen_export_options(args: ExportArgs, url: &str) -> Result<ExportOptions, Failure> {
+    if args.state.is_none() && args.base.is_none() && !args.full {
+        return Err(fail(
+            Code::Usage,
+            "give --state FILE (the chain), --base SNAPSHOT_UUID, or --full",
+        ));
+    }
+    let destination = match (args.output, args.to_command) {
+        (_, Some(cmd)) => Destination::Command(cmd),
+        (Some(path), None) => Destination::Output(path),
+        (None, None) => return Err(fail(Code::Usage, "give -o PATH|- or --to-command CMD")),
+    };
+    Ok(ExportOptions {
+        login: xapi_login(url, &args.xapi_args)?,
+        vdi: args.vdi.unwrap_or_default(),
+        state: args.state,
+        base: args.base,
+        full: args.full,
+        enable_cbt: args.enable_cbt,
+        fallback_full: args.fallback_full,
+        keep_bases: args.keep_bases.unwrap_or(1),
+        destination,
+        commit_on_eof: args.commit_on_eof,
+        keepalive: std::time::Duration::from_secs(args.xapi_keepalive),
+        dp: args.dp.options(),
+    })
+}
+
+fn export(args: ExportArgs) -> Result<(), Failure> {
+    let json = args.dp.json;
+    let Some(url) = args.xapi.clone() else {
+        let progress = std::sync::Arc::new(crate::progress::Bar::stderr());
+        let summary = run_async(crate::export::export_nbd(args.nbd_options(), progress))?;
+        if json {
+            eprintln!("{}", summary.json());
+        }
+        return Ok(());
+    };
+    let opts = xen_export_options(args, &url)?;
+    let report = run_async(crate::xen::export::run(opts))?;
+    // After the commit, so that the line says what happened to the point.
+    if json {
+        let mut v = report.summary.json_value();
+        v["point"] = report.point.into();
+        v["base"] = report.base.into();
+        v["committed"] = report.committed.into();
+        eprintln!("{v}");
+    }
+    Ok(())
+}
+
+fn commit(args: CommitArgs) -> Result<(), Failure> {
+    let opts = CommitOptions {
+        login: xapi_login(args.xapi.as_deref().unwrap_or_default(), &args.xapi_args)?,
+        url: args.xapi,
+        state: args.state,
+    };
+    let point = run_async(crate::xen::commit::run(opts))?;
+    eprintln!("cbtstream: committed point {point}");
+    Ok(())
+}
+
+fn gc(args: GcArgs) -> Result<(), Failure> {
+    let opts = GcOptions {
+        login: xapi_login(&args.xapi, &args.xapi_args)?,
+        vdi: args.vdi,
+        state: args.state,
+        dry_run: args.dry_run,
+        force: args.force,
+    };
+    let report = run_async(crate::xen::gc::run(opts))?;
+    for line in &report.lines {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// A clap value parser for a stream header id: checked as the header checks it, so a bad
+/// id is a usage error before anything runs.
+fn stream_id(what: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |s: &str| {
+        cbtstream_proto::stream::check_id(what, s, what == "source id")
+            .map(|()| s.to_string())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -342,7 +477,7 @@ fn describe(e: &anyhow::Error) -> String {
     msg
 }
 
-fn run_async<F: std::future::Future<Output = Result<(), Failure>>>(fut: F) -> Result<(), Failure> {
+fn run_async<T, F: std::future::Future<Output = Result<T, Failure>>>(fut: F) -> Result<T, Failure> {
     // The reactor threads decrypt TLS; compression and the sink have threads of their own,
     // so half the cores is enough (measured: fewer wake-ups, less CPU per GB).
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -14,6 +14,8 @@ pub enum Code {
     Integrity = 4,
     /// Writing the output or the image failed (disk full, broken pipe, permissions).
     Output = 5,
+    /// Another run holds the chain's lock (export, commit and gc of one state file).
+    Locked = 6,
     /// Stopped by SIGINT or SIGTERM; nothing was committed.
     Interrupted = 130,
 }

@@ -1,5 +1,5 @@
 //! `cbtstream export --nbd URI`: the data plane on its own, for any NBD server; and
-//! [`run_data_plane`], which the XenServer flow (`backup`) uses too. Both take plain option
+//! [`run_data_plane`], which the XenServer flow (`xen::export`) uses too. Both take plain option
 //! structs: the CLI builds them from its arguments.
 
 use crate::engine::fetch::FetchConfig;
@@ -56,7 +56,9 @@ pub struct NbdExportOptions {
     /// The changed-block bitmap file ("-": stdin); `None` with `full`.
     pub changed_blocks: Option<PathBuf>,
     pub full: bool,
-    pub output: PathBuf,
+    /// Where the stream goes: a path ("-": stdout), or else the stdin of `to_command`.
+    pub output: Option<PathBuf>,
+    pub to_command: Option<String>,
     pub tls: NbdTlsOptions,
     pub source_id: String,
     pub point_id: Option<String>,
@@ -206,16 +208,29 @@ pub async fn export_nbd(
         base_id: args.base_id.clone(),
     };
     let connector: Arc<dyn Connector> = Arc::new(opts);
-    let mut summary = run_data_plane(
-        first,
-        connector,
-        bitmap,
-        ids,
-        &args.dp,
-        &args.output,
-        progress,
-    )
-    .await?;
+    let output = match (&args.output, &args.to_command) {
+        (Some(path), _) => Output::from_arg(path),
+        (None, Some(cmd)) => {
+            let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
+            let output = Output::Pipe(Arc::new(stdin));
+            let sent =
+                run_data_plane(first, connector, bitmap, ids, &args.dp, output, progress).await;
+            return match sent {
+                Ok(mut summary) => {
+                    child.wait_success().await.code(Code::Output)?;
+                    summary.seconds = started.elapsed().as_secs_f64();
+                    Ok(summary)
+                }
+                Err(e) => {
+                    child.kill().await;
+                    Err(e)
+                }
+            };
+        }
+        (None, None) => return Err(fail(Code::Usage, "give -o PATH|- or --to-command CMD")),
+    };
+    let mut summary =
+        run_data_plane(first, connector, bitmap, ids, &args.dp, output, progress).await?;
     // The whole run, connecting and planning included.
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
@@ -237,7 +252,7 @@ pub async fn run_data_plane(
     bitmap: Option<Vec<u8>>,
     ids: StreamIds,
     dp: &DataPlaneOptions,
-    output: &Path,
+    output: Output,
     progress: Arc<dyn Progress>,
 ) -> Result<ExportSummary, Failure> {
     let n = first.negotiated.clone();
@@ -314,7 +329,6 @@ pub async fn run_data_plane(
         budget: pipeline.budget,
         block: CBT_BLOCK,
     };
-    let output = Output::from_arg(output);
     progress.start(plan.covered);
     let run = engine::run(
         first,

@@ -1,17 +1,19 @@
 //! cbtstream: incremental backups of XenServer / XCP-ng virtual disks over NBD.
 
-mod backup;
 mod chain;
 mod cli;
+mod command;
 mod durable;
 mod engine;
 mod exit;
 mod export;
+mod lock;
 mod nbd;
 mod progress;
 mod restore;
 mod tls;
 mod xapi;
+mod xen;
 
 fn main() -> std::process::ExitCode {
     cli::main()

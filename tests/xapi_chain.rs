@@ -4,156 +4,13 @@
 //! leaves no extra snapshot, keeps the state and the old base, and the next run succeeds.
 
 mod common;
+#[path = "xapi_env/mod.rs"]
+mod xapi_env;
 
 use cbtstream_proto::xmlrpc::Value;
-use cbtstream_xapi_sim::{SimConfig, Simulator};
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::Output;
-
-const SIZE: u64 = (3 << 20) + 512; // a multiple of 512, not of 64 KiB
-
-struct Env {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    sim: Simulator,
-}
-
-async fn env() -> Env {
-    env_with(|_| {}).await
-}
-
-async fn env_with(tweak: impl FnOnce(&mut SimConfig)) -> Env {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    let mut cfg = SimConfig::for_tests(dir.join("sim"));
-    cfg.disk_size = SIZE;
-    tweak(&mut cfg);
-    let sim = Simulator::start(cfg).await.unwrap();
-    Env {
-        _tmp: tmp,
-        dir,
-        sim,
-    }
-}
-
-impl Env {
-    fn state(&self) -> PathBuf {
-        self.dir.join("chain.json")
-    }
-
-    /// `cbtstream export --xapi ... --vdi ...` with the password in the environment.
-    async fn export(&self, out: &Path, extra: &[&str]) -> Output {
-        self.export_via(&self.sim.url(), out, extra).await
-    }
-
-    async fn export_via(&self, url: &str, out: &Path, extra: &[&str]) -> Output {
-        let mut args: Vec<String> = vec![
-            "export".into(),
-            "--xapi".into(),
-            url.into(),
-            "--xapi-ca".into(),
-            p(self.sim.ca_path()).into(),
-            "--vdi".into(),
-            self.sim.vdi_uuid().into(),
-            "-o".into(),
-            p(out).into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let pw = self.sim.password().to_string();
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(BIN)
-                .args(&args)
-                .env("XAPI_PASSWORD", pw)
-                .env("SOURCE_DATE_EPOCH", "1795000000")
-                .env_remove("CBTSTREAM_LOG")
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap()
-    }
-
-    async fn gc(&self, extra: &[&str]) -> Output {
-        let mut args: Vec<String> = vec![
-            "gc".into(),
-            "--xapi".into(),
-            self.sim.url(),
-            "--xapi-ca".into(),
-            p(self.sim.ca_path()).into(),
-            "--vdi".into(),
-            self.sim.vdi_uuid().into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let pw = self.sim.password().to_string();
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(BIN)
-                .args(&args)
-                .env("XAPI_PASSWORD", pw)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap()
-    }
-
-    /// (uuid, type, tagged by cbtstream) of every snapshot of the VDI.
-    fn snapshots(&self) -> Vec<(String, String, bool)> {
-        let session = self
-            .sim
-            .call_local(
-                "session.login_with_password",
-                &[self.sim.user().into(), self.sim.password().into()],
-            )
-            .unwrap();
-        let rec = self.sim.vdi_record(self.sim.vdi_uuid()).unwrap();
-        let mut out = Vec::new();
-        for r in rec
-            .get("snapshots")
-            .and_then(Value::as_array)
-            .map(<[Value]>::to_vec)
-            .unwrap_or_default()
-        {
-            let s = self
-                .sim
-                .call_local("VDI.get_record", &[session.clone(), r])
-                .unwrap();
-            let uuid = s.get("uuid").and_then(Value::as_str).unwrap().to_string();
-            let typ = s.get("type").and_then(Value::as_str).unwrap().to_string();
-            let tagged = s
-                .get("other_config")
-                .and_then(|m| m.get("cbtstream_snapshot_of"))
-                .is_some();
-            out.push((uuid, typ, tagged));
-        }
-        out
-    }
-
-    fn live_image(&self) -> PathBuf {
-        self.sim.vdi_path(self.sim.vdi_uuid()).unwrap()
-    }
-
-    /// Guest writes: across a 64 KiB boundary, an aligned block, and the last partial block.
-    fn guest_writes(&self, seed: u8) {
-        let vdi = self.sim.vdi_uuid().to_string();
-        let pattern = |n: usize| -> Vec<u8> {
-            (0..n)
-                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-                .collect()
-        };
-        self.sim
-            .write(&vdi, 65536 - 100 + u64::from(seed) * 4096, &pattern(300))
-            .unwrap();
-        self.sim.write(&vdi, 10 * 65536, &pattern(65536)).unwrap();
-        self.sim.write(&vdi, SIZE - 512, &pattern(512)).unwrap();
-    }
-}
-
-fn state_base(path: &Path) -> String {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v["base"].as_str().unwrap().to_string()
-}
+use std::path::Path;
+use xapi_env::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_then_three_incrementals() {
@@ -286,32 +143,7 @@ async fn gc_removes_what_a_killed_run_left() {
     ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
         .await);
     // A killed run leaves a tagged snapshot: make one the way the flow does.
-    let session = e
-        .sim
-        .call_local(
-            "session.login_with_password",
-            &[e.sim.user().into(), e.sim.password().into()],
-        )
-        .unwrap();
-    let vdi: Value = e.sim.vdi_ref_of(e.sim.vdi_uuid()).unwrap().into();
-    let snap = e
-        .sim
-        .call_local(
-            "VDI.snapshot",
-            &[session.clone(), vdi, Value::Struct(Default::default())],
-        )
-        .unwrap();
-    e.sim
-        .call_local(
-            "VDI.add_to_other_config",
-            &[
-                session,
-                snap,
-                "cbtstream_snapshot_of".into(),
-                e.sim.vdi_uuid().into(),
-            ],
-        )
-        .unwrap();
+    e.host_snapshot(true);
     assert_eq!(e.snapshots().len(), 2);
     let o = ok(e.gc(&["--state", p(&state), "--dry-run"]).await);
     assert!(String::from_utf8_lossy(&o.stdout).contains("would remove"));
@@ -329,15 +161,6 @@ async fn gc_removes_what_a_killed_run_left() {
     e.guest_writes(3);
     ok(e.export(&e.dir.join("inc.cbts"), &["--state", p(&state)])
         .await);
-}
-
-fn login(e: &Env) -> Value {
-    e.sim
-        .call_local(
-            "session.login_with_password",
-            &[e.sim.user().into(), e.sim.password().into()],
-        )
-        .unwrap()
 }
 
 /// The disk grows between two backups: the incremental carries the new size and restore

@@ -285,7 +285,9 @@ impl Header {
     }
 }
 
-fn check_id(what: &str, id: &str, may_be_empty: bool) -> Result<(), StreamError> {
+/// Check one header id (source, point or base): at most [`MAX_ID_LEN`] bytes, no control
+/// characters, and not empty unless `may_be_empty`.
+pub fn check_id(what: &str, id: &str, may_be_empty: bool) -> Result<(), StreamError> {
     if id.len() > MAX_ID_LEN {
         return Err(StreamError::Header(format!(
             "{what} is {} bytes long (maximum {MAX_ID_LEN})",

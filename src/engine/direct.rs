@@ -195,7 +195,7 @@ pub fn write_at(
     offset: u64,
 ) -> io::Result<()> {
     if let Some(d) = direct {
-        if offset % ALIGN as u64 == 0 && data.len() % ALIGN == 0 {
+        if offset.is_multiple_of(ALIGN as u64) && data.len().is_multiple_of(ALIGN) {
             match d.write_aligned(data, offset) {
                 Ok(()) => return Ok(()),
                 Err(e) if refused(&e) => {

@@ -209,6 +209,10 @@ pub struct ExportSummary {
 
 impl ExportSummary {
     pub fn json(&self) -> String {
+        self.json_value().to_string()
+    }
+
+    pub fn json_value(&self) -> serde_json::Value {
         let mbps = if self.seconds > 0.0 {
             self.bytes_read as f64 / self.seconds / 1e6
         } else {
@@ -224,7 +228,6 @@ impl ExportSummary {
             "seconds": (self.seconds * 1000.0).round() / 1000.0,
             "mb_per_s": (mbps * 10.0).round() / 10.0,
         })
-        .to_string()
     }
 }
 

@@ -58,7 +58,7 @@ impl Plan {
         if disk_size > MAX_DISK_SIZE {
             return Err(PlanError::TooLarge { size: disk_size });
         }
-        if request < CBT_BLOCK || request % CBT_BLOCK != 0 || request > 32 << 20 {
+        if request < CBT_BLOCK || !request.is_multiple_of(CBT_BLOCK) || request > 32 << 20 {
             return Err(CbtError::BadRequestSize(request).into());
         }
         Ok(Plan {

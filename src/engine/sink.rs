@@ -19,6 +19,8 @@ pub enum Output {
     File(PathBuf),
     /// Something that is not a regular file (a FIFO, /dev/null): written directly.
     Special(PathBuf),
+    /// The write end of a pipe to a command (`--to-command`).
+    Pipe(std::sync::Arc<std::os::fd::OwnedFd>),
 }
 
 impl Output {
@@ -70,6 +72,13 @@ pub fn open(output: &Output) -> Result<Box<dyn Write + Send>, SinkError> {
             })?;
             tracing::debug!(direct = f.is_direct(), "output file opened");
             Box::new(f)
+        }
+        Output::Pipe(fd) => {
+            let f = fd.try_clone().map_err(|source| SinkError::Io {
+                what: "the --to-command pipe".into(),
+                source,
+            })?;
+            Box::new(File::from(f))
         }
         Output::Special(path) => {
             let f = std::fs::OpenOptions::new()
@@ -236,7 +245,7 @@ fn recycle(item: Encoded, pools: &Pools) {
 /// Make a finished file output durable and give it its final name.
 pub fn commit(output: &Output, file: Box<dyn Write + Send>) -> Result<(), SinkError> {
     match output {
-        Output::Special(_) => Ok(()),
+        Output::Special(_) | Output::Pipe(_) => Ok(()),
         Output::Stdout => {
             // stdout redirected to a file (`-o - > FILE`): make that durable too.
             use std::os::fd::AsFd;

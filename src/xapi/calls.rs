@@ -22,6 +22,9 @@ pub struct VdiRecord {
     pub other_config: BTreeMap<String, String>,
     /// `SR`.
     pub sr: Ref,
+    /// `snapshot_time` as XAPI sends it (`YYYYMMDDTHH:MM:SSZ`, so it sorts as text); `None`
+    /// when the record has none.
+    pub snapshot_time: Option<String>,
 }
 
 /// One way to reach a VDI over NBD (a `vdi_nbd_server_info` record).
@@ -58,6 +61,7 @@ impl XapiSession {
             snapshots: r.refs("snapshots")?,
             other_config: r.string_map("other_config")?,
             sr: r.r#ref("SR")?,
+            snapshot_time: r.opt_datetime("snapshot_time")?,
         })
     }
 
@@ -258,6 +262,16 @@ impl<'a> Fields<'a> {
     fn bool(&self, field: &str) -> Result<bool, XapiError> {
         let v = self.get(field)?;
         v.as_bool().ok_or_else(|| self.wrong(field, "a boolean", v))
+    }
+
+    fn opt_datetime(&self, field: &str) -> Result<Option<String>, XapiError> {
+        match self.map.get(field) {
+            None => Ok(None),
+            Some(v) => v
+                .as_datetime()
+                .map(|s| Some(s.to_owned()))
+                .ok_or_else(|| self.wrong(field, "a dateTime.iso8601", v)),
+        }
     }
 
     fn r#ref(&self, field: &str) -> Result<Ref, XapiError> {

@@ -34,7 +34,7 @@ pub struct XapiSession {
     session: tokio::sync::Mutex<Secret>,
     relogins: AtomicU64,
     /// Set by `logout`, so that `Drop` does not log out again.
-    logged_out: bool,
+    logged_out: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for XapiSession {
@@ -105,7 +105,7 @@ impl XapiSession {
             password: password.clone(),
             session: tokio::sync::Mutex::new(session),
             relogins: AtomicU64::new(0),
-            logged_out: false,
+            logged_out: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -116,7 +116,6 @@ impl XapiSession {
 
     /// How many times the session was replaced after `SESSION_INVALID`. Export names from
     /// `VDI.get_nbd_info` fetched before a change carry the dead session.
-    #[allow(dead_code)] // tests, and flows that must refresh NBD export names
     pub fn relogins(&self) -> u64 {
         self.relogins.load(Ordering::Relaxed)
     }
@@ -164,8 +163,10 @@ impl XapiSession {
 
     /// `session.logout`. Call it on every exit path; see the module documentation. A failure
     /// is only logged: the session expires on the host anyway, and nothing else can be done.
-    pub async fn logout(mut self) {
-        self.logged_out = true;
+    pub async fn logout(&self) {
+        if self.logged_out.swap(true, Ordering::Relaxed) {
+            return;
+        }
         let session = self.session.lock().await.clone();
         if let Err(e) = logout_at(&self.transport, &session).await {
             tracing::warn!("XenAPI logout failed: {e}");
@@ -175,7 +176,7 @@ impl XapiSession {
 
 impl Drop for XapiSession {
     fn drop(&mut self) {
-        if self.logged_out {
+        if *self.logged_out.get_mut() {
             return;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {

@@ -384,6 +384,7 @@ async fn login_and_typed_calls_round_trip() {
                     ("content_id".to_string(), "x".to_string()),
                 ]),
                 sr: Ref::parse("OpaqueRef:sr-1").unwrap(),
+                snapshot_time: Some("19700101T00:00:00Z".into()),
             }
         );
 

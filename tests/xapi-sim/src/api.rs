@@ -218,7 +218,11 @@ impl Params<'_> {
 /// Handles one call. Never panics on any input.
 pub(crate) fn dispatch(shared: &Shared, method: &str, params: &[Value]) -> R {
     let res = dispatch_inner(shared, method, params);
-    if shared.lock().log_calls {
+    let mut st = shared.lock();
+    *st.calls.entry(method.to_string()).or_default() += 1;
+    let log = st.log_calls;
+    drop(st);
+    if log {
         // Method and outcome only: arguments may hold passwords and session refs.
         match &res {
             Ok(_) => eprintln!("xapi-sim: {method}: Success"),

@@ -237,6 +237,7 @@ impl Simulator {
             nbd_lag: cfg.nbd_lag,
             data_destroy_timeout: cfg.data_destroy_timeout,
             log_calls: cfg.log_calls,
+            calls: BTreeMap::new(),
             sessions: HashMap::new(),
             vms: BTreeMap::new(),
             vbds: BTreeMap::new(),
@@ -503,6 +504,11 @@ impl Simulator {
     /// `VDI.data_destroy` calls now waiting for their VDI to be detached.
     pub fn data_destroy_waiters(&self) -> usize {
         self.shared.waiters.load(Ordering::SeqCst)
+    }
+
+    /// How many times `method` was called since the simulator started.
+    pub fn calls(&self, method: &str) -> u64 {
+        self.shared.lock().calls.get(method).copied().unwrap_or(0)
     }
 
     /// Sessions currently logged in.

@@ -164,6 +164,8 @@ pub(crate) struct State {
     pub nbd_lag: Duration,
     pub data_destroy_timeout: Duration,
     pub log_calls: bool,
+    /// How many times each method was called (a probe for tests).
+    pub calls: BTreeMap<String, u64>,
     pub sessions: HashMap<String, Session>,
     pub vms: BTreeMap<String, Vm>,
     pub vbds: BTreeMap<String, Vbd>,

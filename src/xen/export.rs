@@ -1,0 +1,363 @@
+//! `cbtstream export --xapi URL --vdi UUID`: one point of a VDI's chain (see the module
+//! documentation of [`crate::xen`] for the order of the steps and why).
+
+use super::commit::{commit_point, Point};
+use super::nbd::{keepalive, NbdParams, XenNbd};
+use super::{
+    destroy_if_ours, destroy_snapshot, load_state, lock_chain, login, save_state, src, XapiLogin,
+    TAG_SNAPSHOT,
+};
+use crate::chain::{ChainState, PendingPoint};
+use crate::engine::sink::Output;
+use crate::engine::ExportSummary;
+use crate::exit::{fail, Code, Failure, WithCode};
+use crate::export::{created_now, run_data_plane, shutdown_signal, DataPlaneOptions, StreamIds};
+use crate::xapi::{Ref, XapiError, XapiSession};
+use cbtstream_proto::cbt;
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Where the stream goes.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// `-o PATH`, `-o -` (stdout), or a FIFO or device.
+    Output(PathBuf),
+    /// `--to-command CMD`: `sh -c CMD` reads the stream on its stdin.
+    Command(String),
+}
+
+/// `export --xapi`, as the CLI gathered it.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub login: XapiLogin,
+    pub vdi: String,
+    pub state: Option<PathBuf>,
+    /// Start from this snapshot instead of the state's base.
+    pub base: Option<String>,
+    pub full: bool,
+    pub enable_cbt: bool,
+    pub fallback_full: bool,
+    pub keep_bases: u32,
+    pub destination: Destination,
+    /// Commit once a pipe took the last byte (trusting its reader).
+    pub commit_on_eof: bool,
+    /// How often to use the XenAPI session during the export.
+    pub keepalive: Duration,
+    pub dp: DataPlaneOptions,
+}
+
+/// What one export did.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub summary: ExportSummary,
+    /// The new point (the snapshot's uuid).
+    pub point: String,
+    /// The point it applies onto; None for a full stream.
+    pub base: Option<String>,
+    /// False when the point awaits `cbtstream commit`.
+    pub committed: bool,
+}
+
+/// When the new point may be committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommitWhen {
+    /// The output is durable when the data plane returns (an fsynced file; or a pipe with
+    /// `--commit-on-eof`).
+    Written,
+    /// When `--to-command` exits 0.
+    CommandSucceeded,
+    /// Never in this run: `cbtstream commit` does it once the pipe's reader stored the stream.
+    Later,
+}
+
+fn commit_when(opts: &ExportOptions) -> Result<CommitWhen, Failure> {
+    let path = match &opts.destination {
+        Destination::Command(_) => return Ok(CommitWhen::CommandSucceeded),
+        Destination::Output(path) => path,
+    };
+    if matches!(Output::from_arg(path), Output::File(_)) || opts.commit_on_eof {
+        Ok(CommitWhen::Written)
+    } else if opts.state.is_some() {
+        Ok(CommitWhen::Later)
+    } else {
+        Err(fail(
+            Code::Usage,
+            "a stream to a pipe is durable only once its reader stored it: give --state FILE \
+             (then `cbtstream commit --state FILE` once it is stored), --to-command CMD, or \
+             --commit-on-eof to trust the reader",
+        ))
+    }
+}
+
+pub async fn run(opts: ExportOptions) -> Result<ExportReport, Failure> {
+    let when = commit_when(&opts)?;
+    let _lock = match &opts.state {
+        Some(p) => Some(lock_chain(p)?),
+        None => None,
+    };
+    let session = Arc::new(login(&opts.login).await?);
+    // The snapshot taken but not yet committed: whatever happens, it is removed.
+    let uncommitted: Arc<Mutex<Option<Ref>>> = Arc::default();
+    let result = tokio::select! {
+        r = export(&session, &opts, when, uncommitted.clone()) => r,
+        sig = shutdown_signal() => Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed"))),
+    };
+    let leftover = uncommitted.lock().ok().and_then(|mut g| g.take());
+    if let Some(snap) = leftover {
+        destroy_snapshot(&session, &snap).await;
+    }
+    session.logout().await;
+    result
+}
+
+fn is_chain_broken(e: &XapiError) -> bool {
+    e.is("SR_BACKEND_FAILURE_460") || e.is("SR_BACKEND_FAILURE_459") || e.is("VDI_NO_CBT_METADATA")
+}
+
+/// The chain cannot continue: a full export with --fallback-full, else a clear error.
+fn chain_broken(opts: &ExportOptions, why: String) -> Result<(), Failure> {
+    if opts.fallback_full {
+        tracing::warn!("{why}; --fallback-full: starting a new chain with a full export");
+        Ok(())
+    } else {
+        Err(fail(
+            Code::Source,
+            format!("{why}; start a new chain with --full, or pass --fallback-full"),
+        ))
+    }
+}
+
+/// A point exported earlier whose stream was never confirmed stored: it may exist nowhere,
+/// so nothing may build on it. Its snapshot goes, and this export starts from the committed
+/// base (the CBT logs of a destroyed snapshot are merged into the next one, so no change is
+/// lost).
+async fn drop_uncommitted_point(
+    session: &XapiSession,
+    state_path: &std::path::Path,
+    state: &mut ChainState,
+) -> Result<(), Failure> {
+    let Some(pending) = state.pending.take() else {
+        return Ok(());
+    };
+    tracing::warn!(
+        "the point {} exported earlier was never committed (its stream may not have been stored); \
+         removing its snapshot and exporting from the committed base{}",
+        pending.snapshot,
+        state
+            .base
+            .as_ref()
+            .map(|b| format!(" {b}"))
+            .unwrap_or_default()
+    );
+    destroy_if_ours(session, &pending.snapshot, "uncommitted snapshot").await;
+    save_state(state_path, state)
+}
+
+async fn export(
+    session: &Arc<XapiSession>,
+    opts: &ExportOptions,
+    when: CommitWhen,
+    uncommitted: Arc<Mutex<Option<Ref>>>,
+) -> Result<ExportReport, Failure> {
+    let vdi_uuid = opts.vdi.clone();
+    let vdi = session.vdi_get_by_uuid(&vdi_uuid).await.map_err(src)?;
+    let rec = session.vdi_get_record(&vdi).await.map_err(src)?;
+    if rec.is_a_snapshot {
+        return Err(fail(
+            Code::Usage,
+            format!("VDI {vdi_uuid} is a snapshot; give the VDI itself"),
+        ));
+    }
+    let mut state = match &opts.state {
+        Some(p) => load_state(p)?,
+        None => None,
+    };
+    if let Some(s) = &state {
+        if s.vdi != vdi_uuid {
+            return Err(fail(
+                Code::Usage,
+                format!("the state file is for VDI {}, not {vdi_uuid}", s.vdi),
+            ));
+        }
+    }
+    if let (Some(p), Some(s)) = (&opts.state, &mut state) {
+        drop_uncommitted_point(session, p, s).await?;
+    }
+    let mut full = opts.full;
+    if !rec.cbt_enabled {
+        if !opts.enable_cbt {
+            return Err(fail(
+                Code::Source,
+                format!("changed block tracking is off for VDI {vdi_uuid}; pass --enable-cbt to turn it on (that export is a full one)"),
+            ));
+        }
+        tracing::warn!(
+            "turning changed block tracking on for VDI {vdi_uuid}; this export is a full one"
+        );
+        session.vdi_enable_cbt(&vdi).await.map_err(src)?;
+        full = true;
+    }
+
+    // The committed base this run follows, and whether the chain can go on from it.
+    let previous = match (&opts.base, &state) {
+        (Some(b), _) => Some(b.clone()),
+        (None, Some(s)) => s.base.clone(),
+        (None, None) => None,
+    };
+    if previous.is_none() && !full {
+        tracing::info!("no chain state yet: this is the first, full export");
+    }
+    let mut base: Option<(String, Ref)> = None;
+    if let Some(uuid) = previous.as_ref().filter(|_| !full) {
+        match session.vdi_get_by_uuid(uuid).await {
+            Ok(r) => base = Some((uuid.clone(), r)),
+            Err(e) if e.is("UUID_INVALID") || e.is("HANDLE_INVALID") => {
+                chain_broken(opts, format!("the base snapshot {uuid} no longer exists"))?
+            }
+            Err(e) => return Err(src(e)),
+        }
+    }
+
+    // The snapshot. From here until the commit, any failure removes it. Tagging is a second
+    // call: a run killed between the two leaves an untagged snapshot, which `gc` lists.
+    let snap = session
+        .vdi_snapshot(&vdi, BTreeMap::new())
+        .await
+        .map_err(src)?;
+    if let Ok(mut g) = uncommitted.lock() {
+        *g = Some(snap.clone());
+    }
+    session
+        .vdi_add_to_other_config(&snap, TAG_SNAPSHOT, &vdi_uuid)
+        .await
+        .map_err(src)?;
+    let snap_rec = session.vdi_get_record(&snap).await.map_err(src)?;
+
+    // The changed blocks, before any NBD connection to the snapshot.
+    let mut bitmap = None;
+    if let Some((uuid, vref)) = &base {
+        match session.vdi_list_changed_blocks(vref, &snap).await {
+            Ok(b64) => bitmap = Some(cbt::decode_base64(b64.as_bytes()).code(Code::Source)?),
+            Err(e) if is_chain_broken(&e) => {
+                chain_broken(opts, format!("the chain from base {uuid} is broken ({e})"))?;
+                base = None;
+            }
+            Err(e) => return Err(src(e)),
+        }
+    }
+
+    let params = NbdParams {
+        connect_timeout: opts.dp.connect_timeout.max(Duration::from_secs(1)),
+        extended_headers: opts.dp.extended_headers,
+    };
+    let stream_base = base.as_ref().map(|(u, _)| u.clone());
+    let ids = StreamIds {
+        source_id: vdi_uuid.clone(),
+        point_id: snap_rec.uuid.clone(),
+        base_id: stream_base.clone(),
+    };
+    let summary = {
+        let transfer = async {
+            let (nbd, first) = XenNbd::open(session.clone(), snap.clone(), params).await?;
+            send_stream(opts, first, nbd, bitmap, ids).await
+        };
+        // Every NBD connection is closed when this returns.
+        keepalive(session, &snap, opts.keepalive, transfer).await?
+    };
+
+    let info = PendingPoint {
+        snapshot: snap_rec.uuid.clone(),
+        stream_base: stream_base.clone(),
+        virtual_size: snap_rec.virtual_size,
+        created_unix_secs: created_now(),
+        keep_bases: opts.keep_bases,
+    };
+    let report = ExportReport {
+        summary,
+        point: snap_rec.uuid.clone(),
+        base: stream_base,
+        committed: when != CommitWhen::Later,
+    };
+    // (commit_when gives Later only with a state file.)
+    if let Some(path) = opts.state.as_ref().filter(|_| when == CommitWhen::Later) {
+        // The stream is complete on the pipe; whether it is stored is the reader's to say.
+        let mut s = state.unwrap_or_else(|| ChainState::new(&vdi_uuid, session.endpoint().url()));
+        s.pending = Some(info);
+        save_state(path, &s)?;
+        if let Ok(mut g) = uncommitted.lock() {
+            *g = None;
+        }
+        eprintln!(
+            "cbtstream: point {} exported; it becomes the chain's base once you run \
+             `cbtstream commit --state {}` after the stream is stored",
+            snap_rec.uuid,
+            path.display()
+        );
+        return Ok(report);
+    }
+    if let Ok(mut g) = uncommitted.lock() {
+        *g = None;
+    }
+    let point = Point {
+        vdi: &vdi_uuid,
+        snapshot: &snap,
+        info,
+        previous,
+    };
+    commit_point(session, opts.state.as_deref(), state, point).await?;
+    Ok(report)
+}
+
+/// Run the data plane into the destination; for `--to-command`, also wait for the command
+/// and fail unless it exits 0.
+async fn send_stream(
+    opts: &ExportOptions,
+    first: crate::nbd::Connection,
+    nbd: Arc<XenNbd>,
+    bitmap: Option<Vec<u8>>,
+    ids: StreamIds,
+) -> Result<ExportSummary, Failure> {
+    let progress = Arc::new(crate::progress::Bar::stderr());
+    match &opts.destination {
+        Destination::Output(path) => {
+            run_data_plane(
+                first,
+                nbd,
+                bitmap,
+                ids,
+                &opts.dp,
+                Output::from_arg(path),
+                progress,
+            )
+            .await
+        }
+        Destination::Command(cmd) => {
+            let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
+            let pipe: Arc<OwnedFd> = Arc::new(stdin);
+            // The engine drops its copies of the pipe when it returns: the command's EOF.
+            let sent = run_data_plane(
+                first,
+                nbd,
+                bitmap,
+                ids,
+                &opts.dp,
+                Output::Pipe(pipe),
+                progress,
+            )
+            .await;
+            match sent {
+                Ok(summary) => {
+                    child.wait_success().await.code(Code::Output)?;
+                    Ok(summary)
+                }
+                Err(e) => {
+                    child.kill().await;
+                    Err(e)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Reaching a snapshot over NBD the way `VDI.get_nbd_info` says, and staying reachable.
+//!
+//! Each record of `get_nbd_info` names a server, the exact certificate to trust, the name
+//! that certificate is for (`subject`), and an export name that embeds the session
+//! reference: xapi-nbd checks that session on every new connection. So a session that dies
+//! mid-export (expiry, the per-user session limit evicting old sessions, a master failover)
+//! makes every later connect fail with the old name. [`XenNbd`] asks `get_nbd_info` again
+//! whenever the session was renewed since the name was fetched, or when the server refused
+//! the name, and [`keepalive`] keeps the session in use during long exports.
+
+use super::src;
+use crate::exit::{fail, Code, Failure};
+use crate::nbd::{Address, ConnError, ConnectOptions, Connection};
+use crate::tls::{self, Trust};
+use crate::xapi::{NbdInfo, Ref, XapiSession};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How to open connections, from the data-plane options.
+#[derive(Debug, Clone, Copy)]
+pub struct NbdParams {
+    pub connect_timeout: Duration,
+    pub extended_headers: bool,
+}
+
+/// The connect options of one `get_nbd_info` record: the exact certificate it carries, for
+/// the name it gives. A record whose certificate does not parse or does not name its
+/// `subject` is refused (the caller moves on to the next record).
+fn record_options(info: &NbdInfo, params: NbdParams) -> Result<ConnectOptions, tls::TlsError> {
+    // MERGE: Trust::exact_cert_for_subject once tls.rs has it.
+    let trust = Trust::exact_cert_from_pem(
+        info.cert_pem.as_bytes(),
+        std::path::Path::new("get_nbd_info cert"),
+    )?;
+    let config = tls::client_config(&trust)?;
+    let name = if info.subject.is_empty() {
+        info.address.clone()
+    } else {
+        info.subject.clone()
+    };
+    Ok(ConnectOptions {
+        address: Address::Tcp {
+            host: info.address.clone(),
+            port: info.port,
+        },
+        export: info.exportname.expose().to_string(),
+        tls: Some((config, tls::server_name(&name)?)),
+        connect_timeout: params.connect_timeout,
+        handshake_timeout: params.connect_timeout,
+        extended_headers: params.extended_headers,
+        meta_context: true,
+    })
+}
+
+/// Why no server of `get_nbd_info` could be used.
+#[derive(Debug, thiserror::Error)]
+pub enum NoServer {
+    #[error(
+        "VDI.get_nbd_info returned no server: no network in the pool has the `nbd` purpose \
+         (xe network-param-add param-name=purpose param-key=nbd uuid=<network>)"
+    )]
+    Empty,
+    #[error("no NBD server of VDI.get_nbd_info could be used; {0}")]
+    AllFailed(String),
+}
+
+/// Connect to the first record that answers. One bad record (a certificate that does not
+/// parse or name its subject, a server that is down) falls through to the next.
+async fn connect_first(
+    infos: &[NbdInfo],
+    params: NbdParams,
+) -> Result<(Connection, ConnectOptions), NoServer> {
+    if infos.is_empty() {
+        return Err(NoServer::Empty);
+    }
+    let mut errors = Vec::new();
+    for (i, info) in infos.iter().enumerate() {
+        let server = format!("{}:{}", info.address, info.port);
+        let opts = match record_options(info, params) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(%server, "NBD server record {i} refused: {e}; trying the next one");
+                errors.push(format!("{server}: {e}"));
+                continue;
+            }
+        };
+        match Connection::connect(&opts).await {
+            Ok(c) => return Ok((c, opts)),
+            Err(e) => {
+                tracing::warn!(%server, "NBD server failed: {e}; trying the next one");
+                errors.push(format!("{server}: {e}"));
+            }
+        }
+    }
+    Err(NoServer::AllFailed(errors.join("; ")))
+}
+
+/// The NBD side of one snapshot: opens connections with a current export name.
+pub struct XenNbd {
+    session: Arc<XapiSession>,
+    snapshot: Ref,
+    params: NbdParams,
+    /// The options in use, and the session's re-login count when they were fetched.
+    current: Mutex<(ConnectOptions, u64)>,
+}
+
+impl XenNbd {
+    /// `get_nbd_info` for the snapshot and the first connection.
+    pub async fn open(
+        session: Arc<XapiSession>,
+        snapshot: Ref,
+        params: NbdParams,
+    ) -> Result<(Arc<XenNbd>, Connection), Failure> {
+        let relogins = session.relogins();
+        let infos = session.vdi_get_nbd_info(&snapshot).await.map_err(src)?;
+        let (conn, opts) = connect_first(&infos, params)
+            .await
+            .map_err(|e| fail(Code::Source, e))?;
+        let nbd = XenNbd {
+            session,
+            snapshot,
+            params,
+            current: Mutex::new((opts, relogins)),
+        };
+        Ok((Arc::new(nbd), conn))
+    }
+
+    fn current(&self) -> (ConnectOptions, u64) {
+        self.current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Ask `get_nbd_info` again (the export name carries the session) and connect.
+    async fn refresh(&self) -> Result<Connection, ConnError> {
+        let relogins = self.session.relogins();
+        let infos = self
+            .session
+            .vdi_get_nbd_info(&self.snapshot)
+            .await
+            .map_err(|e| ConnError::Io(Arc::new(std::io::Error::other(e.to_string()))))?;
+        let (conn, opts) = connect_first(&infos, self.params)
+            .await
+            .map_err(|e| ConnError::Io(Arc::new(std::io::Error::other(e.to_string()))))?;
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = (opts, relogins);
+        Ok(conn)
+    }
+
+    /// Open one more connection: with the current export name while the session that name
+    /// carries is still ours, else (or when the server refuses the name) with a fresh one.
+    pub async fn connect(&self) -> Result<Connection, ConnError> {
+        let (opts, fetched_at) = self.current();
+        if self.session.relogins() != fetched_at {
+            tracing::info!("the XenAPI session was renewed; asking VDI.get_nbd_info again");
+            return self.refresh().await;
+        }
+        match Connection::connect(&opts).await {
+            Ok(c) => Ok(c),
+            // xapi-nbd closes the connection without a reply when it refuses an export name
+            // (a dead session); XenServer also closes a 17th connection before its greeting,
+            // which a fresh name does not help, so that one is passed on as it is.
+            Err(e @ (ConnError::Eof | ConnError::Protocol(_))) if !is_connection_limit(&e) => {
+                tracing::info!(
+                    "the NBD server refused the connection ({e}); asking VDI.get_nbd_info again"
+                );
+                self.refresh().await
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn is_connection_limit(e: &ConnError) -> bool {
+    matches!(
+        e,
+        ConnError::Protocol(cbtstream_proto::nbd::NbdError::ClosedBeforeGreeting)
+    )
+}
+
+impl crate::engine::Connector for XenNbd {
+    fn connect(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Connection, ConnError>> + Send + '_>,
+    > {
+        Box::pin(XenNbd::connect(self))
+    }
+}
+
+/// Keep the session in use while `work` runs: a cheap call every `every`, so that neither
+/// XAPI's idle-session expiry nor its per-user limit (which evicts the least recently used
+/// sessions) ends it under a long export. A call that finds the session dead logs in again
+/// (`XapiSession::call`), and [`XenNbd`] then fetches a fresh export name.
+pub async fn keepalive<T>(
+    session: &XapiSession,
+    snapshot: &Ref,
+    every: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = tick.tick() => match session.vdi_get_uuid(snapshot).await {
+                Ok(_) => tracing::debug!("XenAPI session keepalive"),
+                Err(e) => tracing::warn!("XenAPI session keepalive failed: {e}"),
+            },
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The XenServer simulator as the integration tests use it: one VDI, the cbtstream binary
+//! run against it with the password in the environment, and probes of the host's snapshots.
+#![allow(dead_code)]
+
+use super::common::*;
+use cbtstream_proto::xmlrpc::Value;
+use cbtstream_xapi_sim::{SimConfig, Simulator};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+pub const SIZE: u64 = (3 << 20) + 512; // a multiple of 512, not of 64 KiB
+
+pub struct Env {
+    pub _tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub sim: Simulator,
+}
+
+pub async fn env() -> Env {
+    env_with(|_| {}).await
+}
+
+pub async fn env_with(tweak: impl FnOnce(&mut SimConfig)) -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mut cfg = SimConfig::for_tests(dir.join("sim"));
+    cfg.disk_size = SIZE;
+    tweak(&mut cfg);
+    let sim = Simulator::start(cfg).await.unwrap();
+    Env {
+        _tmp: tmp,
+        dir,
+        sim,
+    }
+}
+
+impl Env {
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("chain.json")
+    }
+
+    /// `cbtstream export --xapi ... --vdi ... -o OUT EXTRA...`.
+    pub async fn export(&self, out: &Path, extra: &[&str]) -> Output {
+        self.export_via(&self.sim.url(), out, extra).await
+    }
+
+    pub async fn export_via(&self, url: &str, out: &Path, extra: &[&str]) -> Output {
+        let mut args = vec!["-o", p(out)];
+        args.extend_from_slice(extra);
+        self.command(&["export", "--xapi", url], true, &args).await
+    }
+
+    /// `cbtstream export --xapi ... --vdi ... EXTRA...` (the output is in EXTRA).
+    pub async fn export_to(&self, extra: &[&str]) -> Output {
+        self.command(&["export", "--xapi", &self.sim.url()], true, extra)
+            .await
+    }
+
+    pub async fn gc(&self, extra: &[&str]) -> Output {
+        self.command(&["gc", "--xapi", &self.sim.url()], true, extra)
+            .await
+    }
+
+    /// `cbtstream commit --xapi-ca CA EXTRA...` (the pool master from the state file).
+    pub async fn commit(&self, extra: &[&str]) -> Output {
+        self.command(&["commit"], false, extra).await
+    }
+
+    /// Run cbtstream `head` `--xapi-ca CA` [`--vdi VDI`] `extra`, with the password in the
+    /// environment.
+    pub async fn command(&self, head: &[&str], vdi: bool, extra: &[&str]) -> Output {
+        let mut args: Vec<String> = head.iter().map(|s| s.to_string()).collect();
+        args.extend(["--xapi-ca".into(), p(self.sim.ca_path()).into()]);
+        if vdi {
+            args.extend(["--vdi".into(), self.sim.vdi_uuid().into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let pw = self.sim.password().to_string();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(BIN)
+                .args(&args)
+                .env("XAPI_PASSWORD", pw)
+                .env("SOURCE_DATE_EPOCH", "1795000000")
+                .env_remove("CBTSTREAM_LOG")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// A snapshot of the VDI taken directly on the host (as a run killed right after
+    /// `VDI.snapshot` leaves one), tagged as cbtstream tags its own when `tagged`. Its uuid.
+    pub fn host_snapshot(&self, tagged: bool) -> String {
+        let session = login(self);
+        let vdi: Value = self.sim.vdi_ref_of(self.sim.vdi_uuid()).unwrap().into();
+        let snap = self
+            .sim
+            .call_local(
+                "VDI.snapshot",
+                &[session.clone(), vdi, Value::Struct(Default::default())],
+            )
+            .unwrap();
+        if tagged {
+            self.sim
+                .call_local(
+                    "VDI.add_to_other_config",
+                    &[
+                        session.clone(),
+                        snap.clone(),
+                        "cbtstream_snapshot_of".into(),
+                        self.sim.vdi_uuid().into(),
+                    ],
+                )
+                .unwrap();
+        }
+        self.sim
+            .call_local("VDI.get_uuid", &[session, snap])
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// (uuid, type, tagged by cbtstream) of every snapshot of the VDI.
+    pub fn snapshots(&self) -> Vec<(String, String, bool)> {
+        let session = self
+            .sim
+            .call_local(
+                "session.login_with_password",
+                &[self.sim.user().into(), self.sim.password().into()],
+            )
+            .unwrap();
+        let rec = self.sim.vdi_record(self.sim.vdi_uuid()).unwrap();
+        let mut out = Vec::new();
+        for r in rec
+            .get("snapshots")
+            .and_then(Value::as_array)
+            .map(<[Value]>::to_vec)
+            .unwrap_or_default()
+        {
+            let s = self
+                .sim
+                .call_local("VDI.get_record", &[session.clone(), r])
+                .unwrap();
+            let uuid = s.get("uuid").and_then(Value::as_str).unwrap().to_string();
+            let typ = s.get("type").and_then(Value::as_str).unwrap().to_string();
+            let tagged = s
+                .get("other_config")
+                .and_then(|m| m.get("cbtstream_snapshot_of"))
+                .is_some();
+            out.push((uuid, typ, tagged));
+        }
+        out
+    }
+
+    pub fn live_image(&self) -> PathBuf {
+        self.sim.vdi_path(self.sim.vdi_uuid()).unwrap()
+    }
+
+    /// Guest writes: across a 64 KiB boundary, an aligned block, and the last partial block.
+    pub fn guest_writes(&self, seed: u8) {
+        let vdi = self.sim.vdi_uuid().to_string();
+        let pattern = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect()
+        };
+        self.sim
+            .write(&vdi, 65536 - 100 + u64::from(seed) * 4096, &pattern(300))
+            .unwrap();
+        self.sim.write(&vdi, 10 * 65536, &pattern(65536)).unwrap();
+        self.sim.write(&vdi, SIZE - 512, &pattern(512)).unwrap();
+    }
+}
+
+pub fn state_base(path: &Path) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["base"].as_str().unwrap().to_string()
+}
+
+pub fn login(e: &Env) -> Value {
+    e.sim
+        .call_local(
+            "session.login_with_password",
+            &[e.sim.user().into(), e.sim.password().into()],
+        )
+        .unwrap()
+}
