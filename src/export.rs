@@ -3,7 +3,7 @@
 //! structs: the CLI builds them from its arguments.
 
 use crate::engine::fetch::FetchConfig;
-use crate::engine::plan::{Plan, PlanError};
+use crate::engine::plan::{Plan, PlanError, MAX_DISK_SIZE};
 use crate::engine::sink::Output;
 use crate::engine::{self, Connector, EngineConfig, EngineError, ExportSummary, Progress};
 use crate::exit::{fail, Code, Failure, WithCode};
@@ -66,19 +66,36 @@ pub struct NbdExportOptions {
     pub dp: DataPlaneOptions,
 }
 
+/// Read and decode the base64 bitmap in pieces, never holding its whole text.
 fn read_bitmap(path: &Path) -> Result<Vec<u8>, Failure> {
-    let mut text = Vec::new();
-    if path == Path::new("-") {
-        std::io::stdin().read_to_end(&mut text).code(Code::Usage)?;
+    let what = || {
+        if path == Path::new("-") {
+            "the changed-block bitmap on stdin".to_string()
+        } else {
+            format!("the changed-block bitmap {}", path.display())
+        }
+    };
+    let mut input: Box<dyn Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
     } else {
-        text = std::fs::read(path).map_err(|e| {
-            fail(
-                Code::Usage,
-                format!("reading the changed-block bitmap {}: {e}", path.display()),
-            )
-        })?;
+        let file = std::fs::File::open(path)
+            .map_err(|e| fail(Code::Usage, format!("reading {}: {e}", what())))?;
+        Box::new(file)
+    };
+    // The bitmap of the largest disk cbtstream exports.
+    let max = MAX_DISK_SIZE.div_ceil(CBT_BLOCK).div_ceil(8) as usize;
+    let mut decoder = cbt::Base64Decoder::new(max);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(fail(Code::Usage, format!("reading {}: {e}", what()))),
+        };
+        decoder.push(&buf[..n]).code(Code::Usage)?;
     }
-    cbt::decode_base64(&text).code(Code::Usage)
+    decoder.finish().code(Code::Usage)
 }
 
 fn connect_options(

@@ -44,11 +44,13 @@ impl Nbdkit {
     /// `nbdkit -f -U SOCKET ARGS...`; waits (bounded) for the socket to appear.
     fn start(dir: &Path, args: &[&str]) -> Nbdkit {
         let socket = dir.join("nbdkit.sock");
+        let log = std::fs::File::create(dir.join("nbdkit.log")).unwrap();
         let child = Command::new("nbdkit")
             .args(["-f", "-U", p(&socket)])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("nbdkit must be installed");
         let mut server = Nbdkit { child, socket };
@@ -57,7 +59,8 @@ impl Nbdkit {
                 return server;
             }
             if let Ok(Some(st)) = server.child.try_wait() {
-                panic!("nbdkit {args:?} exited at start: {st}");
+                let log = std::fs::read_to_string(dir.join("nbdkit.log")).unwrap_or_default();
+                panic!("nbdkit {args:?} exited at start: {st}: {log}");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -333,4 +336,65 @@ fn data_ranges(path: &Path) -> Vec<(u64, u64)> {
         pos = hole;
     }
     out
+}
+
+#[test]
+fn a_bitmap_of_several_mib_of_text_is_read_in_pieces() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 512 GiB: 2^23 blocks, a 1 MiB bitmap, 1.4 MB of base64 (more than one read of it).
+    let size = 512u64 << 30;
+    let blocks = size / (64 << 10);
+    let server = Nbdkit::start(
+        tmp.path(),
+        &["-r", "sparse-random", "512G", "percent=0.0025", "seed=3"],
+    );
+    let mut bm = vec![0u8; (blocks / 8) as usize];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut set = 0u64;
+    for _ in 0..1000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x % blocks;
+        if bm[(b / 8) as usize] & (0x80 >> (b % 8)) == 0 {
+            bm[(b / 8) as usize] |= 0x80 >> (b % 8);
+            set += 1;
+        }
+    }
+    let text = cbtstream_proto::cbt::encode_base64(&bm) + "\n";
+    assert!(text.len() > 1 << 20);
+    let bitmap = tmp.path().join("bitmap.b64");
+    std::fs::write(&bitmap, &text).unwrap();
+    let out = tmp.path().join("out.cbts");
+    let o = ok(cbtstream(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--changed-blocks",
+        p(&bitmap),
+        "-o",
+        p(&out),
+        "--json",
+    ]));
+    let s = summary(&o);
+    assert_eq!(s["bytes_read"].as_u64().unwrap(), set * (64 << 10), "{s}");
+    // Whitespace inside the text is refused, as a usage error naming the bitmap.
+    let bad = tmp.path().join("bad.b64");
+    std::fs::write(&bad, format!("{}\n{}", &text[..8], &text[8..])).unwrap();
+    let o = cbtstream(&[
+        "export",
+        "--nbd",
+        &server.uri(),
+        "--changed-blocks",
+        p(&bad),
+        "-o",
+        p(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("the changed-block bitmap is not valid base64: whitespace inside the text"),
+        "{}",
+        stderr(&o)
+    );
 }
