@@ -35,7 +35,11 @@ rm -f "$SOCK"
 nbdkit -r -f -U "$SOCK" sparse-random "$SIZE" percent=0.0025 seed=1 &
 PIDS=($!)
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+# sparse-random lays out its data at start: give it time, as long as it runs.
+until [ -S "$SOCK" ]; do
+    kill -0 "${PIDS[0]}" 2>/dev/null || { echo "nbdkit sparse-random $SIZE did not start"; exit 1; }
+    sleep 0.2
+done
 URI="nbd+unix:///?socket=$SOCK"
 BYTES=$(nbdinfo --size "$URI")
 

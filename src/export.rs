@@ -318,13 +318,7 @@ pub async fn run_data_plane(
         codec: dp.codec,
     };
     header.validate().code(Code::Usage)?;
-    let pipeline = engine::size_pipeline(
-        first.rtt,
-        connections,
-        plan.average_read,
-        request,
-        dp.inflight,
-    );
+    let pipeline = engine::size_pipeline(first.rtt, connections, plan.average_read, dp.inflight);
     tracing::debug!(
         round_trip_us = first.rtt.map(|r| r.as_micros() as u64),
         inflight = pipeline.inflight,

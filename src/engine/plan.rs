@@ -95,12 +95,9 @@ impl Plan {
     }
 
     /// The whole disk, asking the server which ranges are zero. The reads are not known
-    /// yet: their average is taken as one CBT block, which sizes the pipeline for sparse
-    /// disks (more reads in flight), where that matters.
+    /// yet: the pipeline is sized as for a full read (most disks are mostly allocated).
     pub fn allocation(disk_size: u64, request: u64, align: u64) -> Result<Plan, PlanError> {
-        let mut plan = Plan::new(Source::Allocation { align }, disk_size, request)?;
-        plan.average_read = CBT_BLOCK.min(request);
-        Ok(plan)
+        Plan::new(Source::Allocation { align }, disk_size, request)
     }
 }
 
