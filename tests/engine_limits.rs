@@ -398,3 +398,41 @@ fn a_bitmap_of_several_mib_of_text_is_read_in_pieces() {
         stderr(&o)
     );
 }
+
+#[test]
+fn bad_request_sizes_and_thread_counts_are_refused_before_connecting() {
+    // Nothing listens there: a connection attempt would fail with exit 3, not 2.
+    let uri = "nbd+unix:///?socket=/nonexistent/cbtstream.sock";
+    for (flag, value, want) in [
+        (
+            "--request-size",
+            "100",
+            "must be a multiple of 64 between 64 and 32768",
+        ),
+        (
+            "--request-size",
+            "0",
+            "must be a multiple of 64 between 64 and 32768",
+        ),
+        (
+            "--request-size",
+            "32832",
+            "must be a multiple of 64 between 64 and 32768",
+        ),
+        ("--threads", "0", "0 is not in 1..=256"),
+        ("--threads", "257", "257 is not in 1..=256"),
+    ] {
+        let o = cbtstream(&[
+            "export",
+            "--nbd",
+            uri,
+            "--full",
+            "-o",
+            "/dev/null",
+            flag,
+            value,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{flag} {value}: {}", stderr(&o));
+    }
+}

@@ -1,6 +1,6 @@
 //! The changed-block bitmap of `VDI.list_changed_blocks`.
 //!
-//! Encoding (shared/research/xen_cbt_nbd.md section 1): base64 (standard alphabet, padded) of
+//! Encoding (as XenServer returns it): base64 (standard alphabet, padded) of
 //! a bitmap with one bit per 64 KiB block, most significant bit first: block `i` changed when
 //! `byte[i / 8] & (0x80 >> (i % 8)) != 0`. Its length is `ceil(ceil(size / 64 KiB) / 8)` bytes
 //! for the disk size the host knew; a bitmap longer than the disk is fine as long as the bits
@@ -285,7 +285,7 @@ mod tests {
 
     #[test]
     fn documented_example() {
-        // 10 MiB disk, blocks 0, 9 and 159 changed (research notes 1.4).
+        // 10 MiB disk, blocks 0, 9 and 159 changed.
         let bm = decode_base64(b"gEAAAAAAAAAAAAAAAAAAAAAAAAE=\n").unwrap();
         let e: Vec<_> = extents(&bm, 10 * MIB, MIB).unwrap().collect();
         assert_eq!(

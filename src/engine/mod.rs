@@ -313,14 +313,6 @@ async fn run_stages(
     let (sink_tx, sink_rx) = std::sync::mpsc::channel::<ToSink>();
     let (job_tx, jobs) = async_channel::bounded::<Job>(256);
 
-    let sink = spawn_sink(
-        sink::open(output)?,
-        header,
-        sink_rx,
-        pools.clone(),
-        progress,
-    )?;
-    let (downstream, encoders) = spawn_encoders(cfg, &sink_tx, &pools, ecfg)?;
     // Every item, ZERO included, costs at least ITEM_COST; the largest read must fit.
     let budget = cfg
         .budget
@@ -328,6 +320,15 @@ async fn run_stages(
         .max(planner::ITEM_COST)
         .min(u64::from(u32::MAX) / 2) as usize;
     let budget = Arc::new(Semaphore::new(budget));
+    let sink = spawn_sink(
+        sink::open(output)?,
+        header,
+        sink_rx,
+        pools.clone(),
+        progress,
+        budget.clone(),
+    )?;
+    let (downstream, encoders) = spawn_encoders(cfg, &sink_tx, &pools, ecfg)?;
     let planner = tokio::spawn(
         Planner {
             jobs: job_tx,
@@ -358,7 +359,11 @@ async fn run_stages(
             planner.await
         }
     };
-    let planned = planned.unwrap_or(Ok(())).map_err(EngineError::from);
+    let planned = match planned {
+        Ok(r) => r.map_err(EngineError::from),
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => Err(EngineError::Internal(format!("planner: {e}"))),
+    };
     let (encoded, written) = join_threads(encoders, sink).await?;
     let (bytes_read, (file, stats)) = first_failure(fetched, planned, encoded, written)?;
     sink::commit(output, file)?;
@@ -378,19 +383,27 @@ type Written = (Box<dyn std::io::Write + Send>, SinkStats);
 type SinkResult = Result<Written, SinkError>;
 type Encoders = Vec<std::thread::JoinHandle<std::io::Result<()>>>;
 
-/// The order and sink stages, on a thread of their own.
+/// The order and sink stages, on a thread of their own. When writing fails, the budget is
+/// closed, which stops the planner.
 fn spawn_sink(
     out: Box<dyn std::io::Write + Send>,
     header: Header,
     input: std::sync::mpsc::Receiver<ToSink>,
     pools: Arc<Pools>,
     progress: Arc<dyn Progress>,
+    budget: Arc<Semaphore>,
 ) -> Result<std::thread::JoinHandle<SinkResult>, EngineError> {
     std::thread::Builder::new()
         .name("cbtstream-sink".into())
         .spawn(move || {
             let mut items = InOrder::new(input);
-            sink::run(out, &header, &mut items, &pools, progress.as_ref())
+            let written = sink::run(out, &header, &mut items, &pools, progress.as_ref());
+            if written.is_err() {
+                // Items still queued for the sink hold budget the planner may be waiting
+                // for, with no read in flight to notice the sink is gone: stop the planner.
+                budget.close();
+            }
+            written
         })
         .map_err(|e| EngineError::Internal(e.to_string()))
 }
