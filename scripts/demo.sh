@@ -3,7 +3,9 @@
 # keeps real CBT logs over real disk images and serves snapshots over NBD with TLS, like a
 # XenServer host. The story:
 #   1. the guest writes data; a full export to a file (the chain's state file is created);
-#   2. the guest writes more; the incremental export is piped straight into `restore`;
+#   2. the guest writes more; the incremental export is piped straight into `restore`, and
+#      committed with `cbtstream commit` once restore succeeded (a stream through a pipe is
+#      pending until its reader says it is stored);
 #   3. the restored image is compared with the VDI byte for byte; the host keeps only one
 #      snapshot, of type cbt_metadata, as the base for the next run.
 #
@@ -79,9 +81,10 @@ guest_writes 1
 cmp restored.raw "sim/$VDI.raw" && echo "   restored image == VDI"
 snapshots
 
-echo "== 2. guest writes, then an incremental piped into restore"
+echo "== 2. guest writes, then an incremental piped into restore, committed when restore succeeded"
 guest_writes 2
-"$BIN" export "${XAPI[@]}" -o - --json | "$BIN" restore --to restored.raw -
+"$BIN" export "${XAPI[@]}" -o - --json | "$BIN" restore --to restored.raw - \
+    && "$BIN" commit --xapi-ca "$CA" --state chain.json
 cmp restored.raw "sim/$VDI.raw" && echo "   restored image == VDI after the incremental"
 snapshots
 echo "   chain state: $(python3 -c 'import json; j=json.load(open("chain.json")); print("base", j["base"], "cbt_metadata" if j["base_is_metadata"] else "full")')"

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# Install the real NBD peers the tests and the demo use, from Debian packages, when missing:
-# qemu-nbd (qemu-utils), nbdkit, nbdinfo/nbdcopy (libnbd-bin), openssl, python3; and the
-# official XenAPI Python SDK (PyPI package XenAPI), which checks the XenServer simulator.
+# Install what the tests, the fuzz targets and the demo need, when missing: the real NBD peers
+# qemu-nbd (qemu-utils), nbdkit, nbdinfo/nbdcopy (libnbd-bin); openssl; python3 with venv; a
+# C++ compiler (libfuzzer-sys builds libFuzzer); and the official XenAPI Python SDK (PyPI
+# package XenAPI), which checks the XenServer simulator, into the project's virtual
+# environment .venv/ (the SDK test runs .venv/bin/python3). Safe to run again.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 need=()
 command -v qemu-nbd >/dev/null || need+=(qemu-utils)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v openssl >/dev/null || need+=(openssl)
-command -v python3 >/dev/null || need+=(python3)
-python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+command -v g++ >/dev/null || need+=(g++)
+if ! command -v python3 >/dev/null; then
+    need+=(python3 python3-venv)
+elif ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    # Debian splits ensurepip, which `python3 -m venv` needs, into python3-venv.
+    need+=(python3-venv)
+fi
 if ((${#need[@]})); then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo
@@ -18,9 +26,10 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-if ! python3 -c 'import XenAPI' 2>/dev/null; then
-    echo "installing: XenAPI (PyPI)" >&2
-    python3 -m pip install --quiet --disable-pip-version-check XenAPI 2>/dev/null \
-        || python3 -m pip install --quiet --disable-pip-version-check --user XenAPI 2>/dev/null \
-        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages XenAPI
+venv=.venv
+if ! "$venv/bin/python3" -c 'import XenAPI' 2>/dev/null; then
+    echo "installing: XenAPI (PyPI) into $venv/" >&2
+    # --clear: a venv left half-made (or made by another python) starts afresh.
+    python3 -m venv --clear "$venv"
+    "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check XenAPI
 fi

@@ -43,6 +43,10 @@ pub struct ChainState {
     /// A point whose stream went to a pipe and awaits `cbtstream commit`.
     #[serde(default)]
     pub pending: Option<PendingPoint>,
+    /// Snapshots of pending points that a later export gave up on (nothing may commit them
+    /// any more), still to be destroyed.
+    #[serde(default)]
+    pub abandoned: Vec<String>,
 }
 
 /// An exported point not yet committed: its snapshot is still a full snapshot, tagged as
@@ -73,6 +77,7 @@ impl ChainState {
             updated_unix_secs: 0,
             older_bases: Vec::new(),
             pending: None,
+            abandoned: Vec::new(),
         }
     }
 
@@ -170,6 +175,7 @@ mod tests {
             updated_unix_secs: 1_795_000_000,
             older_bases: vec![],
             pending: None,
+            abandoned: vec![],
         }
     }
 

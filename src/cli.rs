@@ -3,8 +3,9 @@
 //! flows), `restore` and `engine`.
 
 use crate::exit::{fail, Code, Failure, WithCode};
+use crate::export::Destination;
 use crate::xen::commit::CommitOptions;
-use crate::xen::export::{Destination, ExportOptions};
+use crate::xen::export::ExportOptions;
 use crate::xen::gc::GcOptions;
 use crate::xen::XapiLogin;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -54,10 +55,10 @@ pub struct TlsArgs {
     #[arg(long, value_name = "FILE", group = "trust", conflicts_with = "xapi")]
     pub tls_cert: Option<PathBuf>,
     /// Trust the server certificate whose DER has this SHA-256 (64 hex digits).
-    #[arg(long, value_name = "SHA256", group = "trust", conflicts_with = "xapi")]
+    #[arg(long, value_name = "SHA256", group = "trust", conflicts_with = "xapi", value_parser = pin_arg)]
     pub tls_pin: Option<String>,
     /// Name to verify the certificate against and send as SNI (default: the URI host).
-    #[arg(long, value_name = "NAME", conflicts_with = "xapi")]
+    #[arg(long, value_name = "NAME", conflicts_with = "xapi", value_parser = server_name_arg)]
     pub tls_server_name: Option<String>,
     /// Accept any TLS certificate. The connection is encrypted but NOT authenticated.
     #[arg(long, group = "trust", conflicts_with = "xapi")]
@@ -65,6 +66,17 @@ pub struct TlsArgs {
     /// Allow an nbd:// URI over TCP: data crosses the network unencrypted.
     #[arg(long, conflicts_with = "xapi")]
     pub allow_plaintext: bool,
+}
+
+/// `--tls-pin` and `--xapi-pin`: checked while parsing, so a bad pin is a usage error
+/// before anything runs.
+fn pin_arg(text: &str) -> Result<String, crate::tls::TlsError> {
+    crate::tls::Trust::pin_from_hex(text).map(|_| text.to_string())
+}
+
+/// `--tls-server-name`: a DNS name or an IP address.
+fn server_name_arg(text: &str) -> Result<String, crate::tls::TlsError> {
+    crate::tls::server_name(text).map(|_| text.to_string())
 }
 
 /// How to reach and authenticate to XenAPI.
@@ -80,7 +92,7 @@ pub struct XapiArgs {
     #[arg(long, value_name = "FILE", group = "xapi_trust")]
     pub xapi_ca: Option<PathBuf>,
     /// Trust the pool master's certificate whose DER has this SHA-256 (64 hex digits).
-    #[arg(long, value_name = "SHA256", group = "xapi_trust")]
+    #[arg(long, value_name = "SHA256", group = "xapi_trust", value_parser = pin_arg)]
     pub xapi_pin: Option<String>,
     /// Accept any certificate from the pool master: encrypted but NOT authenticated.
     #[arg(long, group = "xapi_trust")]
@@ -169,8 +181,7 @@ impl ExportArgs {
             uri: self.nbd.clone().unwrap_or_default(),
             changed_blocks: self.changed_blocks.clone(),
             full: self.full,
-            output: self.output.clone(),
-            to_command: self.to_command.clone(),
+            destination: self.destination(),
             tls: crate::export::NbdTlsOptions {
                 ca: t.tls_ca.clone(),
                 cert: t.tls_cert.clone(),
@@ -245,10 +256,10 @@ pub struct ExportArgs {
     #[arg(long, requires = "xapi")]
     pub enable_cbt: bool,
     /// With --xapi: when the chain is broken (base gone, CBT reset), do a full export instead of failing.
-    #[arg(long, requires = "xapi")]
+    #[arg(long, requires = "xapi", conflicts_with = "full")]
     pub fallback_full: bool,
     /// With --xapi: how many bases to keep on the host (default 1: only the newest).
-    #[arg(long, requires = "xapi", value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, requires = "xapi", conflicts_with = "full", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub keep_bases: Option<u32>,
     /// With --xapi: seconds between the cheap XenAPI calls that keep the session in use
     /// during a long export (its NBD export name is only good while the session lives).
@@ -258,6 +269,16 @@ pub struct ExportArgs {
     pub xapi_args: XapiArgs,
     #[command(flatten)]
     pub dp: DataPlaneArgs,
+}
+
+impl ExportArgs {
+    /// Where the stream goes (clap makes sure exactly one of -o and --to-command is given).
+    pub fn destination(&self) -> Destination {
+        match (&self.to_command, &self.output) {
+            (Some(cmd), _) => Destination::Command(cmd.clone()),
+            (None, path) => Destination::Output(path.clone().unwrap_or_else(|| "-".into())),
+        }
+    }
 }
 
 /// `cbtstream gc`: remove snapshots left by killed runs.
@@ -292,6 +313,10 @@ pub struct CommitArgs {
     /// XenAPI URL of the pool master (default: the one the state file recorded).
     #[arg(long, value_name = "URL")]
     pub xapi: Option<String>,
+    /// Commit only if the pending point is this one (the id the export printed): a later
+    /// export that started meanwhile supersedes it.
+    #[arg(long, value_name = "UUID")]
+    pub point: Option<String>,
     #[command(flatten)]
     pub xapi_args: XapiArgs,
 }
@@ -380,11 +405,15 @@ fn xen_export_options(args: ExportArgs, url: &str) -> Result<ExportOptions, Fail
             "give --state FILE (the chain), --base SNAPSHOT_UUID, or --full",
         ));
     }
-    let destination = match (args.output, args.to_command) {
-        (_, Some(cmd)) => Destination::Command(cmd),
-        (Some(path), None) => Destination::Output(path),
-        (None, None) => return Err(fail(Code::Usage, "give -o PATH|- or --to-command CMD")),
-    };
+    let destination = args.destination();
+    if args.commit_on_eof
+        && matches!(&destination, Destination::Output(p) if matches!(crate::engine::sink::Output::from_arg(p), crate::engine::sink::Output::File(_)))
+    {
+        return Err(fail(
+            Code::Usage,
+            "--commit-on-eof is for a stream to stdout or a FIFO; a file is committed once it is complete",
+        ));
+    }
     Ok(ExportOptions {
         login: xapi_login(url, &args.xapi_args)?,
         vdi: args.vdi.unwrap_or_default(),
@@ -428,6 +457,7 @@ fn commit(args: CommitArgs) -> Result<(), Failure> {
     let opts = CommitOptions {
         login: xapi_login(args.xapi.as_deref().unwrap_or_default(), &args.xapi_args)?,
         url: args.xapi,
+        point: args.point,
         state: args.state,
     };
     let point = run_async(crate::xen::commit::run(opts))?;
@@ -491,31 +521,14 @@ fn run_async<T, F: std::future::Future<Output = Result<T, Failure>>>(fut: F) -> 
     rt.block_on(fut)
 }
 
-fn restore_code(e: &crate::restore::RestoreError) -> Code {
-    use crate::restore::RestoreError as E;
-    if e.is_integrity() {
-        Code::Integrity
-    } else {
-        match e {
-            E::Usage(..) => Code::Usage,
-            E::Image { .. } => Code::Output,
-            E::Input { .. } => Code::Source,
-            _ => Code::Integrity,
-        }
-    }
-}
-
 fn restore(args: RestoreArgs) -> Result<(), Failure> {
-    if args.streams.iter().filter(|s| s.as_os_str() == "-").count() > 1 {
-        return Err(fail(Code::Usage, "stdin (\"-\") can be given only once"));
-    }
     match crate::restore::restore(&args.to, &args.streams) {
         Ok(report) => {
             eprintln!("{report}");
             Ok(())
         }
         Err(e) => Err(Failure {
-            code: restore_code(&e),
+            code: e.exit_code(),
             error: e.into(),
         }),
     }
@@ -528,8 +541,53 @@ fn inspect(args: InspectArgs) -> Result<(), Failure> {
             Ok(())
         }
         Err(e) => Err(Failure {
-            code: restore_code(&e),
+            code: e.exit_code(),
             error: e.into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from([&["cbtstream", "export", "--full", "-o", "out"], args].concat())
+    }
+
+    #[test]
+    fn bad_pins_and_server_names_are_usage_errors() {
+        // 64 bytes, not 64 characters: slicing it by byte pairs used to panic (exit 101).
+        let multibyte = "€".repeat(21) + "a";
+        for args in [
+            ["--nbd", "nbds://h/e", "--tls-pin", multibyte.as_str()],
+            ["--nbd", "nbds://h/e", "--tls-pin", "abc"],
+            ["--xapi", "https://h", "--xapi-pin", multibyte.as_str()],
+            ["--nbd", "nbds://h/e", "--tls-server-name", "bad name"],
+        ] {
+            let err = parse(&args).err().expect("rejected");
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{args:?}"
+            );
+            // main() exits with Code::Usage for every error clap prints to stderr.
+            assert!(err.use_stderr());
+        }
+        let pin = "0a".repeat(32);
+        let cli = parse(&["--nbd", "nbds://h/e", "--tls-pin", &pin]).unwrap();
+        let Command::Export(args) = cli.command else {
+            panic!("not export")
+        };
+        assert_eq!(args.tls.tls_pin.as_deref(), Some(pin.as_str()));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn value_parsers_never_panic(text in ".*") {
+            let _ = pin_arg(&text);
+            let _ = server_name_arg(&text);
+            let _ = text.parse::<crate::nbd::NbdUri>();
+        }
     }
 }

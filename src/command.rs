@@ -21,6 +21,17 @@ pub struct StreamCommand {
     child: Child,
 }
 
+/// A command left behind when the export is abandoned (a signal) must not read the EOF of a
+/// truncated stream and take it for a whole one: it is killed and reaped.
+impl Drop for StreamCommand {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl StreamCommand {
     /// Start the command; returns it and the write end of its stdin. Close every copy of
     /// that (which ends the command's input) before [`StreamCommand::wait_success`].
@@ -50,9 +61,22 @@ impl StreamCommand {
     }
 
     /// The stream failed: stop the command, so that what it received is not taken for a
-    /// whole stream (a truncated stream has no trailer; restore refuses it anyway).
-    pub async fn kill(mut self) {
+    /// whole stream (a truncated stream has no trailer; restore refuses it anyway). Returns
+    /// the command's failure when it had already ended with one (which is then most likely
+    /// why the stream failed: a broken pipe).
+    pub async fn kill(mut self) -> Option<CommandError> {
+        // A command that failed on its own may still be exiting when its pipe breaks: give
+        // it a moment, so that its status is what the error names.
+        let mut ended = None;
+        for _ in 0..50 {
+            ended = self.child.try_wait().ok().flatten();
+            if ended.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let _ = self.child.kill();
         let _ = tokio::task::spawn_blocking(move || self.child.wait()).await;
+        ended.filter(|s| !s.success()).map(CommandError::Failed)
     }
 }

@@ -52,8 +52,24 @@ pub fn commit_rename(from: &Path, to: &Path) -> io::Result<()> {
 /// same directory (removed if anything fails). The new file is 0600.
 pub fn replace(path: &Path, contents: &[u8]) -> io::Result<()> {
     let tmp = with_suffix(path, &format!(".tmp-{}", std::process::id()));
+    // A new file, never one that is there already (or a link planted in a shared directory).
+    let create = || {
+        let mut o = OpenOptions::new();
+        o.write(true)
+            .create_new(true)
+            .mode(PRIVATE_MODE)
+            .custom_flags(libc::O_NOFOLLOW);
+        o.open(&tmp)
+    };
     let result = (|| {
-        let mut f = private_options().truncate(true).open(&tmp)?;
+        let mut f = match create() {
+            // Left by a crashed run whose pid this process now has: ours to replace.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&tmp)?;
+                create()?
+            }
+            other => other?,
+        };
         f.write_all(contents)?;
         f.sync_all()?;
         drop(f);
@@ -84,6 +100,14 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two");
         assert_eq!(mode(&path), 0o600);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A temporary file left by a crashed run (same pid), even a symbolic link planted
+        // there, is replaced, never written through.
+        let tmp = with_suffix(&path, &format!(".tmp-{}", std::process::id()));
+        let elsewhere = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, &tmp).unwrap();
+        replace(&path, b"three").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"three");
+        assert!(!elsewhere.exists());
         // A failed replace (the directory is gone) leaves nothing and says so.
         let gone = dir.path().join("no-such-dir").join("x");
         assert!(replace(&gone, b"x").is_err());

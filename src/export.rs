@@ -56,9 +56,7 @@ pub struct NbdExportOptions {
     /// The changed-block bitmap file ("-": stdin); `None` with `full`.
     pub changed_blocks: Option<PathBuf>,
     pub full: bool,
-    /// Where the stream goes: a path ("-": stdout), or else the stdin of `to_command`.
-    pub output: Option<PathBuf>,
-    pub to_command: Option<String>,
+    pub destination: Destination,
     pub tls: NbdTlsOptions,
     pub source_id: String,
     pub point_id: Option<String>,
@@ -225,32 +223,63 @@ pub async fn export_nbd(
         base_id: args.base_id.clone(),
     };
     let connector: Arc<dyn Connector> = Arc::new(opts);
-    let output = match (&args.output, &args.to_command) {
-        (Some(path), _) => Output::from_arg(path),
-        (None, Some(cmd)) => {
-            let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
-            let output = Output::Pipe(Arc::new(stdin));
-            let sent =
-                run_data_plane(first, connector, bitmap, ids, &args.dp, output, progress).await;
-            return match sent {
-                Ok(mut summary) => {
-                    child.wait_success().await.code(Code::Output)?;
-                    summary.seconds = started.elapsed().as_secs_f64();
-                    Ok(summary)
-                }
-                Err(e) => {
-                    child.kill().await;
-                    Err(e)
-                }
-            };
-        }
-        (None, None) => return Err(fail(Code::Usage, "give -o PATH|- or --to-command CMD")),
-    };
-    let mut summary =
-        run_data_plane(first, connector, bitmap, ids, &args.dp, output, progress).await?;
+    let mut summary = send_stream(
+        first,
+        connector,
+        bitmap,
+        ids,
+        &args.dp,
+        &args.destination,
+        progress,
+    )
+    .await?;
     // The whole run, connecting and planning included.
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Where the stream goes.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// `-o PATH`, `-o -` (stdout), or a FIFO or device.
+    Output(std::path::PathBuf),
+    /// `--to-command CMD`: `sh -c CMD` reads the stream on its stdin.
+    Command(String),
+}
+
+/// [`run_data_plane`] into `destination`; for `--to-command`, also wait for the command and
+/// fail unless it exits 0 (when the stream fails, the command is killed).
+pub async fn send_stream(
+    first: Connection,
+    connector: Arc<dyn Connector>,
+    bitmap: Option<Vec<u8>>,
+    ids: StreamIds,
+    dp: &DataPlaneOptions,
+    destination: &Destination,
+    progress: Arc<dyn Progress>,
+) -> Result<ExportSummary, Failure> {
+    let cmd = match destination {
+        Destination::Output(path) => {
+            let output = Output::from_arg(path);
+            return run_data_plane(first, connector, bitmap, ids, dp, output, progress).await;
+        }
+        Destination::Command(cmd) => cmd,
+    };
+    let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
+    // The engine drops its copies of the pipe when it returns: the command's EOF.
+    let output = Output::Pipe(Arc::new(stdin));
+    match run_data_plane(first, connector, bitmap, ids, dp, output, progress).await {
+        Ok(summary) => {
+            child.wait_success().await.code(Code::Output)?;
+            Ok(summary)
+        }
+        Err(mut e) => {
+            if let Some(failed) = child.kill().await {
+                e.error = e.error.context(failed);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The ids that go into the stream header.

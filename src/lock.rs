@@ -8,7 +8,8 @@
 //! the error.
 
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +45,7 @@ impl ChainLock {
             path: path.clone(),
             source,
         };
-        let mut file = crate::durable::private_options()
+        let file = crate::durable::private_options()
             .read(true)
             .open(&path)
             .map_err(io)?;
@@ -60,11 +61,12 @@ impl ChainLock {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
-        // Ours now: record who holds it.
+        // Ours now: record who holds it, in one write of a fixed width, so that a run
+        // reading it meanwhile sees the old pid or the new one, never an empty file.
+        let line = format!("{:<10}\n", std::process::id());
         (|| {
-            file.set_len(0)?;
-            file.rewind()?;
-            writeln!(file, "{}", std::process::id())
+            file.write_all_at(line.as_bytes(), 0)?;
+            file.set_len(line.len() as u64)
         })()
         .map_err(io)?;
         Ok(ChainLock { _file: file })

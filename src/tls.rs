@@ -32,8 +32,12 @@ pub enum TlsError {
     BadPem { path: PathBuf, why: String },
     #[error("certificate in {path} is not usable as a trust anchor: {why}")]
     BadAnchor { path: PathBuf, why: String },
-    #[error("--tls-pin must be 64 hex digits (the SHA-256 of the server certificate's DER)")]
+    #[error("a certificate pin must be 64 hex digits, optionally ':'-separated (the SHA-256 of the server certificate's DER)")]
     BadPin,
+    #[error("the certificate is not valid X.509: {0}")]
+    BadCertificate(String),
+    #[error("the certificate is not issued for {subject:?} (neither a subjectAltName nor, without those, the subject CN matches)")]
+    SubjectMismatch { subject: String },
     #[error("invalid TLS server name {0:?}")]
     BadServerName(String),
     #[error(
@@ -68,29 +72,110 @@ impl Trust {
 
     /// The first certificate of a PEM text (as `get_nbd_info` returns it).
     pub fn exact_cert_from_pem(pem: &[u8], origin: &std::path::Path) -> Result<Trust, TlsError> {
-        let first = CertificateDer::pem_slice_iter(pem)
-            .next()
-            .ok_or_else(|| TlsError::NoCertificate {
-                path: origin.into(),
-            })?
-            .map_err(|e| TlsError::BadPem {
-                path: origin.into(),
-                why: e.to_string(),
-            })?;
-        Ok(Trust::ExactCert(first.to_vec()))
+        first_cert_der(pem, origin).map(Trust::ExactCert)
     }
 
-    pub fn pin_from_hex(hex: &str) -> Result<Trust, TlsError> {
-        let hex: String = hex.chars().filter(|c| *c != ':').collect();
-        if hex.len() != 64 {
+    /// Parse a certificate pin: 64 hex digits, optionally separated by ':'. Any other input
+    /// (odd length, non-ASCII, non-hex) is [`TlsError::BadPin`], never a panic.
+    pub fn pin_from_hex(text: &str) -> Result<Trust, TlsError> {
+        let digits: Vec<u8> = text.bytes().filter(|&b| b != b':').collect();
+        if digits.len() != 64 {
             return Err(TlsError::BadPin);
         }
         let mut pin = [0u8; 32];
-        for (i, b) in pin.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| TlsError::BadPin)?;
+        for (byte, pair) in pin.iter_mut().zip(digits.chunks_exact(2)) {
+            let digit = |b: u8| char::from(b).to_digit(16).ok_or(TlsError::BadPin);
+            *byte = (digit(pair[0])? << 4 | digit(pair[1])?) as u8;
         }
         Ok(Trust::Pin(pin))
     }
+
+    /// Trust the certificate of a `VDI.get_nbd_info` record: the first certificate of `pem`,
+    /// provided `subject` names it. XenServer derives `subject` from the certificate's
+    /// subjectAltName entries (DNS names and IP addresses), else its subject CN; a record
+    /// whose subject does not name its own certificate is inconsistent and is refused.
+    pub fn exact_cert_for_subject(pem: &[u8], subject: &str) -> Result<Trust, TlsError> {
+        let origin = std::path::Path::new("the get_nbd_info record");
+        let der = first_cert_der(pem, origin)?;
+        if !cert_names(&der)?.iter().any(|n| n.matches(subject)) {
+            return Err(TlsError::SubjectMismatch {
+                subject: subject.to_string(),
+            });
+        }
+        Ok(Trust::ExactCert(der))
+    }
+}
+
+/// The DER of the first certificate of a PEM text.
+fn first_cert_der(pem: &[u8], origin: &std::path::Path) -> Result<Vec<u8>, TlsError> {
+    let first = CertificateDer::pem_slice_iter(pem)
+        .next()
+        .ok_or_else(|| TlsError::NoCertificate {
+            path: origin.into(),
+        })?
+        .map_err(|e| TlsError::BadPem {
+            path: origin.into(),
+            why: e.to_string(),
+        })?;
+    Ok(first.to_vec())
+}
+
+/// A name a certificate is issued for.
+#[derive(Debug, PartialEq, Eq)]
+enum CertName {
+    Dns(String),
+    Ip(std::net::IpAddr),
+}
+
+impl CertName {
+    /// DNS names compare ASCII case-insensitively and literally (a wildcard matches only the
+    /// same wildcard); IP addresses compare as addresses.
+    fn matches(&self, subject: &str) -> bool {
+        match self {
+            CertName::Dns(name) => name.eq_ignore_ascii_case(subject),
+            CertName::Ip(ip) => {
+                let bare = subject.trim_start_matches('[').trim_end_matches(']');
+                bare.parse::<std::net::IpAddr>().is_ok_and(|s| s == *ip)
+            }
+        }
+    }
+}
+
+/// The names a certificate is issued for: its SAN DNS names and IP addresses, or, when it
+/// has no SAN extension, its subject common names.
+fn cert_names(der: &[u8]) -> Result<Vec<CertName>, TlsError> {
+    use x509_parser::extensions::GeneralName;
+    let bad = |why: String| TlsError::BadCertificate(why);
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| bad(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| bad(format!("subjectAltName: {e}")))?;
+    if let Some(san) = san {
+        let mut names = Vec::new();
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => names.push(CertName::Dns(dns.to_string())),
+                GeneralName::IPAddress(bytes) => {
+                    let ip = match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*bytes)
+                            .ok()
+                            .map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    names.extend(ip.map(CertName::Ip));
+                }
+                _ => {}
+            }
+        }
+        return Ok(names);
+    }
+    Ok(cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(|cn| CertName::Dns(cn.to_string()))
+        .collect())
 }
 
 /// The policy the command-line flags ask for. At most one is given (clap groups enforce it);
@@ -341,5 +426,106 @@ mod tests {
         );
         assert!(Trust::pin_from_hex("abc").is_err());
         assert!(Trust::pin_from_hex(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn bad_pins_are_errors_not_panics() {
+        let ok = "ab".repeat(32);
+        assert!(Trust::pin_from_hex(&ok).is_ok());
+        let colons = ["ab"; 32].join(":");
+        assert!(Trust::pin_from_hex(&colons).is_ok());
+        // 64 bytes whose byte-index pairs split a multibyte character (used to panic).
+        let multibyte = "€".repeat(21) + "a";
+        for bad in [
+            multibyte.as_str(),
+            "a",
+            &"a".repeat(63),
+            &"+1".repeat(32),
+            "",
+        ] {
+            assert!(
+                matches!(Trust::pin_from_hex(bad), Err(TlsError::BadPin)),
+                "{bad:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pin_and_server_name_parsers_never_panic(text in ".*") {
+            let _ = Trust::pin_from_hex(&text);
+            let _ = server_name(&text);
+        }
+
+        #[test]
+        fn pin_parser_accepts_any_sha256(bytes in proptest::array::uniform32(0u8..)) {
+            let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
+            proptest::prop_assert_eq!(Trust::pin_from_hex(&hex).unwrap(), Trust::Pin(bytes));
+        }
+    }
+
+    fn subject_check(cn: &str, sans: &[&str], subject: &str) -> Result<Trust, TlsError> {
+        let pem = cbtstream_testkit::certs::self_signed_pem(cn, sans).unwrap();
+        Trust::exact_cert_for_subject(pem.as_bytes(), subject)
+    }
+
+    #[test]
+    fn subject_matches_a_san_dns_name_case_insensitively() {
+        let sans = ["host-a.example", "host-b.example"];
+        assert!(matches!(
+            subject_check("ignored", &sans, "HOST-B.example"),
+            Ok(Trust::ExactCert(_))
+        ));
+        // With SANs present, the CN does not count.
+        assert!(matches!(
+            subject_check("cn.example", &sans, "cn.example"),
+            Err(TlsError::SubjectMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn subject_matches_the_cn_only_without_sans() {
+        assert!(subject_check("xen-host-1", &[], "xen-host-1").is_ok());
+        let err = subject_check("xen-host-1", &[], "xen-host-2").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the certificate is not issued for \"xen-host-2\" (neither a subjectAltName nor, \
+             without those, the subject CN matches)"
+        );
+    }
+
+    #[test]
+    fn wildcard_subject_matches_only_the_same_wildcard() {
+        assert!(subject_check("x", &["*.pool.example"], "*.pool.example").is_ok());
+        assert!(subject_check("x", &["*.pool.example"], "host.pool.example").is_err());
+        assert!(subject_check("x", &["host.pool.example"], "*.pool.example").is_err());
+    }
+
+    #[test]
+    fn subject_matches_a_san_ip_address() {
+        let sans = ["192.0.2.7", "2001:db8::1"];
+        assert!(subject_check("x", &sans, "192.0.2.7").is_ok());
+        assert!(subject_check("x", &sans, "2001:DB8:0::1").is_ok());
+        assert!(subject_check("x", &sans, "[2001:db8::1]").is_ok());
+        assert!(subject_check("x", &sans, "192.0.2.8").is_err());
+    }
+
+    #[test]
+    fn bad_pem_is_an_error() {
+        let garbled = "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n";
+        assert!(matches!(
+            Trust::exact_cert_for_subject(garbled.as_bytes(), "h"),
+            Err(TlsError::BadPem { .. })
+        ));
+        assert!(matches!(
+            Trust::exact_cert_for_subject(b"no pem here", "h"),
+            Err(TlsError::NoCertificate { .. })
+        ));
+        // Valid base64 that is not a certificate.
+        let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(matches!(
+            Trust::exact_cert_for_subject(junk.as_bytes(), "h"),
+            Err(TlsError::BadCertificate(_))
+        ));
     }
 }

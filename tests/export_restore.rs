@@ -168,12 +168,7 @@ fn bitmap_shapes() {
                 "e",
             ],
         ));
-        let o = ok(run(&["inspect", p(&out)]));
-        assert!(
-            String::from_utf8_lossy(&o.stdout).contains("records:       0"),
-            "{}",
-            String::from_utf8_lossy(&o.stdout)
-        );
+        assert_eq!(inspect_number(&out, "records"), 0);
         ok(run(&["restore", "--to", p(&restored), p(&out)]));
         assert_same(&restored, &f.img);
 
@@ -275,7 +270,8 @@ fn output_is_deterministic() {
     assert_same(&a, &b);
 }
 
-/// A pipe from export into restore.
+/// A pipe from export into restore; the `--json` summary counts the bytes that went
+/// through the pipe.
 #[test]
 fn export_pipes_into_restore() {
     if !require_tools("export_pipes_into_restore", &["qemu-nbd"]) {
@@ -300,22 +296,121 @@ fn export_pipes_into_restore() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let res = std::process::Command::new(BIN)
+    let mut res = std::process::Command::new(BIN)
         .args(["restore", "--to", p(&restored), "-"])
-        .stdin(exp.stdout.take().unwrap())
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // Through the test, to count the stream's bytes.
+    let (mut from, mut to) = (exp.stdout.take().unwrap(), res.stdin.take().unwrap());
+    let piped = std::thread::spawn(move || std::io::copy(&mut from, &mut to).unwrap());
     let exp = exp.wait_with_output().unwrap();
-    assert!(
-        exp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exp.stderr)
-    );
-    assert!(res.status.success(), "{}", stderr(&res));
-    let summary = String::from_utf8_lossy(&exp.stderr);
-    let json: serde_json::Value = serde_json::from_str(summary.lines().last().unwrap()).unwrap();
-    assert!(json["bytes_written"].as_u64().unwrap() > 0);
+    let piped = piped.join().unwrap();
+    let res = res.wait_with_output().unwrap();
+    let exp = ok(exp);
+    ok(res);
     assert_same(&restored, &f.img);
+    let json = json_summary(&exp);
+    assert_eq!(json["bytes_written"], piped, "{json}");
+    let image = std::fs::read(&f.img).unwrap();
+    let data = nonzero_block_bytes(&image, 0..SIZE.div_ceil(BLOCK));
+    assert_eq!(json["data_bytes"], data, "{json}");
+    assert_eq!(json["zero_bytes"], SIZE - data, "{json}");
+}
+
+/// The `--json` summary of a file export: exactly the file's size, the stream's records,
+/// the data and zero bytes of the disk and, for an incremental, the changed bytes read.
+#[test]
+fn json_summary_counts_what_was_written() {
+    if !require_tools("json_summary_counts_what_was_written", &["qemu-nbd"]) {
+        return;
+    }
+    let f = fixture(19);
+    let server = NbdServer::qemu_nbd(&f.img, Some(&f.pki), QemuOpts::default()).unwrap();
+    let full = f.dir.join("full.cbts");
+    let o = ok(export(
+        &server,
+        &f.pki,
+        &full,
+        &["--full", "--point-id", "p0", "--json"],
+    ));
+    let json = json_summary(&o);
+    let image = std::fs::read(&f.img).unwrap();
+    let data = nonzero_block_bytes(&image, 0..SIZE.div_ceil(BLOCK));
+    assert_summary(&json, &full, data, SIZE - data);
+    // Blocks reported as holes need not be read.
+    let read = json["bytes_read"].as_u64().unwrap();
+    assert!((data..=SIZE).contains(&read), "{json}");
+
+    // An incremental: the blocks written to, and two unchanged zero blocks (CBT may report
+    // more than changed).
+    let changes = mutate_blocks(&f.img, 29, 6).unwrap();
+    let image = std::fs::read(&f.img).unwrap();
+    let mut bm = CbtBitmap::from_changes(&changes, SIZE);
+    let zero_blocks: Vec<u64> = (0..bm.blocks())
+        .filter(|&b| !bm.is_set(b) && nonzero_block_bytes(&image, [b]) == 0)
+        .take(2)
+        .collect();
+    assert_eq!(
+        zero_blocks.len(),
+        2,
+        "the image has no unchanged zero blocks"
+    );
+    for &b in &zero_blocks {
+        bm.set(b);
+    }
+    let bmf = bitmap_file(&f.dir, "bm", &bm.to_base64());
+    let inc = f.dir.join("inc.cbts");
+    let o = ok(export(
+        &server,
+        &f.pki,
+        &inc,
+        &["--changed-blocks", p(&bmf), "--base-id", "p0", "--json"],
+    ));
+    let json = json_summary(&o);
+    let changed: u64 = bm.set_blocks().iter().map(|&b| block_len(b)).sum();
+    let data = nonzero_block_bytes(&image, bm.set_blocks());
+    assert_eq!(json["bytes_read"], changed, "{json}");
+    assert_summary(&json, &inc, data, changed - data);
+    let restored = f.dir.join("restored.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&full), p(&inc)]));
+    assert_same(&restored, &f.img);
+}
+
+/// `json` says `stream` holds `data` bytes of data and `zero` bytes of zeroes, in as many
+/// records and bytes as `inspect` finds in it.
+#[track_caller]
+fn assert_summary(json: &serde_json::Value, stream: &Path, data: u64, zero: u64) {
+    let size = std::fs::metadata(stream).unwrap().len();
+    assert_eq!(json["bytes_written"], size, "{json}");
+    assert_eq!(json["data_bytes"], data, "{json}");
+    assert_eq!(json["zero_bytes"], zero, "{json}");
+    assert_eq!(inspect_number(stream, "data bytes"), data);
+    assert_eq!(inspect_number(stream, "zero bytes"), zero);
+    assert_eq!(json["records"], inspect_number(stream, "records"), "{json}");
+    assert_eq!(inspect_number(stream, "stream size"), size);
+}
+
+/// Length of 64 KiB block `b` of the disk (the last one is partial).
+fn block_len(b: u64) -> u64 {
+    BLOCK.min(SIZE - b * BLOCK)
+}
+
+/// Bytes in those of `blocks` that hold a non-zero byte: what an export stores as data.
+fn nonzero_block_bytes(image: &[u8], blocks: impl IntoIterator<Item = u64>) -> u64 {
+    blocks
+        .into_iter()
+        .map(|b| {
+            let start = (b * BLOCK) as usize;
+            let block = &image[start..start + block_len(b) as usize];
+            if block.iter().any(|&x| x != 0) {
+                block_len(b)
+            } else {
+                0
+            }
+        })
+        .sum()
 }
 
 /// nbds+unix:// (TLS over a Unix socket), with qemu-nbd.

@@ -570,6 +570,10 @@ async fn secrets_never_leak() {
         .export(Path::new("-"), &["--state", p(&state), "-vv"])
         .await);
     outputs.extend([o.stdout, o.stderr]);
+    // The pending point it left, in the state file, then committed.
+    outputs.push(std::fs::read(&state).unwrap());
+    let o = ok(e.commit(&["--state", p(&state), "-vv"]).await);
+    outputs.extend([o.stdout, o.stderr]);
     let o = ok(e.gc(&["--state", p(&state), "-vv", "--dry-run"]).await);
     outputs.extend([o.stdout, o.stderr]);
     let restored = e.dir.join("r.raw");

@@ -159,9 +159,9 @@ async fn piped_stream_is_committed_by_commit() {
 }
 
 /// A pending point whose snapshot disappeared (someone removed it) cannot be committed: a
-/// clear error, and the state forgets it.
+/// clear error that changes nothing; the next export starts from the committed base.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commit_of_a_vanished_snapshot_fails_and_forgets_it() {
+async fn commit_of_a_vanished_snapshot_fails() {
     let e = env().await;
     let state = e.state();
     ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
@@ -185,13 +185,177 @@ async fn commit_of_a_vanished_snapshot_fails_and_forgets_it() {
         assert!(err.0 == "VDI_IN_USE" && attempts < 500, "{err:?}");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    let before = std::fs::read(&state).unwrap();
     let o = e.commit(&["--state", p(&state)]).await;
     assert_eq!(code(&o), 3, "{}", stderr(&o));
     assert!(stderr(&o).contains("no longer exists"), "{}", stderr(&o));
-    assert!(state_json(&state)["pending"].is_null());
+    assert_eq!(std::fs::read(&state).unwrap(), before);
     // The chain goes on from the committed base.
-    ok(e.export(&e.dir.join("inc.cbts"), &["--state", p(&state)])
+    let restored = e.dir.join("r.raw");
+    let inc = e.dir.join("inc.cbts");
+    ok(e.export(&inc, &["--state", p(&state)]).await);
+    ok(run(&[
+        "restore",
+        "--to",
+        p(&restored),
+        p(&e.dir.join("full.cbts")),
+        p(&inc),
+    ]));
+    assert_same(&restored, &e.live_image());
+    let s = state_json(&state);
+    assert!(
+        s["pending"].is_null() && s["abandoned"].as_array().unwrap().is_empty(),
+        "{s}"
+    );
+}
+
+/// `export | reader && commit` where tonight's export fails early (here: at login) while the
+/// reader, seeing an empty stream, exits 0: the commit must not commit last night's pending
+/// point, whose stream was never stored. Any export that starts sets the pending point aside.
+/// And `commit --point ID` refuses a pending point that is not ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_export_supersedes_the_pending_point_even_when_it_fails() {
+    let e = env().await;
+    let state = e.state();
+    let full = e.dir.join("full.cbts");
+    ok(e.export(&full, &["--state", p(&state)]).await);
+    let base = state_base(&state);
+    e.guest_writes(1);
+    assert_eq!(
+        piped_export(&e, &state, "(cat > /dev/null; exit 1)").await,
+        0
+    );
+    let night1 = state_json(&state)["pending"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = e
+        .commit(&["--state", p(&state), "--point", "some-other-point"])
+        .await;
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("the pending point is {night1}")),
+        "{}",
+        stderr(&o)
+    );
+
+    // Night 2: the export fails at login (a password the host refuses).
+    let script = format!(
+        "set -o pipefail; {BIN} export --xapi {} --xapi-ca {} --vdi {} --state {} -o - | cat > /dev/null; \
+         {BIN} commit --xapi-ca {} --state {}; echo $?",
+        e.sim.url(),
+        p(e.sim.ca_path()),
+        e.sim.vdi_uuid(),
+        p(&state),
+        p(e.sim.ca_path()),
+        p(&state),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .args(["-c", &script])
+            .env("XAPI_PASSWORD", "wrong")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no pending point"), "{err}");
+    let s = state_json(&state);
+    assert_eq!(s["base"], base.as_str());
+    assert!(s["pending"].is_null(), "{s}");
+    assert_eq!(s["abandoned"][0], night1.as_str());
+    // The next export removes the abandoned snapshot and goes on from the committed base.
+    e.guest_writes(2);
+    let inc = e.dir.join("inc.cbts");
+    ok(e.export(&inc, &["--state", p(&state)]).await);
+    let restored = e.dir.join("r.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&full), p(&inc)]));
+    assert_same(&restored, &e.live_image());
+    assert_eq!(e.snapshots().len(), 1, "{:?}", e.snapshots());
+    assert!(state_json(&state)["abandoned"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+/// A signal that comes while the point is being committed (here while data_destroy is
+/// retried on VDI_IN_USE) does not stop the commit: the export ends 0, the new point is the
+/// base, and nothing that the chain needs is destroyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_during_the_commit_lets_it_finish() {
+    let e = env().await;
+    let state = e.state();
+    ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
         .await);
+    e.guest_writes(1);
+    e.sim.fail_next(
+        "VDI.data_destroy",
+        "VDI_IN_USE",
+        &["OpaqueRef:x", "data_destroy"],
+        Some(3),
+    );
+    let destroys = e.sim.calls("VDI.data_destroy");
+    let out = e.dir.join("inc.cbts");
+    let child = std::process::Command::new(BIN)
+        .args([
+            "export",
+            "--xapi",
+            &e.sim.url(),
+            "--xapi-ca",
+            p(e.sim.ca_path()),
+        ])
+        .args([
+            "--vdi",
+            e.sim.vdi_uuid(),
+            "--state",
+            p(&state),
+            "-o",
+            p(&out),
+        ])
+        .env("XAPI_PASSWORD", e.sim.password())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while e.sim.calls("VDI.data_destroy") == destroys {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = state_json(&state);
+    assert_eq!(s["base_is_metadata"], true, "{s}");
+    let snaps = e.snapshots();
+    assert_eq!(
+        snaps,
+        vec![(state_base(&state), "cbt_metadata".into(), true)]
+    );
+}
+
+/// gc --state with a state file that is not there (a typo) is refused: without the state it
+/// would take the chain's bases for leftovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_with_a_missing_state_file_is_refused() {
+    let e = env().await;
+    let state = e.state();
+    ok(e.export(&e.dir.join("full.cbts"), &["--state", p(&state)])
+        .await);
+    let o = e.gc(&["--state", p(&e.dir.join("chain.jsno"))]).await;
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("no chain state at"), "{}", stderr(&o));
+    assert_eq!(e.snapshots().len(), 1);
 }
 
 /// --to-command: committed when the command exits 0; a failing command fails the export
@@ -278,7 +442,25 @@ async fn commit_on_eof_commits_at_once() {
 async fn usage_errors_take_no_snapshot() {
     let e = env().await;
     let state = e.state();
-    let cases: [&[&str]; 5] = [
+    let cases: [&[&str]; 8] = [
+        &["--state", p(&state), "-o", "x.cbts", "--commit-on-eof"],
+        &[
+            "--state",
+            p(&state),
+            "-o",
+            "x.cbts",
+            "--full",
+            "--fallback-full",
+        ],
+        &[
+            "--state",
+            p(&state),
+            "-o",
+            "x.cbts",
+            "--full",
+            "--keep-bases",
+            "2",
+        ],
         // A pipe with nowhere to record a pending point.
         &["--full", "-o", "-"],
         &[
@@ -469,6 +651,17 @@ async fn gc_keeps_what_a_chain_needs() {
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("removed snapshot {pending}")));
     let o = e.gc(&["--force", "--state", p(&state)]).await;
     assert_eq!(code(&o), 2, "{}", stderr(&o));
+
+    // After a later export moved the base past it, the untagged one is still listed.
+    e.guest_writes(2);
+    ok(e.export(&e.dir.join("inc.cbts"), &["--state", p(&state)])
+        .await);
+    let o = ok(e.gc(&["--state", p(&state), "--dry-run"]).await);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        out.contains(&format!("possibly ours: untagged snapshot {untagged}")),
+        "{out}"
+    );
 }
 
 /// The session dies mid-export and every NBD connection drops after that: the export name

@@ -4,9 +4,10 @@
 If the SDK, which real XenServer tools are built on, can drive the simulator, then the
 simulator speaks real XenAPI: XML-RPC envelope, value encodings, method names, error codes.
 
-Usage: python3 tests/xapi_sdk.py [PATH_TO_XAPI_SIM]
+Usage: .venv/bin/python3 tests/xapi_sdk.py [PATH_TO_XAPI_SIM]
 (default: $XAPI_SIM, else target/debug/xapi-sim). Exit status 0 only if every check passed;
-the last line is "N passed, M failed".
+the last line is "N passed, M failed". scripts/install-deps.sh installs the SDK into the
+project's virtual environment .venv/.
 """
 
 import base64

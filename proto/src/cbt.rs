@@ -1,6 +1,6 @@
 //! The changed-block bitmap of `VDI.list_changed_blocks`.
 //!
-//! Encoding (as XenServer returns it): base64 (standard alphabet, padded) of
+//! Encoding (docs/XENSERVER.md section 1): base64 (standard alphabet, padded) of
 //! a bitmap with one bit per 64 KiB block, most significant bit first: block `i` changed when
 //! `byte[i / 8] & (0x80 >> (i % 8)) != 0`. Its length is `ceil(ceil(size / 64 KiB) / 8)` bytes
 //! for the disk size the host knew; a bitmap longer than the disk is fine as long as the bits

@@ -1,6 +1,6 @@
 //! XML-RPC as XenAPI speaks it, and the XenAPI `Status`/`Value`/`ErrorDescription` envelope.
 //!
-//! Wire conventions (shared/research/xen_cbt_nbd.md section 5):
+//! Wire conventions (docs/XENSERVER.md section 5):
 //! * XAPI emits strings and 64-bit ints as bare `<value>text</value>` (ints are decimal strings:
 //!   use [`Value::as_i64`]), booleans as `<boolean>0|1</boolean>`, datetimes as
 //!   `<dateTime.iso8601>20220729T13:32:06Z</dateTime.iso8601>`, void as `<value></value>`.

@@ -6,11 +6,9 @@ use super::{Address, ConnError, RequestError};
 use crate::tls;
 use bytes::{Buf, BufMut, BytesMut};
 use cbtstream_proto::nbd::consts::*;
-use cbtstream_proto::nbd::transmission::parse_offset_data_prefix;
 use cbtstream_proto::nbd::{
-    encode_request, parse_chunk_payload, parse_reply_header, BlockStatusExtent, Chunk,
-    ClientHandshake, HandshakeConfig, NbdError, Negotiated, ReadAssembly, ReplyHeader, Request,
-    ServerError, Step,
+    encode_request, BlockStatusExtent, ClientHandshake, Event, HandshakeConfig, NbdError,
+    Negotiated, Outcome, Outstanding, Replies, Request, Step,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -69,9 +67,8 @@ struct Pending {
     offset: u64,
     len: u64,
     tag: u64,
-    buf: Option<BytesMut>,
-    assembly: ReadAssembly,
-    extents: Vec<BlockStatusExtent>,
+    /// The READ's buffer: its length is how far it is filled.
+    buf: BytesMut,
     reply_to: mpsc::UnboundedSender<Completion>,
 }
 
@@ -203,9 +200,7 @@ impl Connection {
             offset,
             len,
             tag,
-            buf: Some(buf),
-            assembly: ReadAssembly::new(offset, len),
-            extents: Vec::new(),
+            buf,
             reply_to,
         });
     }
@@ -223,9 +218,7 @@ impl Connection {
             offset,
             len,
             tag,
-            buf: None,
-            assembly: ReadAssembly::new(offset, len),
-            extents: Vec::new(),
+            buf: BytesMut::new(),
             reply_to,
         });
     }
@@ -423,7 +416,7 @@ async fn reader_task(
     let mut reader = ReplyReader {
         rd,
         buf: BytesMut::with_capacity(256 * 1024),
-        negotiated,
+        replies: Replies::new(&negotiated),
         active: HashMap::new(),
         pending: pending.clone(),
     };
@@ -437,16 +430,84 @@ async fn reader_task(
     fail_all(&pending, err);
 }
 
+/// Moves reply bytes from the stream to where `Replies` says they go.
 struct ReplyReader {
     rd: ReadHalf<Box<dyn Io>>,
+    /// Bytes read but not consumed yet.
     buf: BytesMut,
-    negotiated: Negotiated,
-    /// Requests whose structured reply has started.
+    replies: Replies,
+    /// Requests whose reply has started (known to `replies`).
     active: HashMap<u64, Pending>,
     pending: Arc<Mutex<PendingMap>>,
 }
 
 impl ReplyReader {
+    async fn run(&mut self) -> Result<(), ConnError> {
+        loop {
+            match self.replies.poll(&mut self.buf)? {
+                Event::NeedBytes(n) => self.fill(n).await?,
+                Event::NeedRequest(cookie) => {
+                    let p = self.take_pending(cookie)?;
+                    let req = Outstanding {
+                        cmd: p.cmd,
+                        offset: p.offset,
+                        length: p.len,
+                    };
+                    // Kept before `begin` can fail, so that the exit path fails it too.
+                    self.active.insert(cookie, p);
+                    self.replies.begin(cookie, req)?;
+                }
+                Event::Data { cookie, range } => {
+                    let mut buf = std::mem::take(&mut self.active_mut(cookie)?.buf);
+                    let res = self.place(&mut buf, range).await;
+                    self.active_mut(cookie)?.buf = buf;
+                    res?;
+                }
+                Event::Hole { cookie, range } => {
+                    let buf = &mut self.active_mut(cookie)?.buf;
+                    // Zero what is already filled (it may hold a pooled buffer's old bytes),
+                    // then extend with zeroes.
+                    let filled = range.end.min(buf.len());
+                    if range.start < filled {
+                        buf[range.start..filled].fill(0);
+                    }
+                    if buf.len() < range.end {
+                        buf.resize(range.end, 0);
+                    }
+                }
+                Event::Done { cookie, outcome } => self.complete(cookie, outcome)?,
+            }
+        }
+    }
+
+    fn active_mut(&mut self, cookie: u64) -> Result<&mut Pending, ConnError> {
+        self.active
+            .get_mut(&cookie)
+            .ok_or(ConnError::Protocol(NbdError::UnknownCookie(cookie)))
+    }
+
+    fn complete(&mut self, cookie: u64, outcome: Outcome) -> Result<(), ConnError> {
+        let mut p = self
+            .active
+            .remove(&cookie)
+            .ok_or(ConnError::Protocol(NbdError::UnknownCookie(cookie)))?;
+        let result = match outcome {
+            Outcome::Read => {
+                if p.buf.len() as u64 != p.len {
+                    let covered = p.buf.len() as u64;
+                    let expected = p.len;
+                    self.active.insert(cookie, p);
+                    return Err(NbdError::Incomplete { covered, expected }.into());
+                }
+                Ok(Reply::Read(std::mem::take(&mut p.buf)))
+            }
+            Outcome::BlockStatus(extents) => Ok(Reply::BlockStatus(extents)),
+            Outcome::Failed(e) => Err(RequestError::Server(e)),
+        };
+        p.complete(result);
+        Ok(())
+    }
+
     async fn fill(&mut self, n: usize) -> Result<(), ConnError> {
         while self.buf.len() < n {
             self.buf.reserve(n - self.buf.len());
@@ -457,19 +518,24 @@ impl ReplyReader {
         Ok(())
     }
 
-    /// Put `n` payload bytes at `range` of the request's buffer. The buffer's length is how
-    /// far it is filled: data that continues it (the usual case: one chunk, or chunks in
-    /// order) is appended straight from the stream into the buffer's spare capacity, with no
-    /// zeroing and no intermediate copy; data past it leaves a zeroed gap; data inside it
-    /// (an earlier chunk arriving late) is written in place. `ReadAssembly` has already
-    /// rejected overlaps, so a range starting inside the filled part also ends inside it.
+    /// Put the next `range.len()` payload bytes at `range` of a request's buffer. The
+    /// buffer's length is how far it is filled: data that continues it (the usual case: one
+    /// chunk, or chunks in order) is appended straight from the stream into the buffer's
+    /// spare capacity, with no zeroing and no intermediate copy; data past it leaves a zeroed
+    /// gap; data inside it (an earlier chunk arriving late) is written in place. `Replies`
+    /// has already rejected overlaps, so a range starting inside the filled part also ends
+    /// inside it.
     async fn place(
         &mut self,
         buf: &mut BytesMut,
         range: std::ops::Range<usize>,
     ) -> Result<(), ConnError> {
         if range.start < buf.len() {
-            return self.read_into(&mut buf[range]).await;
+            let start = range.start as u64;
+            let dst = buf
+                .get_mut(range)
+                .ok_or(ConnError::Protocol(NbdError::Overlap(start)))?;
+            return self.read_into(dst).await;
         }
         if range.start > buf.len() {
             buf.resize(range.start, 0);
@@ -507,177 +573,6 @@ impl ReplyReader {
         g.map
             .remove(&cookie)
             .ok_or(ConnError::Protocol(NbdError::UnknownCookie(cookie)))
-    }
-
-    async fn run(&mut self) -> Result<(), ConnError> {
-        let (structured, extended) = (self.negotiated.structured, self.negotiated.extended);
-        loop {
-            let (header, hlen) = loop {
-                if let Some(h) = parse_reply_header(&self.buf, structured, extended)? {
-                    break h;
-                }
-                if self.rd.read_buf(&mut self.buf).await? == 0 {
-                    // A clean close between replies with nothing outstanding is not an error.
-                    return Err(ConnError::Eof);
-                }
-            };
-            self.buf.advance(hlen);
-            match header {
-                ReplyHeader::Simple { cookie, error } => {
-                    if self.active.contains_key(&cookie) {
-                        return Err(NbdError::AfterDone(cookie).into());
-                    }
-                    let mut p = self.take_pending(cookie)?;
-                    if error != 0 {
-                        p.complete(Err(RequestError::Server(ServerError {
-                            code: error,
-                            message: None,
-                            offset: None,
-                        })));
-                        continue;
-                    }
-                    if p.cmd != CMD_READ || structured {
-                        // A successful simple reply to BLOCK_STATUS, or to READ once structured
-                        // replies are on, is a protocol violation.
-                        return Err(NbdError::UnexpectedSimpleReply.into());
-                    }
-                    let mut buf = p.buf.take().unwrap_or_default();
-                    if let Err(e) = self.place(&mut buf, 0..p.len as usize).await {
-                        self.active.insert(cookie, p);
-                        return Err(e);
-                    }
-                    p.complete(Ok(Reply::Read(buf)));
-                }
-                ReplyHeader::Chunk {
-                    flags,
-                    typ,
-                    cookie,
-                    offset,
-                    length,
-                } => {
-                    let mut p = match self.active.remove(&cookie) {
-                        Some(p) => p,
-                        None => self.take_pending(cookie)?,
-                    };
-                    if let Some(o) = offset {
-                        if o != p.offset {
-                            return Err(NbdError::HeaderOffsetMismatch {
-                                expected: p.offset,
-                                got: o,
-                            }
-                            .into());
-                        }
-                    }
-                    // On any error the request goes back to `active`, so that the reader's
-                    // exit path fails it instead of leaving its submitter waiting.
-                    if let Err(e) = self.chunk(&mut p, typ, length).await {
-                        self.active.insert(cookie, p);
-                        return Err(e);
-                    }
-                    if flags & REPLY_FLAG_DONE != 0 {
-                        self.finish(cookie, p)?;
-                    } else {
-                        self.active.insert(cookie, p);
-                    }
-                }
-            }
-        }
-    }
-
-    async fn chunk(&mut self, p: &mut Pending, typ: u16, length: u64) -> Result<(), ConnError> {
-        if typ == CHUNK_OFFSET_DATA {
-            if p.cmd != CMD_READ {
-                return Err(NbdError::UnexpectedChunk("OFFSET_DATA").into());
-            }
-            if length < 9 {
-                return Err(NbdError::MalformedChunk {
-                    kind: "OFFSET_DATA",
-                    why: "shorter than 9 bytes",
-                }
-                .into());
-            }
-            self.fill(8).await?;
-            let (off, dlen) = parse_offset_data_prefix(length, &self.buf[..8])?;
-            self.buf.advance(8);
-            let range = p.assembly.cover(off, dlen)?;
-            let mut buf = p.buf.take().unwrap_or_default();
-            let res = self.place(&mut buf, range).await;
-            p.buf = Some(buf);
-            return res;
-        }
-        // Every other chunk is small (block status is bounded by MAX_CHUNK_PAYLOAD, checked
-        // in the header): buffer it whole and parse it.
-        let len = length as usize;
-        self.fill(len).await?;
-        let payload = self.buf.split_to(len);
-        match parse_chunk_payload(typ, &payload, self.negotiated.extended)? {
-            Chunk::None => {}
-            Chunk::OffsetHole { offset, length } => {
-                if p.cmd != CMD_READ {
-                    return Err(NbdError::UnexpectedChunk("OFFSET_HOLE").into());
-                }
-                let range = p.assembly.cover(offset, length)?;
-                if let Some(buf) = p.buf.as_mut() {
-                    if range.start < buf.len() {
-                        buf[range].fill(0);
-                    } else {
-                        buf.resize(range.end, 0);
-                    }
-                }
-            }
-            Chunk::BlockStatus { context, extents } => {
-                if p.cmd != CMD_BLOCK_STATUS || Some(context) != self.negotiated.meta_context {
-                    return Err(NbdError::UnexpectedChunk("BLOCK_STATUS").into());
-                }
-                if !p.extents.is_empty() {
-                    return Err(NbdError::UnexpectedChunk("second BLOCK_STATUS").into());
-                }
-                p.extents = extents;
-            }
-            Chunk::Error(e) => p.assembly.fail(e),
-        }
-        Ok(())
-    }
-
-    fn finish(&mut self, cookie: u64, mut p: Pending) -> Result<(), ConnError> {
-        if p.cmd == CMD_BLOCK_STATUS {
-            if let Err(Ok(e)) = p.assembly.finish() {
-                p.complete(Err(RequestError::Server(e)));
-            } else if p.extents.is_empty() {
-                let expected = p.len;
-                self.active.insert(cookie, p);
-                return Err(NbdError::Incomplete {
-                    covered: 0,
-                    expected,
-                }
-                .into());
-            } else {
-                let ext = std::mem::take(&mut p.extents);
-                p.complete(Ok(Reply::BlockStatus(ext)));
-            }
-            return Ok(());
-        }
-        match p.assembly.finish() {
-            Ok(()) => {
-                let buf = p.buf.take().unwrap_or_default();
-                if buf.len() as u64 != p.len {
-                    let covered = buf.len() as u64;
-                    let expected = p.len;
-                    self.active.insert(cookie, p);
-                    return Err(NbdError::Incomplete { covered, expected }.into());
-                }
-                p.complete(Ok(Reply::Read(buf)));
-                Ok(())
-            }
-            Err(Ok(server)) => {
-                p.complete(Err(RequestError::Server(server)));
-                Ok(())
-            }
-            Err(Err(proto)) => {
-                self.active.insert(cookie, p);
-                Err(proto.into())
-            }
-        }
     }
 }
 

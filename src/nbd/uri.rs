@@ -60,8 +60,9 @@ fn percent_decode(s: &str) -> Result<String, UriError> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or(UriError::Percent)?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| UriError::Percent)?);
+            let hex = b.get(i + 1..i + 3).ok_or(UriError::Percent)?;
+            let digit = |d: u8| char::from(d).to_digit(16).ok_or(UriError::Percent);
+            out.push((digit(hex[0])? << 4 | digit(hex[1])?) as u8);
             i += 3;
         } else {
             out.push(b[i]);
@@ -157,6 +158,9 @@ mod tests {
         assert!("http://x".parse::<NbdUri>().is_err());
         assert!("nbd://h:99999/".parse::<NbdUri>().is_err());
         assert!("nbd+unix:///x".parse::<NbdUri>().is_err());
+        // from_str_radix would take the sign: "%+1" is not an escape.
+        assert_eq!("nbd://h/%+1".parse::<NbdUri>(), Err(UriError::Percent));
+        assert_eq!("nbd://h/%e".parse::<NbdUri>(), Err(UriError::Percent));
         let secret: NbdUri = "nbds://h/secret-token".parse().unwrap();
         assert!(!format!("{secret:?} {secret}").contains("secret-token"));
     }

@@ -15,18 +15,14 @@
 //! bodies are never logged, and errors never quote them; failure arguments go through
 //! [`XenApiError`]'s redaction.
 //!
-//! Wire conventions: shared/research/xen_cbt_nbd.md section 5.
+//! Wire conventions: docs/XENSERVER.md section 5.
 
 pub mod calls;
 pub mod session;
 pub mod transport;
 
-// The export flow's API; unused until the CLI is wired up.
-#[allow(unused_imports)]
-pub use calls::{NbdInfo, VdiRecord};
+pub use calls::NbdInfo;
 pub use session::XapiSession;
-#[allow(unused_imports)]
-pub use transport::{Endpoint, XapiOptions};
 
 use crate::tls::TlsError;
 use cbtstream_proto::xmlrpc::{XenApiError, XmlRpcError};

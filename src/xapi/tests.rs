@@ -1,6 +1,8 @@
 //! The client against an in-process XML-RPC server (hyper over tokio-rustls) that answers
 //! with scripted responses in XAPI's encoding, built with our codec.
 
+use super::calls::VdiRecord;
+use super::transport::{Endpoint, XapiOptions};
 use super::*;
 use crate::tls::Trust;
 use cbtstream_proto::xmlrpc::{decode_call, encode_xenapi_failure, encode_xenapi_success, Value};
@@ -585,8 +587,11 @@ async fn wrong_pin_is_refused() {
         assert!(server.calls().is_empty());
 
         // The CA trust checks the name: the certificate is for localhost and 127.0.0.1, not
-        // 127.0.0.2 (all of 127/8 is loopback on Linux; skipped where it cannot be bound).
-        if let Ok(l) = tokio::net::TcpListener::bind("127.0.0.2:0").await {
+        // 127.0.0.2 (all of 127/8 is loopback on Linux).
+        {
+            let l = tokio::net::TcpListener::bind("127.0.0.2:0")
+                .await
+                .expect("binding 127.0.0.2 (loopback on Linux)");
             let other = serve_on(l, pki.server(), true, |_, _| Reply::Ok(s("OpaqueRef:s")));
             let url = format!("https://127.0.0.2:{}/", other.port());
             let e = XapiSession::login_with(&url, USER, &password(), &opts(pki.ca()))

@@ -27,13 +27,18 @@ pub(super) struct Point<'a> {
 
 /// Make `point` the chain's base: the state file first (so a crash after it leaves a state
 /// naming a snapshot that exists), then `data_destroy`, then the bases no longer kept.
+/// `recorded` runs once the state names the new snapshot (at once without a state file): from
+/// then on the snapshot is the chain's, not a leftover to destroy.
 pub(super) async fn commit_point(
     session: &XapiSession,
     state_path: Option<&Path>,
     prev: Option<ChainState>,
     point: Point<'_>,
+    recorded: impl FnOnce(),
 ) -> Result<(), Failure> {
-    let mut older = prev.map(|s| s.older_bases).unwrap_or_default();
+    let (mut older, abandoned) = prev
+        .map(|s| (s.older_bases, s.abandoned))
+        .unwrap_or_default();
     older.extend(point.previous.clone());
     // A point that starts a new chain (a full stream) leaves no use for the old bases.
     let keep_older = match point.info.stream_base {
@@ -54,10 +59,12 @@ pub(super) async fn commit_point(
         updated_unix_secs: crate::export::created_now(),
         older_bases: older,
         pending: None,
+        abandoned,
     };
     if let Some(p) = state_path {
         save_state(p, &state)?;
     }
+    recorded();
 
     // The snapshot's data goes; its CBT metadata stays as the next base.
     match retry_in_use(|| session.vdi_data_destroy(point.snapshot)).await {
@@ -73,7 +80,7 @@ pub(super) async fn commit_point(
         ),
     }
     for uuid in to_destroy {
-        destroy_if_ours(session, &uuid, "previous base").await;
+        destroy_if_ours(session, point.vdi, &uuid, "previous base").await;
     }
     Ok(())
 }
@@ -83,6 +90,8 @@ pub(super) async fn commit_point(
 pub struct CommitOptions {
     /// The pool master; `None` means the one the state file recorded.
     pub url: Option<String>,
+    /// Commit only if this is the pending point (the id the export printed).
+    pub point: Option<String>,
     pub login: XapiLogin,
     pub state: PathBuf,
 }
@@ -91,7 +100,7 @@ pub struct CommitOptions {
 /// pending point. Returns the committed point's id.
 pub async fn run(opts: CommitOptions) -> Result<String, Failure> {
     let _lock = lock_chain(&opts.state)?;
-    let Some(mut state) = load_state(&opts.state)? else {
+    let Some(state) = load_state(&opts.state)? else {
         return Err(fail(
             Code::Usage,
             format!(
@@ -109,22 +118,30 @@ pub async fn run(opts: CommitOptions) -> Result<String, Failure> {
             ),
         ));
     };
+    if let Some(point) = opts.point.as_deref().filter(|p| *p != pending.snapshot) {
+        return Err(fail(
+            Code::Usage,
+            format!(
+                "the pending point is {}, not {point}: that export was superseded by a later \
+                 one, which may not have been stored; nothing committed",
+                pending.snapshot
+            ),
+        ));
+    }
     let mut login_to = opts.login.clone();
     login_to.url = opts.url.clone().unwrap_or_else(|| state.host.clone());
     let session = login(&login_to).await?;
     let result = async {
+        // The VDI first: a host that does not know it is the wrong host, not a vanished point.
+        session.vdi_get_by_uuid(&state.vdi).await.map_err(src)?;
         let snap = match session.vdi_get_by_uuid(&pending.snapshot).await {
             Ok(r) => r,
-            Err(e) if e.is("UUID_INVALID") || e.is("HANDLE_INVALID") => {
-                // Nothing can make this point a base any more: forget it, so that the next
-                // export starts from the committed base without a detour.
-                state.pending = None;
-                save_state(&opts.state, &state)?;
+            Err(e) if e.is("UUID_INVALID") => {
                 return Err(fail(
                     Code::Source,
                     format!(
-                        "the pending point's snapshot {} no longer exists; it cannot be committed, \
-                         and the next export starts from the committed base",
+                        "the pending point's snapshot {} no longer exists; it cannot be \
+                         committed (the next export starts from the committed base)",
                         pending.snapshot
                     ),
                 ));
@@ -142,14 +159,13 @@ pub async fn run(opts: CommitOptions) -> Result<String, Failure> {
             ));
         }
         let vdi = state.vdi.clone();
-        let previous = state.base.clone();
         let point = Point {
             vdi: &vdi,
             snapshot: &snap,
             info: pending.clone(),
-            previous,
+            previous: state.base.clone(),
         };
-        commit_point(&session, Some(&opts.state), Some(state.clone()), point).await
+        commit_point(&session, Some(&opts.state), Some(state), point, || {}).await
     }
     .await;
     session.logout().await;

@@ -11,23 +11,15 @@ use crate::chain::{ChainState, PendingPoint};
 use crate::engine::sink::Output;
 use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
-use crate::export::{created_now, run_data_plane, shutdown_signal, DataPlaneOptions, StreamIds};
+use crate::export::{
+    created_now, send_stream, shutdown_signal, DataPlaneOptions, Destination, StreamIds,
+};
 use crate::xapi::{Ref, XapiError, XapiSession};
 use cbtstream_proto::cbt;
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Where the stream goes.
-#[derive(Debug, Clone)]
-pub enum Destination {
-    /// `-o PATH`, `-o -` (stdout), or a FIFO or device.
-    Output(PathBuf),
-    /// `--to-command CMD`: `sh -c CMD` reads the stream on its stdin.
-    Command(String),
-}
 
 /// `export --xapi`, as the CLI gathered it.
 #[derive(Debug, Clone)]
@@ -98,12 +90,32 @@ pub async fn run(opts: ExportOptions) -> Result<ExportReport, Failure> {
         Some(p) => Some(lock_chain(p)?),
         None => None,
     };
+    // The state before anything happens on the host: a damaged state file, or one of
+    // another VDI, is the caller's to fix.
+    let mut state = match &opts.state {
+        Some(p) => load_state(p)?,
+        None => None,
+    };
+    if let (Some(p), Some(s)) = (&opts.state, &mut state) {
+        if s.vdi != opts.vdi {
+            return Err(fail(
+                Code::Usage,
+                format!("the state file is for VDI {}, not {}", s.vdi, opts.vdi),
+            ));
+        }
+        abandon_pending_point(p, s)?;
+    }
     let session = Arc::new(login(&opts.login).await?);
-    // The snapshot taken but not yet committed: whatever happens, it is removed.
+    // The snapshot taken but not yet recorded: whatever happens, it is removed.
     let uncommitted: Arc<Mutex<Option<Ref>>> = Arc::default();
-    let result = tokio::select! {
-        r = export(&session, &opts, when, uncommitted.clone()) => r,
+    let exported = tokio::select! {
+        r = export(&session, &opts, &mut state, uncommitted.clone()) => r,
         sig = shutdown_signal() => Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed"))),
+    };
+    // The output is durable: the commit runs to its end, whatever signal comes now.
+    let result = match exported {
+        Ok(done) => finish(&session, &opts, when, state, done, &uncommitted).await,
+        Err(e) => Err(e),
     };
     let leftover = uncommitted.lock().ok().and_then(|mut g| g.take());
     if let Some(snap) = leftover {
@@ -111,6 +123,104 @@ pub async fn run(opts: ExportOptions) -> Result<ExportReport, Failure> {
     }
     session.logout().await;
     result
+}
+
+/// A point exported earlier whose stream was never confirmed stored: it may exist nowhere,
+/// so nothing may build on it, and once a later run has started nothing may commit it (a
+/// `commit` chained after a failed export would otherwise commit the older point). It is
+/// set aside before anything else, its snapshot destroyed once logged in, and this export
+/// starts from the committed base (the CBT log of a destroyed snapshot is merged into the
+/// next one, so no change is lost).
+fn abandon_pending_point(path: &std::path::Path, state: &mut ChainState) -> Result<(), Failure> {
+    let Some(pending) = state.pending.take() else {
+        return Ok(());
+    };
+    tracing::warn!(
+        "the point {} exported earlier was never committed (its stream may not have been stored); \
+         removing its snapshot and exporting from the committed base{}",
+        pending.snapshot,
+        state
+            .base
+            .as_ref()
+            .map(|b| format!(" {b}"))
+            .unwrap_or_default()
+    );
+    state.abandoned.push(pending.snapshot);
+    save_state(path, state)
+}
+
+/// Destroy the snapshots of abandoned points; those that cannot be destroyed now stay listed.
+async fn destroy_abandoned(
+    session: &XapiSession,
+    path: &std::path::Path,
+    state: &mut ChainState,
+) -> Result<(), Failure> {
+    if state.abandoned.is_empty() {
+        return Ok(());
+    }
+    let mut left = Vec::new();
+    for uuid in std::mem::take(&mut state.abandoned) {
+        if !destroy_if_ours(session, &state.vdi, &uuid, "uncommitted snapshot").await {
+            left.push(uuid);
+        }
+    }
+    state.abandoned = left;
+    save_state(path, state)
+}
+
+/// What an export leaves for its commit: the stream is complete and durable.
+struct Exported {
+    summary: ExportSummary,
+    snapshot: Ref,
+    point: PendingPoint,
+    /// The committed base this export followed (the state's, or `--base`).
+    previous: Option<String>,
+}
+
+/// Commit the exported point, or record it as pending.
+async fn finish(
+    session: &XapiSession,
+    opts: &ExportOptions,
+    when: CommitWhen,
+    state: Option<ChainState>,
+    done: Exported,
+    uncommitted: &Mutex<Option<Ref>>,
+) -> Result<ExportReport, Failure> {
+    let recorded = || {
+        if let Ok(mut g) = uncommitted.lock() {
+            *g = None;
+        }
+    };
+    let report = ExportReport {
+        summary: done.summary,
+        point: done.point.snapshot.clone(),
+        base: done.point.stream_base.clone(),
+        committed: when != CommitWhen::Later,
+    };
+    // (commit_when gives Later only with a state file.)
+    if let Some(path) = opts.state.as_ref().filter(|_| when == CommitWhen::Later) {
+        // The stream is complete on the pipe; whether it is stored is the reader's to say.
+        let mut s = state.unwrap_or_else(|| ChainState::new(&opts.vdi, String::new()));
+        s.host = session.endpoint().url();
+        s.pending = Some(done.point);
+        save_state(path, &s)?;
+        recorded();
+        eprintln!(
+            "cbtstream: point {} exported; it becomes the chain's base once you run \
+             `cbtstream commit --state {}` after the stream is stored",
+            report.point,
+            path.display()
+        );
+        return Ok(report);
+    }
+    let point = Point {
+        vdi: &opts.vdi,
+        snapshot: &done.snapshot,
+        info: done.point,
+        previous: done.previous,
+    };
+    commit_point(session, opts.state.as_deref(), state, point, recorded).await?;
+    Ok(report)
 }
 
 fn is_chain_broken(e: &XapiError) -> bool {
@@ -130,38 +240,13 @@ fn chain_broken(opts: &ExportOptions, why: String) -> Result<(), Failure> {
     }
 }
 
-/// A point exported earlier whose stream was never confirmed stored: it may exist nowhere,
-/// so nothing may build on it. Its snapshot goes, and this export starts from the committed
-/// base (the CBT logs of a destroyed snapshot are merged into the next one, so no change is
-/// lost).
-async fn drop_uncommitted_point(
-    session: &XapiSession,
-    state_path: &std::path::Path,
-    state: &mut ChainState,
-) -> Result<(), Failure> {
-    let Some(pending) = state.pending.take() else {
-        return Ok(());
-    };
-    tracing::warn!(
-        "the point {} exported earlier was never committed (its stream may not have been stored); \
-         removing its snapshot and exporting from the committed base{}",
-        pending.snapshot,
-        state
-            .base
-            .as_ref()
-            .map(|b| format!(" {b}"))
-            .unwrap_or_default()
-    );
-    destroy_if_ours(session, &pending.snapshot, "uncommitted snapshot").await;
-    save_state(state_path, state)
-}
-
+/// Everything up to a complete and durable stream: snapshot, changed blocks, the data plane.
 async fn export(
     session: &Arc<XapiSession>,
     opts: &ExportOptions,
-    when: CommitWhen,
+    state: &mut Option<ChainState>,
     uncommitted: Arc<Mutex<Option<Ref>>>,
-) -> Result<ExportReport, Failure> {
+) -> Result<Exported, Failure> {
     let vdi_uuid = opts.vdi.clone();
     let vdi = session.vdi_get_by_uuid(&vdi_uuid).await.map_err(src)?;
     let rec = session.vdi_get_record(&vdi).await.map_err(src)?;
@@ -171,20 +256,8 @@ async fn export(
             format!("VDI {vdi_uuid} is a snapshot; give the VDI itself"),
         ));
     }
-    let mut state = match &opts.state {
-        Some(p) => load_state(p)?,
-        None => None,
-    };
-    if let Some(s) = &state {
-        if s.vdi != vdi_uuid {
-            return Err(fail(
-                Code::Usage,
-                format!("the state file is for VDI {}, not {vdi_uuid}", s.vdi),
-            ));
-        }
-    }
-    if let (Some(p), Some(s)) = (&opts.state, &mut state) {
-        drop_uncommitted_point(session, p, s).await?;
+    if let (Some(p), Some(s)) = (&opts.state, state.as_mut()) {
+        destroy_abandoned(session, p, s).await?;
     }
     let mut full = opts.full;
     if !rec.cbt_enabled {
@@ -202,7 +275,7 @@ async fn export(
     }
 
     // The committed base this run follows, and whether the chain can go on from it.
-    let previous = match (&opts.base, &state) {
+    let previous = match (&opts.base, &*state) {
         (Some(b), _) => Some(b.clone()),
         (None, Some(s)) => s.base.clone(),
         (None, None) => None,
@@ -262,102 +335,33 @@ async fn export(
     let summary = {
         let transfer = async {
             let (nbd, first) = XenNbd::open(session.clone(), snap.clone(), params).await?;
-            send_stream(opts, first, nbd, bitmap, ids).await
+            let progress = Arc::new(crate::progress::Bar::stderr());
+            send_stream(
+                first,
+                nbd,
+                bitmap,
+                ids,
+                &opts.dp,
+                &opts.destination,
+                progress,
+            )
+            .await
         };
         // Every NBD connection is closed when this returns.
         keepalive(session, &snap, opts.keepalive, transfer).await?
     };
 
-    let info = PendingPoint {
+    let point = PendingPoint {
         snapshot: snap_rec.uuid.clone(),
-        stream_base: stream_base.clone(),
+        stream_base,
         virtual_size: snap_rec.virtual_size,
         created_unix_secs: created_now(),
         keep_bases: opts.keep_bases,
     };
-    let report = ExportReport {
+    Ok(Exported {
         summary,
-        point: snap_rec.uuid.clone(),
-        base: stream_base,
-        committed: when != CommitWhen::Later,
-    };
-    // (commit_when gives Later only with a state file.)
-    if let Some(path) = opts.state.as_ref().filter(|_| when == CommitWhen::Later) {
-        // The stream is complete on the pipe; whether it is stored is the reader's to say.
-        let mut s = state.unwrap_or_else(|| ChainState::new(&vdi_uuid, session.endpoint().url()));
-        s.pending = Some(info);
-        save_state(path, &s)?;
-        if let Ok(mut g) = uncommitted.lock() {
-            *g = None;
-        }
-        eprintln!(
-            "cbtstream: point {} exported; it becomes the chain's base once you run \
-             `cbtstream commit --state {}` after the stream is stored",
-            snap_rec.uuid,
-            path.display()
-        );
-        return Ok(report);
-    }
-    if let Ok(mut g) = uncommitted.lock() {
-        *g = None;
-    }
-    let point = Point {
-        vdi: &vdi_uuid,
-        snapshot: &snap,
-        info,
+        snapshot: snap,
+        point,
         previous,
-    };
-    commit_point(session, opts.state.as_deref(), state, point).await?;
-    Ok(report)
-}
-
-/// Run the data plane into the destination; for `--to-command`, also wait for the command
-/// and fail unless it exits 0.
-async fn send_stream(
-    opts: &ExportOptions,
-    first: crate::nbd::Connection,
-    nbd: Arc<XenNbd>,
-    bitmap: Option<Vec<u8>>,
-    ids: StreamIds,
-) -> Result<ExportSummary, Failure> {
-    let progress = Arc::new(crate::progress::Bar::stderr());
-    match &opts.destination {
-        Destination::Output(path) => {
-            run_data_plane(
-                first,
-                nbd,
-                bitmap,
-                ids,
-                &opts.dp,
-                Output::from_arg(path),
-                progress,
-            )
-            .await
-        }
-        Destination::Command(cmd) => {
-            let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
-            let pipe: Arc<OwnedFd> = Arc::new(stdin);
-            // The engine drops its copies of the pipe when it returns: the command's EOF.
-            let sent = run_data_plane(
-                first,
-                nbd,
-                bitmap,
-                ids,
-                &opts.dp,
-                Output::Pipe(pipe),
-                progress,
-            )
-            .await;
-            match sent {
-                Ok(summary) => {
-                    child.wait_success().await.code(Code::Output)?;
-                    Ok(summary)
-                }
-                Err(e) => {
-                    child.kill().await;
-                    Err(e)
-                }
-            }
-        }
-    }
+    })
 }

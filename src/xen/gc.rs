@@ -7,8 +7,9 @@
 //! running, so gc only lists them unless `--force`.
 //!
 //! A run killed between `VDI.snapshot` and tagging its snapshot leaves an untagged
-//! snapshot: gc lists untagged snapshots taken after the chain's base as "possibly ours"
-//! and never removes them.
+//! snapshot: gc lists the VDI's untagged snapshots (not `cbt_metadata`) as "possibly ours",
+//! with their time, and never removes them. (Only those taken after the chain's base would
+//! miss one left before the next successful export moved the base past it.)
 
 use super::{load_state, lock_chain, login, retry_in_use, src, XapiLogin, TAG_SNAPSHOT};
 use crate::exit::{Code, Failure};
@@ -40,7 +41,10 @@ pub async fn run(opts: GcOptions) -> Result<GcReport, Failure> {
         None => None,
     };
     let state = match &opts.state {
-        Some(p) => load_state(p)?,
+        Some(p) => Some(load_state(p)?.ok_or_else(|| {
+            // Nothing would be marked as needed, and every base would go.
+            crate::exit::fail(Code::Usage, format!("no chain state at {}", p.display()))
+        })?),
         None => None,
     };
     if let Some(s) = &state {
@@ -65,19 +69,10 @@ async fn collect(
     let vdi = session.vdi_get_by_uuid(&opts.vdi).await.map_err(src)?;
     let needed = state.map(|s| s.needed()).unwrap_or_default();
     let pending = state.and_then(|s| s.pending.as_ref().map(|p| p.snapshot.clone()));
-    let mut records = Vec::new();
-    for snap in session.vdi_get_snapshots(&vdi).await.map_err(src)? {
-        let rec = session.vdi_get_record(&snap).await.map_err(src)?;
-        records.push((snap, rec));
-    }
-    // When the chain's base was taken: an untagged snapshot after it may be ours.
-    let base_time = state
-        .and_then(|s| s.base.as_ref())
-        .and_then(|b| records.iter().find(|(_, r)| &r.uuid == b))
-        .and_then(|(_, r)| r.snapshot_time.clone());
     let act = !opts.dry_run && (opts.state.is_some() || opts.force);
     let mut report = GcReport::default();
-    for (snap, s) in &records {
+    for snap in &session.vdi_get_snapshots(&vdi).await.map_err(src)? {
+        let s = session.vdi_get_record(snap).await.map_err(src)?;
         let ours = s.other_config.get(TAG_SNAPSHOT) == Some(&opts.vdi);
         if needed.contains(&s.uuid) {
             if pending.as_deref() == Some(s.uuid.as_str()) {
@@ -89,16 +84,14 @@ async fn collect(
             continue;
         }
         if !ours {
-            let after_base = match (&base_time, &s.snapshot_time) {
-                (Some(base), Some(t)) => t >= base,
-                _ => false,
-            };
-            if after_base && s.vdi_type != "cbt_metadata" {
+            if s.vdi_type != "cbt_metadata" {
                 report.lines.push(format!(
-                    "possibly ours: untagged snapshot {} taken after the chain's base (a run \
-                     killed between VDI.snapshot and tagging it leaves one); not removed: check \
-                     it and remove it with `xe vdi-destroy uuid={}`",
-                    s.uuid, s.uuid
+                    "possibly ours: untagged snapshot {} taken {} (a run killed between \
+                     VDI.snapshot and tagging it leaves one); not removed: check it and remove \
+                     it with `xe vdi-destroy uuid={}`",
+                    s.uuid,
+                    s.snapshot_time.as_deref().unwrap_or("at an unknown time"),
+                    s.uuid
                 ));
             }
             continue;

@@ -20,7 +20,7 @@ pub mod export;
 pub mod gc;
 mod nbd;
 
-use crate::exit::{fail, Code, Failure, WithCode};
+use crate::exit::{fail, Code, Failure};
 use crate::lock::{ChainLock, LockError};
 use crate::tls::Trust;
 use crate::xapi::{retry_on, Backoff, Ref, Secret, XapiError, XapiSession};
@@ -115,19 +115,36 @@ async fn destroy_snapshot(session: &XapiSession, snap: &Ref) {
     }
 }
 
-/// Destroy the snapshot `uuid` if it is still there and cbtstream took it (tagged); a
-/// snapshot someone else made is left alone.
-async fn destroy_if_ours(session: &XapiSession, uuid: &str, what: &str) {
-    let Ok(r) = session.vdi_get_by_uuid(uuid).await else {
-        return;
+/// Destroy the snapshot `uuid` if it is still there and cbtstream took it of `vdi` (tagged
+/// with that VDI's uuid); a snapshot someone else made is left alone. True when the snapshot
+/// is gone or not ours (nothing more to do), false when destroying it failed.
+async fn destroy_if_ours(session: &XapiSession, vdi: &str, uuid: &str, what: &str) -> bool {
+    let r = match session.vdi_get_by_uuid(uuid).await {
+        Ok(r) => r,
+        Err(e) if e.is("UUID_INVALID") => return true,
+        Err(e) => {
+            tracing::warn!("could not look up the {what} {uuid}: {e}");
+            return false;
+        }
     };
     match session.vdi_get_record(&r).await {
-        Ok(rec) if rec.other_config.contains_key(TAG_SNAPSHOT) => {
-            if let Err(e) = retry_in_use(|| session.vdi_destroy(&r)).await {
-                tracing::warn!("could not destroy the {what} {uuid}: {e}");
+        Ok(rec) if rec.other_config.get(TAG_SNAPSHOT).map(String::as_str) == Some(vdi) => {
+            match retry_in_use(|| session.vdi_destroy(&r)).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("could not destroy the {what} {uuid}: {e}; `cbtstream gc` will");
+                    false
+                }
             }
         }
-        _ => tracing::info!("left the {what} {uuid} alone: cbtstream did not create it"),
+        Ok(_) => {
+            tracing::info!("left the {what} {uuid} alone: cbtstream did not take it of VDI {vdi}");
+            true
+        }
+        Err(e) => {
+            tracing::warn!("could not read the {what} {uuid}: {e}");
+            false
+        }
     }
 }
 
@@ -148,5 +165,8 @@ fn load_state(path: &Path) -> Result<Option<crate::chain::ChainState>, Failure> 
 }
 
 fn save_state(path: &Path, state: &crate::chain::ChainState) -> Result<(), Failure> {
-    crate::chain::save(path, state).code(Code::Output)
+    crate::chain::save(path, state).map_err(|e| Failure {
+        code: state_code(&e),
+        error: e.into(),
+    })
 }

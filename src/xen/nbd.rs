@@ -27,24 +27,20 @@ pub struct NbdParams {
 /// the name it gives. A record whose certificate does not parse or does not name its
 /// `subject` is refused (the caller moves on to the next record).
 fn record_options(info: &NbdInfo, params: NbdParams) -> Result<ConnectOptions, tls::TlsError> {
-    // MERGE: Trust::exact_cert_for_subject once tls.rs has it.
-    let trust = Trust::exact_cert_from_pem(
-        info.cert_pem.as_bytes(),
-        std::path::Path::new("get_nbd_info cert"),
-    )?;
+    let trust = Trust::exact_cert_for_subject(info.cert_pem.as_bytes(), &info.subject)?;
     let config = tls::client_config(&trust)?;
-    let name = if info.subject.is_empty() {
-        info.address.clone()
-    } else {
-        info.subject.clone()
-    };
     Ok(ConnectOptions {
         address: Address::Tcp {
             host: info.address.clone(),
             port: info.port,
         },
         export: info.exportname.expose().to_string(),
-        tls: Some((config, tls::server_name(&name)?)),
+        // The certificate is pinned by its exact bytes; the name only goes out as SNI. A
+        // wildcard subject is no server name: then the address is sent instead.
+        tls: Some((
+            config,
+            tls::server_name(&info.subject).or_else(|_| tls::server_name(&info.address))?,
+        )),
         connect_timeout: params.connect_timeout,
         handshake_timeout: params.connect_timeout,
         extended_headers: params.extended_headers,
@@ -160,16 +156,15 @@ impl XenNbd {
         }
         match Connection::connect(&opts).await {
             Ok(c) => Ok(c),
+            // XenServer closes a 17th connection before its greeting, which a fresh name does
+            // not help: that one is passed on as it is.
+            Err(e) if is_connection_limit(&e) => Err(e),
             // xapi-nbd closes the connection without a reply when it refuses an export name
-            // (a dead session); XenServer also closes a 17th connection before its greeting,
-            // which a fresh name does not help, so that one is passed on as it is.
-            Err(e @ (ConnError::Eof | ConnError::Protocol(_))) if !is_connection_limit(&e) => {
-                tracing::info!(
-                    "the NBD server refused the connection ({e}); asking VDI.get_nbd_info again"
-                );
+            // (a dead session); the server may also have moved (a master failover).
+            Err(e) => {
+                tracing::info!("the NBD connection failed ({e}); asking VDI.get_nbd_info again");
                 self.refresh().await
             }
-            Err(e) => Err(e),
         }
     }
 }
@@ -193,23 +188,27 @@ impl crate::engine::Connector for XenNbd {
 
 /// Keep the session in use while `work` runs: a cheap call every `every`, so that neither
 /// XAPI's idle-session expiry nor its per-user limit (which evicts the least recently used
-/// sessions) ends it under a long export. A call that finds the session dead logs in again
-/// (`XapiSession::call`), and [`XenNbd`] then fetches a fresh export name.
+/// sessions) ends it under a long export (`docs/XENSERVER.md` section 10). A call that finds
+/// the session dead logs in again (`XapiSession::call`), and [`XenNbd`] then fetches a fresh
+/// export name. The calls run in a task of their own, so a slow XenAPI never holds up `work`.
 pub async fn keepalive<T>(
-    session: &XapiSession,
+    session: &Arc<XapiSession>,
     snapshot: &Ref,
     every: Duration,
     work: impl std::future::Future<Output = T>,
 ) -> T {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            r = &mut work => return r,
-            _ = tick.tick() => match session.vdi_get_uuid(snapshot).await {
+    let (session, snapshot) = (session.clone(), snapshot.clone());
+    let pinger = tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tick.tick().await;
+            match session.vdi_get_uuid(&snapshot).await {
                 Ok(_) => tracing::debug!("XenAPI session keepalive"),
                 Err(e) => tracing::warn!("XenAPI session keepalive failed: {e}"),
-            },
+            }
         }
-    }
+    });
+    let result = work.await;
+    pinger.abort();
+    result
 }

@@ -70,3 +70,49 @@ pub fn export_tls(uri: &str, ca: &Path, out: &Path, extra: &[&str]) -> Output {
     args.extend_from_slice(extra);
     run(&args)
 }
+
+/// `PATH.partial`, where an export writes before it renames the file to `PATH`.
+pub fn partial_of(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// A failed export left nothing behind: no `out`, no `out.partial`.
+#[track_caller]
+pub fn assert_nothing_written(out: &Path) {
+    assert!(!out.exists(), "{} was left behind", out.display());
+    let partial = partial_of(out);
+    assert!(!partial.exists(), "{} was left behind", partial.display());
+}
+
+/// Assert the exit code and that stderr contains `want`.
+#[track_caller]
+pub fn assert_fails(o: &Output, exit: i32, want: &str) {
+    let e = stderr(o);
+    assert_eq!(code(o), exit, "{e}");
+    assert!(e.contains(want), "stderr does not say {want:?}: {e}");
+}
+
+/// The `--json` summary: the last line on stderr.
+#[track_caller]
+pub fn json_summary(o: &Output) -> serde_json::Value {
+    let e = stderr(o);
+    let last = e.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|err| panic!("no JSON summary ({err}): {e}"))
+}
+
+/// The number at the start of `field:` in `cbtstream inspect STREAM`'s report.
+#[track_caller]
+pub fn inspect_number(stream: &Path, field: &str) -> u64 {
+    let o = ok(run(&["inspect", p(stream)]));
+    let report = String::from_utf8_lossy(&o.stdout);
+    let line = report
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field:?} in: {report}"));
+    let number = line.split_whitespace().next().unwrap_or_default();
+    number
+        .parse()
+        .unwrap_or_else(|_| panic!("{field}: {line:?} is not a number"))
+}

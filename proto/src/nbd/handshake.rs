@@ -28,8 +28,8 @@ pub const MAX_OPTION_REPLY: u32 = 64 * 1024;
 /// Longest export name the protocol allows.
 pub const MAX_EXPORT_NAME: usize = 4096;
 
-/// What the client asks for.
-#[derive(Debug, Clone)]
+/// What the client asks for. Its `Debug` hides the export name (it can carry a token).
+#[derive(Clone)]
 pub struct HandshakeConfig {
     pub export_name: String,
     pub tls: bool,
@@ -47,6 +47,18 @@ impl HandshakeConfig {
             structured_replies: true,
             meta_context: true,
         }
+    }
+}
+
+impl std::fmt::Debug for HandshakeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeConfig")
+            .field("export_name", &super::REDACTED)
+            .field("tls", &self.tls)
+            .field("extended_headers", &self.extended_headers)
+            .field("structured_replies", &self.structured_replies)
+            .field("meta_context", &self.meta_context)
+            .finish()
     }
 }
 
@@ -86,13 +98,24 @@ impl Negotiated {
     }
 }
 
-/// What the driver must do next.
-#[derive(Debug)]
+/// What the driver must do next. `Debug` shows only the length of bytes to send: they can
+/// hold the export name.
 pub enum Step {
     Send(Vec<u8>),
     NeedBytes,
     StartTls,
     Done(Negotiated),
+}
+
+impl std::fmt::Debug for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Send(bytes) => write!(f, "Send({} bytes)", bytes.len()),
+            Step::NeedBytes => f.write_str("NeedBytes"),
+            Step::StartTls => f.write_str("StartTls"),
+            Step::Done(n) => f.debug_tuple("Done").field(n).finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,8 +131,8 @@ enum State {
     Done,
 }
 
-/// The client handshake state machine.
-#[derive(Debug)]
+/// The client handshake state machine. `Debug` hides the export name and the pending
+/// output (which can hold it).
 pub struct ClientHandshake {
     cfg: HandshakeConfig,
     state: State,
@@ -120,6 +143,22 @@ pub struct ClientHandshake {
     meta_context: Option<u32>,
     block_size: Option<(u32, u32, u32)>,
     export: Option<(u64, u16)>,
+}
+
+impl std::fmt::Debug for ClientHandshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientHandshake")
+            .field("cfg", &self.cfg)
+            .field("state", &self.state)
+            .field("out", &format_args!("{} bytes", self.out.len()))
+            .field("no_zeroes", &self.no_zeroes)
+            .field("structured", &self.structured)
+            .field("extended", &self.extended)
+            .field("meta_context", &self.meta_context)
+            .field("block_size", &self.block_size)
+            .field("export", &self.export)
+            .finish()
+    }
 }
 
 struct OptionReply<'a> {
@@ -506,6 +545,7 @@ fn parse_option_reply(frame: &[u8]) -> Result<OptionReply<'_>, NbdError> {
 mod tests {
     use super::*;
     use crate::nbd::server::*;
+    use crate::nbd::REDACTED;
     use proptest::prelude::*;
 
     /// Drive the client against canned server bytes; returns what it sent and the outcome.
@@ -537,6 +577,34 @@ mod tests {
             rest = &rest[n..];
         }
         opts
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_export_name() {
+        let secret = "session-token-0123456789";
+        let mut cfg = HandshakeConfig::new(secret, false);
+        cfg.extended_headers = false;
+        cfg.structured_replies = false;
+        cfg.meta_context = false;
+        let mut seen = vec![format!("{cfg:?}")];
+        let mut hs = ClientHandshake::new(cfg).unwrap();
+        let mut greeting = Vec::new();
+        encode_greeting(&mut greeting, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        let mut buf = BytesMut::from(&greeting[..]);
+        // Greeting in; the options out, GO (with the name) among them.
+        let mut sent = Vec::new();
+        while let Ok(step) = hs.step(&mut buf) {
+            seen.push(format!("{step:?} {hs:?} {hs:#?}"));
+            match step {
+                Step::Send(b) => sent.extend_from_slice(&b),
+                _ => break,
+            }
+        }
+        assert!(sent.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        for text in &seen {
+            assert!(!text.contains(secret), "{text}");
+        }
+        assert!(seen[0].contains(REDACTED));
     }
 
     #[test]

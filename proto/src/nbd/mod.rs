@@ -1,24 +1,31 @@
 //! The NBD wire protocol (fixed newstyle handshake and transmission), sans I/O.
 //!
-//! Sources: the NBD protocol document (`doc/proto.md`) including the extended-headers
-//! extension, and the behaviour of qemu-nbd, nbdkit and XenServer's `xapi-nbd` as recorded in
-//! `shared/research/nbd_perf.md` section 1 and `xen_cbt_nbd.md` section 3.
+//! Sources: the NBD protocol document (`doc/proto.md` of the NBD project) including the
+//! extended-headers extension, and the observed behaviour of qemu-nbd, nbdkit and
+//! XenServer's `xapi-nbd`.
 //!
 //! * [`handshake`]: the client side of option negotiation as a state machine.
 //! * [`transmission`]: requests, reply headers, structured chunks, and [`ReadAssembly`], which
 //!   checks that the chunks of one READ cover it exactly once.
+//! * [`replies`]: the client's reply state machine ([`Replies`]): every check on what the
+//!   server answers, for the async driver to follow.
 //! * [`server`]: encoders for the server side, used by test servers.
 
 pub mod consts;
 pub mod handshake;
+pub mod replies;
 pub mod server;
 pub mod transmission;
 
 pub use handshake::{ClientHandshake, HandshakeConfig, Negotiated, Step};
+pub use replies::{Event, Outcome, Outstanding, Replies};
 pub use transmission::{
     encode_request, parse_chunk_payload, parse_reply_header, BlockStatusExtent, Chunk,
     ReadAssembly, ReplyHeader, Request, MAX_CHUNK_PAYLOAD, MAX_REQUEST_LEN,
 };
+
+/// What `Debug` prints in place of an export name.
+pub const REDACTED: &str = "***";
 
 /// What went wrong talking NBD. Messages never contain the export name: it can carry a
 /// session token.
@@ -90,8 +97,12 @@ pub enum NbdError {
         "extended reply header offset {got:#x} does not match the request offset {expected:#x}"
     )]
     HeaderOffsetMismatch { expected: u64, got: u64 },
-    #[error("request length {0} is not allowed (must be 1..={max})", max = MAX_REQUEST_LEN)]
+    #[error("request length {0} is not allowed (READ: 1..={max}; BLOCK_STATUS: 1..=2^32-1; no end past 2^64)", max = MAX_REQUEST_LEN)]
     BadRequestLength(u64),
+    #[error("command {0} is not one the client sends")]
+    UnsupportedCommand(u16),
+    #[error("cookie {0:#x} is already in use")]
+    DuplicateCookie(u64),
 }
 
 /// An error the server reported for one request (it does not break the connection).

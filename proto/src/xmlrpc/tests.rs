@@ -1,7 +1,7 @@
 use super::*;
 use proptest::prelude::*;
 
-// Byte-exact examples from shared/research/xen_cbt_nbd.md section 5.2.
+// Byte-exact examples from docs/XENSERVER.md section 5.2.
 const LOGIN_CALL: &str = "<?xml version='1.0'?>
 <methodCall><methodName>session.login_with_password</methodName><params>
 <param><value><string>user</string></value></param>

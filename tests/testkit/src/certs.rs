@@ -346,3 +346,19 @@ pub fn rustls_client_config(roots_der: &[Vec<u8>]) -> Result<Arc<rustls::ClientC
         .with_no_client_auth();
     Ok(Arc::new(cfg))
 }
+
+/// A self-signed ECDSA certificate (PEM) with subject CN `cn` and these subjectAltNames
+/// (IP addresses where they parse as one, DNS names otherwise; none: no SAN extension), for
+/// tests of name checks. Nothing is written to disk.
+pub fn self_signed_pem(cn: &str, sans: &[&str]) -> Result<String> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(cn);
+    for san in sans {
+        params.subject_alt_names.push(match san.parse() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName((*san).try_into()?),
+        });
+    }
+    validity(&mut params);
+    Ok(params.self_signed(&KeyPair::generate()?)?.pem())
+}

@@ -19,4 +19,6 @@ pub use images::{
     changed_bitmap_base64, make_image, mutate_blocks, random_bitmap, CbtBitmap, Pattern, Prng,
     BLOCK,
 };
-pub use servers::{have, require_tools, NbdKitOpts, NbdServer, QemuOpts, ServerKind};
+pub use servers::{
+    have, missing_prerequisite, require_tools, NbdKitOpts, NbdServer, QemuOpts, ServerKind,
+};

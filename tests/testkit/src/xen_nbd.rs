@@ -1,6 +1,6 @@
 //! A test NBD server with XenServer's profile: it imitates `xapi-nbd` (the OCaml server in
 //! xapi-project/nbd `lib/server.ml`, run by xen-api `ocaml/nbd/src/main.ml`), as described in
-//! `shared/research/xen_cbt_nbd.md` section 3. All wire encoding and parsing goes through
+//! `docs/XENSERVER.md` section 3. All wire encoding and parsing goes through
 //! `cbtstream_proto::nbd` (`server.rs` encoders, `transmission::parse_request`).
 //!
 //! What it reproduces:

@@ -6,7 +6,7 @@
 //! xapi-style self-signed certificate; or, with [`SimConfig::nbd_server`], a qemu-nbd or
 //! nbdkit process per export name). See `README.md` beside this file for the supported
 //! methods, the `sim.*` test methods and the differences from a real host; the behaviour
-//! follows `shared/research/xen_cbt_nbd.md` sections 1, 2, 4, 5 and 9.
+//! follows `docs/XENSERVER.md` sections 1, 2, 4, 5 and 9.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
