@@ -18,13 +18,17 @@ pub mod connector;
 pub mod direct;
 pub mod encode;
 pub mod fetch;
+pub mod handoff;
 pub mod order;
+pub mod pipeline;
 pub mod plan;
 pub mod planner;
 pub mod pool;
 pub mod sink;
 
 pub use connector::Connector;
+pub use handoff::{Batch, Downstream};
+pub use pipeline::size_pipeline;
 
 use crate::nbd::Connection;
 use bytes::BytesMut;
@@ -93,77 +97,6 @@ pub enum ToSink {
     },
 }
 
-/// Where fetched ranges go: to the compression workers, or (without compression) straight to
-/// the sink.
-#[derive(Clone)]
-pub enum Downstream {
-    Compress(std::sync::mpsc::Sender<Fetched>),
-    Sink(std::sync::mpsc::Sender<ToSink>),
-}
-
-/// A fetch worker's way downstream. Without compression the records are made here, on the
-/// reactor thread, while the bytes the TLS reader just wrote are still in this core's cache
-/// (checksumming them on the sink thread's core read them from memory again), and sent to
-/// the sink in batches. With zstd, ranges go to the compression threads one by one, so that
-/// every thread gets work.
-pub struct Batch {
-    down: Downstream,
-    pools: Arc<Pools>,
-    ecfg: encode::EncodeConfig,
-    items: Vec<Encoded>,
-    bytes: u64,
-}
-
-impl Batch {
-    const MAX_ITEMS: usize = 32;
-    const MAX_BYTES: u64 = 2 << 20;
-
-    pub fn new(down: Downstream, pools: Arc<Pools>, ecfg: encode::EncodeConfig) -> Batch {
-        Batch {
-            down,
-            pools,
-            ecfg,
-            items: Vec::new(),
-            bytes: 0,
-        }
-    }
-
-    /// Pass on one fetched range.
-    pub fn push(&mut self, f: Fetched) -> Result<(), FetchError> {
-        match &self.down {
-            Downstream::Compress(tx) => tx.send(f).map_err(|_| FetchError::OutputClosed),
-            Downstream::Sink(_) => {
-                self.bytes += f.len;
-                let e =
-                    encode::encode(f, None, &self.pools, &self.ecfg).map_err(FetchError::Encode)?;
-                self.items.push(e);
-                if self.items.len() >= Self::MAX_ITEMS || self.bytes >= Self::MAX_BYTES {
-                    self.flush()
-                } else {
-                    Ok(())
-                }
-            }
-        }
-    }
-
-    /// Send what is queued. Workers flush whenever they have no read outstanding, so items
-    /// never wait here for reads that are not coming (they hold budget the planner needs).
-    pub fn flush(&mut self) -> Result<(), FetchError> {
-        if self.items.is_empty() {
-            return Ok(());
-        }
-        self.bytes = 0;
-        let items = std::mem::take(&mut self.items);
-        match &self.down {
-            Downstream::Sink(tx) => tx
-                .send(ToSink::Batch(items))
-                .map_err(|_| FetchError::OutputClosed),
-            // Compression workers are never batched.
-            Downstream::Compress(_) => Ok(()),
-        }
-    }
-}
-
 /// The records of one plan item, ready to write.
 pub struct Encoded {
     pub id: u64,
@@ -229,46 +162,6 @@ impl ExportSummary {
             "mb_per_s": (mbps * 10.0).round() / 10.0,
         })
     }
-}
-
-/// The rate the default pipeline is sized for: enough reads in flight to move 2 GB/s at the
-/// measured round trip (a bandwidth-delay product), so a distant server is not read at the
-/// pace of one round trip per few requests.
-const TARGET_RATE: f64 = 2e9;
-
-/// Reads in flight per connection, and the byte budget (read but not yet written).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pipeline {
-    pub inflight: usize,
-    pub budget: u64,
-}
-
-/// Size the pipeline: `inflight` as given, or enough for the bandwidth-delay product at the
-/// handshake's round trip (`rtt`) with reads of `avg_read` bytes spread over `connections`,
-/// at least 32 and at most 1024 a connection. The budget covers the bytes of those reads
-/// (8-32 MiB; the floor leaves a reorder window when reads are small), or twice the
-/// bandwidth-delay product (at most 256 MiB) when that is more. Sized by the average read,
-/// not the largest: a fragmented incremental (64-128 KiB reads) needs far less than 32 MiB,
-/// and its memory counts next to the bitmap's (32 MiB for 16 TiB).
-pub fn size_pipeline(
-    rtt: Option<std::time::Duration>,
-    connections: usize,
-    avg_read: u64,
-    inflight: Option<u16>,
-) -> Pipeline {
-    let bdp = rtt.map_or(0.0, |r| r.as_secs_f64() * TARGET_RATE) as u64;
-    let connections = connections.max(1) as u64;
-    let inflight = match inflight {
-        Some(n) => usize::from(n.max(1)),
-        None => {
-            let per_conn = bdp.div_ceil(connections * avg_read.max(1));
-            per_conn.clamp(32, 1024) as usize
-        }
-    };
-    let budget = (connections * inflight as u64 * avg_read)
-        .clamp(8 << 20, 32 << 20)
-        .max((2 * bdp).min(256 << 20));
-    Pipeline { inflight, budget }
 }
 
 /// Run one export: `first` is an already negotiated connection (the caller used it to learn
@@ -541,50 +434,4 @@ fn first_failure(
     planned?;
     encoded?;
     Ok((bytes_read, written?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn pipeline_follows_the_bandwidth_delay_product() {
-        let ms = |n: u64| Some(Duration::from_millis(n));
-        // Loopback, or no measurement: the floor of 32; the budget covers the reads in flight.
-        let p = size_pipeline(Some(Duration::from_micros(60)), 4, 64 << 10, None);
-        assert_eq!(
-            p,
-            Pipeline {
-                inflight: 32,
-                budget: 8 << 20
-            }
-        );
-        assert_eq!(size_pipeline(None, 4, 64 << 10, None).inflight, 32);
-        let p = size_pipeline(None, 4, 128 << 10, None);
-        assert_eq!(p.budget, 16 << 20);
-        assert_eq!(size_pipeline(None, 4, 1 << 20, None).budget, 32 << 20);
-        // 10 ms: 20 MB in flight: 77 reads of 64 KiB on each of 4 connections, 40 MB budget.
-        let p = size_pipeline(ms(10), 4, 64 << 10, None);
-        assert_eq!(p.inflight, 77);
-        assert_eq!(p.budget, 40_000_000);
-        // Large reads need few requests; the budget still covers the product.
-        let p = size_pipeline(ms(10), 4, 2 << 20, None);
-        assert_eq!(p.inflight, 32);
-        assert_eq!(p.budget, 40_000_000);
-        // A far server: capped.
-        let p = size_pipeline(ms(500), 1, 64 << 10, None);
-        assert_eq!(
-            p,
-            Pipeline {
-                inflight: 1024,
-                budget: 256 << 20
-            }
-        );
-        // Given by the user: kept; the budget still follows the round trip.
-        let p = size_pipeline(ms(10), 1, 64 << 10, Some(8));
-        assert_eq!(p.inflight, 8);
-        assert_eq!(p.budget, 40_000_000);
-        assert_eq!(size_pipeline(None, 2, 1 << 20, Some(4)).budget, 8 << 20);
-    }
 }
