@@ -436,3 +436,46 @@ fn bad_request_sizes_and_thread_counts_are_refused_before_connecting() {
         assert!(stderr(&o).contains(want), "{flag} {value}: {}", stderr(&o));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_connection_with_a_smaller_maximum_gets_split_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.raw");
+    make_image(&img, 8 * MIB);
+    let server = HostileServer::start_file(&img, Misbehaviour::ShrinkingMaxBlock)
+        .await
+        .unwrap();
+    let out = tmp.path().join("out.cbts");
+    let args = [
+        "export",
+        "--nbd",
+        &server.uri("disk"),
+        "--allow-plaintext",
+        "--full",
+        "-o",
+        p(&out),
+        "--connections",
+        "4",
+        "--request-size",
+        "256",
+        // One read at a time each: the slow first connection leaves work for the others.
+        "--inflight",
+        "1",
+        // One refused read would fail the export.
+        "--retries",
+        "0",
+    ]
+    .map(String::from);
+    let o = tokio::task::spawn_blocking(move || {
+        cbtstream(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    ok(o);
+    // The later connections (at most 32 KiB a read) did read: 256 KiB reads split in 8.
+    assert!(server.stats.connections() >= 2);
+    assert!(server.stats.limited_reads() >= 8, "{:?}", server.stats);
+    let restored = tmp.path().join("restored.raw");
+    ok(cbtstream(&["restore", "--to", p(&restored), p(&out)]));
+    assert!(std::fs::read(&restored).unwrap() == std::fs::read(&img).unwrap());
+}
