@@ -17,6 +17,7 @@
 # server (target/release/xen-nbd-server: TLS 1.2, EXPORT_NAME only, simple replies), and
 # the sparse case through a delay-line proxy (latency-proxy: 5 ms each way, 10 ms round trip;
 # and 0 ms, the baseline for the round-trip target).
+# Disks far larger than memory (16 TiB: peak RSS and wall time): bench/scale.sh.
 # After the table, the cbtstream-proto micro benchmarks (xmlrpc_parse, cbt_plan), unless
 # BENCH_MICRO=0 (they build once, then take a few seconds).
 set -euo pipefail

@@ -114,7 +114,7 @@ pub struct DataPlaneArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub inflight: Option<u16>,
     /// Largest read, in KiB: a multiple of 64 between 64 and 32768. Also the largest record.
-    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    #[arg(long, value_name = "KIB", default_value_t = 1024, value_parser = parse_request_size)]
     pub request_size: u64,
     /// Compression codec.
     #[arg(long, value_enum, default_value_t = CompressArg::Zstd)]
@@ -123,9 +123,9 @@ pub struct DataPlaneArgs {
     /// zstd's size for 1 MiB records: 2.6% smaller output for about 7% more compression time.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(-7..=22))]
     pub level: i32,
-    /// Compression threads (default: the number of cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// Compression threads (default: the number of cores; at most 256).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: Option<u16>,
     /// Seconds to wait for a connection and for the NBD handshake.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
@@ -141,6 +141,61 @@ pub struct DataPlaneArgs {
     /// Do not try NBD extended headers (for servers that mishandle the option).
     #[arg(long, hide = true)]
     pub no_extended_headers: bool,
+}
+
+fn parse_request_size(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(kib) if kib.is_multiple_of(64) && (64..=32768).contains(&kib) => Ok(kib),
+        _ => Err("must be a multiple of 64 between 64 and 32768 (KiB)".into()),
+    }
+}
+
+impl DataPlaneArgs {
+    pub fn options(&self) -> crate::export::DataPlaneOptions {
+        crate::export::DataPlaneOptions {
+            connections: usize::from(self.connections),
+            inflight: self.inflight,
+            request_size: self.request_size * 1024,
+            codec: match self.compress {
+                CompressArg::Zstd => cbtstream_proto::stream::Codec::Zstd,
+                CompressArg::None => cbtstream_proto::stream::Codec::None,
+            },
+            level: self.level,
+            threads: self.threads.map_or_else(
+                || std::thread::available_parallelism().map_or(2, |n| n.get()),
+                usize::from,
+            ),
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
+            request_timeout: std::time::Duration::from_secs(self.request_timeout),
+            retries: self.retries,
+            retry_delay: std::time::Duration::from_millis(200),
+            extended_headers: !self.no_extended_headers,
+        }
+    }
+}
+
+impl ExportArgs {
+    fn nbd_options(&self) -> crate::export::NbdExportOptions {
+        let t = &self.tls;
+        crate::export::NbdExportOptions {
+            uri: self.nbd.clone().unwrap_or_default(),
+            changed_blocks: self.changed_blocks.clone(),
+            full: self.full,
+            destination: self.destination(),
+            tls: crate::export::NbdTlsOptions {
+                ca: t.tls_ca.clone(),
+                cert: t.tls_cert.clone(),
+                pin: t.tls_pin.clone(),
+                server_name: t.tls_server_name.clone(),
+                insecure_no_verify: t.tls_insecure_no_verify,
+                allow_plaintext: t.allow_plaintext,
+            },
+            source_id: self.source_id.clone(),
+            point_id: self.point_id.clone(),
+            base_id: self.base_id.clone(),
+            dp: self.dp.options(),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -371,14 +426,15 @@ fn xen_export_options(args: ExportArgs, url: &str) -> Result<ExportOptions, Fail
         destination,
         commit_on_eof: args.commit_on_eof,
         keepalive: std::time::Duration::from_secs(args.xapi_keepalive),
-        dp: args.dp,
+        dp: args.dp.options(),
     })
 }
 
 fn export(args: ExportArgs) -> Result<(), Failure> {
     let json = args.dp.json;
     let Some(url) = args.xapi.clone() else {
-        let summary = run_async(crate::export::export_nbd(args))?;
+        let progress = std::sync::Arc::new(crate::progress::Bar::stderr());
+        let summary = run_async(crate::export::export_nbd(args.nbd_options(), progress))?;
         if json {
             eprintln!("{}", summary.json());
         }

@@ -1,53 +1,121 @@
 //! `cbtstream export --nbd URI`: the data plane on its own, for any NBD server; and
-//! [`run_data_plane`], which the XenServer flow (`backup`) uses too.
+//! [`run_data_plane`], which the XenServer flow (`xen::export`) uses too. Both take plain option
+//! structs: the CLI builds them from its arguments.
 
-use crate::cli::{CompressArg, DataPlaneArgs, ExportArgs};
-use crate::engine::fetch::{self, FetchConfig};
-use crate::engine::plan::Plan;
+use crate::engine::fetch::FetchConfig;
+use crate::engine::plan::{Plan, PlanError, MAX_DISK_SIZE};
 use crate::engine::sink::Output;
-use crate::engine::{self, Connector, EngineConfig, EngineError, ExportSummary};
+use crate::engine::{self, Connector, EngineConfig, EngineError, ExportSummary, Progress};
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::nbd::{Address, ConnectOptions, Connection, NbdUri};
 use crate::tls;
 use cbtstream_proto::cbt::{self, CBT_BLOCK};
 use cbtstream_proto::stream::{Codec, Header};
-use std::io::{IsTerminal, Read};
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-fn read_bitmap(path: &Path) -> Result<Vec<u8>, Failure> {
-    let mut text = Vec::new();
-    if path == Path::new("-") {
-        std::io::stdin().read_to_end(&mut text).code(Code::Usage)?;
-    } else {
-        text = std::fs::read(path).map_err(|e| {
-            fail(
-                Code::Usage,
-                format!("reading the changed-block bitmap {}: {e}", path.display()),
-            )
-        })?;
-    }
-    cbt::decode_base64(&text).code(Code::Usage)
+/// The data plane's knobs, as the CLI gives them (already range-checked there).
+#[derive(Debug, Clone)]
+pub struct DataPlaneOptions {
+    /// NBD connections, when the server allows more than one.
+    pub connections: usize,
+    /// Requests in flight per connection; `None` sizes it from the round trip.
+    pub inflight: Option<u16>,
+    /// The longest read, in bytes: a multiple of 64 KiB, 64 KiB to 32 MiB.
+    pub request_size: u64,
+    pub codec: Codec,
+    pub level: i32,
+    /// Compression threads.
+    pub threads: usize,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Times one read is retried (server errors and lost connections).
+    pub retries: u32,
+    /// The first wait before a retry or a reconnect (it doubles each time).
+    pub retry_delay: Duration,
+    /// Try NBD extended headers.
+    pub extended_headers: bool,
 }
 
-fn connect_options(args: &ExportArgs, uri: &NbdUri) -> Result<ConnectOptions, Failure> {
-    let t = &args.tls;
-    let tls_flags = t.tls_ca.is_some()
-        || t.tls_cert.is_some()
-        || t.tls_pin.is_some()
-        || t.tls_insecure_no_verify
-        || t.tls_server_name.is_some();
+/// How to trust an `nbds://` server, and whether plaintext TCP is allowed.
+#[derive(Debug, Clone, Default)]
+pub struct NbdTlsOptions {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub pin: Option<String>,
+    pub server_name: Option<String>,
+    pub insecure_no_verify: bool,
+    pub allow_plaintext: bool,
+}
+
+/// `export --nbd`. No Debug: the URI holds the export name, a secret.
+pub struct NbdExportOptions {
+    pub uri: String,
+    /// The changed-block bitmap file ("-": stdin); `None` with `full`.
+    pub changed_blocks: Option<PathBuf>,
+    pub full: bool,
+    pub destination: Destination,
+    pub tls: NbdTlsOptions,
+    pub source_id: String,
+    pub point_id: Option<String>,
+    pub base_id: Option<String>,
+    pub dp: DataPlaneOptions,
+}
+
+/// Read and decode the base64 bitmap in pieces, never holding its whole text.
+fn read_bitmap(path: &Path) -> Result<Vec<u8>, Failure> {
+    let what = || {
+        if path == Path::new("-") {
+            "the changed-block bitmap on stdin".to_string()
+        } else {
+            format!("the changed-block bitmap {}", path.display())
+        }
+    };
+    let mut input: Box<dyn Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        let file = std::fs::File::open(path)
+            .map_err(|e| fail(Code::Usage, format!("reading {}: {e}", what())))?;
+        Box::new(file)
+    };
+    // The bitmap of the largest disk cbtstream exports.
+    let max = MAX_DISK_SIZE.div_ceil(CBT_BLOCK).div_ceil(8) as usize;
+    let mut decoder = cbt::Base64Decoder::new(max);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(fail(Code::Usage, format!("reading {}: {e}", what()))),
+        };
+        decoder.push(&buf[..n]).code(Code::Usage)?;
+    }
+    decoder.finish().code(Code::Usage)
+}
+
+fn connect_options(
+    t: &NbdTlsOptions,
+    dp: &DataPlaneOptions,
+    uri: &NbdUri,
+) -> Result<ConnectOptions, Failure> {
+    let tls_flags = t.ca.is_some()
+        || t.cert.is_some()
+        || t.pin.is_some()
+        || t.insecure_no_verify
+        || t.server_name.is_some();
     let tls = if uri.tls {
         let trust = tls::trust_from_flags(
-            t.tls_ca.as_deref(),
-            t.tls_cert.as_deref(),
-            t.tls_pin.as_deref(),
-            t.tls_insecure_no_verify,
+            t.ca.as_deref(),
+            t.cert.as_deref(),
+            t.pin.as_deref(),
+            t.insecure_no_verify,
         )
         .code(Code::Usage)?;
         let config = tls::client_config(&trust).code(Code::Usage)?;
-        let name = match (&t.tls_server_name, &uri.address) {
+        let name = match (&t.server_name, &uri.address) {
             (Some(n), _) => n.clone(),
             (None, Address::Tcp { host, .. }) => host.clone(),
             (None, Address::Unix(_)) => "localhost".to_string(),
@@ -68,39 +136,25 @@ fn connect_options(args: &ExportArgs, uri: &NbdUri) -> Result<ConnectOptions, Fa
         }
         None
     };
-    let timeout = Duration::from_secs(args.dp.connect_timeout.max(1));
+    let timeout = dp.connect_timeout.max(Duration::from_secs(1));
     Ok(ConnectOptions {
         address: uri.address.clone(),
         export: uri.export.clone(),
         tls,
         connect_timeout: timeout,
         handshake_timeout: timeout,
-        extended_headers: !args.dp.no_extended_headers,
+        extended_headers: dp.extended_headers,
         meta_context: true,
     })
 }
 
-pub fn progress_bar(total: u64) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::with_draw_target(
-        Some(total),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-    ) {
-        pb.set_style(style);
-    }
-    pb
-}
-
+/// The exit code of an engine failure: reading is the source's fault, writing the output's;
+/// the rest (a compression or stream-encoder failure, an internal error) is ours.
 pub fn engine_code(e: &EngineError) -> Code {
     match e {
         EngineError::Fetch(_) => Code::Source,
         EngineError::Sink(crate::engine::sink::SinkError::Io { .. }) => Code::Output,
-        _ => Code::Failure,
+        EngineError::Sink(_) | EngineError::Compress(_) | EngineError::Internal(_) => Code::Failure,
     }
 }
 
@@ -133,12 +187,14 @@ pub async fn shutdown_signal() -> &'static str {
     }
 }
 
-pub async fn export_nbd(args: ExportArgs) -> Result<ExportSummary, Failure> {
-    let Some(nbd) = &args.nbd else {
-        return Err(fail(Code::Usage, "give --nbd URI or --xapi URL"));
-    };
-    let uri: NbdUri = nbd.parse().code(Code::Usage)?;
-    let opts = connect_options(&args, &uri)?;
+/// `export --nbd`: the summary is returned, for the caller to print after the export.
+pub async fn export_nbd(
+    args: NbdExportOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<ExportSummary, Failure> {
+    let started = Instant::now();
+    let uri: NbdUri = args.uri.parse().code(Code::Usage)?;
+    let opts = connect_options(&args.tls, &args.dp, &uri)?;
     if args.changed_blocks.is_none() && !args.full {
         return Err(fail(
             Code::Usage,
@@ -166,8 +222,20 @@ pub async fn export_nbd(args: ExportArgs) -> Result<ExportSummary, Failure> {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         base_id: args.base_id.clone(),
     };
-    let destination = args.destination();
-    send_stream(first, Arc::new(opts), bitmap, ids, &args.dp, &destination).await
+    let connector: Arc<dyn Connector> = Arc::new(opts);
+    let mut summary = send_stream(
+        first,
+        connector,
+        bitmap,
+        ids,
+        &args.dp,
+        &args.destination,
+        progress,
+    )
+    .await?;
+    // The whole run, connecting and planning included.
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
 }
 
 /// Where the stream goes.
@@ -186,20 +254,21 @@ pub async fn send_stream(
     connector: Arc<dyn Connector>,
     bitmap: Option<Vec<u8>>,
     ids: StreamIds,
-    dp: &DataPlaneArgs,
+    dp: &DataPlaneOptions,
     destination: &Destination,
+    progress: Arc<dyn Progress>,
 ) -> Result<ExportSummary, Failure> {
     let cmd = match destination {
         Destination::Output(path) => {
             let output = Output::from_arg(path);
-            return run_data_plane(first, connector, bitmap, ids, dp, output).await;
+            return run_data_plane(first, connector, bitmap, ids, dp, output, progress).await;
         }
         Destination::Command(cmd) => cmd,
     };
     let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
     // The engine drops its copies of the pipe when it returns: the command's EOF.
     let output = Output::Pipe(Arc::new(stdin));
-    match run_data_plane(first, connector, bitmap, ids, dp, output).await {
+    match run_data_plane(first, connector, bitmap, ids, dp, output, progress).await {
         Ok(summary) => {
             child.wait_success().await.code(Code::Output)?;
             Ok(summary)
@@ -222,62 +291,49 @@ pub struct StreamIds {
 
 /// Plan, read, encode and write one export from an open connection: an incremental when
 /// `bitmap` is given, else a full export. Shared by `--nbd` and `--xapi`. On success the
-/// output is complete and durable.
+/// output is complete and durable; printing the summary is the caller's.
 pub async fn run_data_plane(
     first: Connection,
     connector: Arc<dyn Connector>,
     bitmap: Option<Vec<u8>>,
     ids: StreamIds,
-    dp: &DataPlaneArgs,
+    dp: &DataPlaneOptions,
     output: Output,
+    progress: Arc<dyn Progress>,
 ) -> Result<ExportSummary, Failure> {
-    if !dp.request_size.is_multiple_of(64) || !(64..=32768).contains(&dp.request_size) {
-        return Err(fail(
-            Code::Usage,
-            "--request-size must be a multiple of 64 KiB between 64 and 32768",
-        ));
-    }
     let n = first.negotiated.clone();
     let size = n.size;
-    let mut connections = usize::from(dp.connections);
+    let mut connections = dp.connections.max(1);
     if connections > 1 && !(n.can_multi_conn() || n.read_only()) {
         tracing::info!(
             "the server allows neither multi-conn nor read-only access: using one connection"
         );
         connections = 1;
     }
-    // Requests: what was asked, within the server's maximum, in whole CBT blocks.
-    let request = (dp.request_size * 1024).min(n.max_request()) / CBT_BLOCK * CBT_BLOCK;
-    if request == 0 {
-        return Err(fail(
-            Code::Source,
-            format!(
-                "the server's maximum request ({} bytes) is below 64 KiB",
-                n.max_request()
-            ),
-        ));
-    }
-    let timeout = Duration::from_secs(dp.request_timeout.max(1));
-    let plan = match &bitmap {
-        Some(bm) => Plan::from_bitmap(bm, size, request).code(Code::Usage)?,
-        None if n.meta_context.is_some() => {
-            match fetch::allocation_map(&first, size, n.alignment(), timeout).await {
-                Ok(map) => Plan::from_allocation(&map, request),
-                // Block status only saves reads: without it, read everything.
-                Err(fetch::FetchError::Read { error, .. }) => {
-                    tracing::warn!("block status failed ({error}); reading the whole disk");
-                    Plan::full(size, request)
-                }
-                Err(e) => return Err(e).code(Code::Source),
-            }
-        }
+    // Requests: what was asked, within the first server's maximum when that is at least one
+    // CBT block. A connection allowing less splits each read into several requests.
+    let request = (dp.request_size.min(n.max_request()) / CBT_BLOCK * CBT_BLOCK).max(CBT_BLOCK);
+    let incremental = bitmap.is_some();
+    let plan = match bitmap {
+        Some(bm) => Plan::from_bitmap(bm, size, request),
+        None if n.meta_context.is_some() => Plan::allocation(size, request, n.alignment()),
         None => Plan::full(size, request),
-    };
+    }
+    .map_err(|e| {
+        let code = match e {
+            PlanError::TooLarge { .. } => Code::Source,
+            PlanError::Bitmap(_) => Code::Usage,
+        };
+        Failure {
+            code,
+            error: e.into(),
+        }
+    })?;
     tracing::info!(
         disk_size = size,
-        read_bytes = plan.read_bytes,
-        zero_bytes = plan.zero_bytes,
-        items = plan.items.len(),
+        covered = plan.covered,
+        request,
+        block_status = matches!(plan.source, engine::plan::Source::Allocation { .. }),
         "planned"
     );
     let header = Header {
@@ -285,47 +341,35 @@ pub async fn run_data_plane(
         block_size: CBT_BLOCK as u32,
         source_id: ids.source_id,
         point_id: ids.point_id,
-        incremental: bitmap.is_some(),
-        base_id: if bitmap.is_some() { ids.base_id } else { None },
+        incremental,
+        base_id: if incremental { ids.base_id } else { None },
         created_unix_secs: created_now(),
-        codec: match dp.compress {
-            CompressArg::Zstd => Codec::Zstd,
-            CompressArg::None => Codec::None,
-        },
+        codec: dp.codec,
     };
     header.validate().code(Code::Usage)?;
-    let threads = dp
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let pipeline = engine::size_pipeline(
-        first.rtt,
-        connections,
-        plan.read_bytes / plan.reads.max(1),
-        request,
-        dp.inflight,
-    );
+    let pipeline = engine::size_pipeline(first.rtt, connections, plan.average_read, dp.inflight);
     tracing::debug!(
         round_trip_us = first.rtt.map(|r| r.as_micros() as u64),
         inflight = pipeline.inflight,
         budget = pipeline.budget,
         "pipeline sized"
     );
-    let inflight = pipeline.inflight;
     let cfg = EngineConfig {
         connections,
         fetch: FetchConfig {
-            inflight,
-            request_timeout: timeout,
+            inflight: pipeline.inflight,
+            request_timeout: dp.request_timeout.max(Duration::from_secs(1)),
             retries: dp.retries,
             reconnects: dp.retries.max(1) + 2,
+            retry_delay: dp.retry_delay,
         },
         codec: header.codec,
         level: dp.level,
-        threads,
+        threads: dp.threads.max(1),
         budget: pipeline.budget,
         block: CBT_BLOCK,
     };
-    let pb = progress_bar(plan.read_bytes + plan.zero_bytes);
+    progress.start(plan.covered);
     let run = engine::run(
         first,
         connector,
@@ -333,19 +377,20 @@ pub async fn run_data_plane(
         header.clone(),
         output.clone(),
         &cfg,
-        pb.clone(),
+        progress.clone(),
     );
-    let summary = tokio::select! {
-        r = run => r.map_err(|e| Failure { code: engine_code(&e), error: e.into() })?,
+    let result = tokio::select! {
+        r = run => r.map_err(|e| Failure { code: engine_code(&e), error: e.into() }),
         sig = shutdown_signal() => {
             // Dropping the engine closes the NBD connections; the partial output goes.
             if let Output::File(path) = &output {
                 let _ = std::fs::remove_file(crate::engine::sink::partial_path(path));
             }
-            return Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed")));
+            Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed")))
         }
     };
-    pb.finish_and_clear();
+    progress.finish();
+    let summary = result?;
     tracing::info!(
         point_id = %header.point_id,
         bytes_read = summary.bytes_read,

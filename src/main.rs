@@ -9,6 +9,7 @@ mod exit;
 mod export;
 mod lock;
 mod nbd;
+mod progress;
 mod restore;
 mod tls;
 mod xapi;

@@ -22,6 +22,13 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    // Decoded in pieces: the same outcome.
+    let mut pieces = cbt::Base64Decoder::new(1 << 20);
+    let chunked = text
+        .chunks(usize::from(data[8]).max(1))
+        .try_for_each(|c| pieces.push(c))
+        .and_then(|()| pieces.finish());
+    assert_eq!(chunked.ok(), decoded);
     // Round trip.
     if let Some(bm) = decoded {
         assert_eq!(cbt::decode_base64(cbt::encode_base64(&bm).as_bytes()).ok(), Some(bm));

@@ -1,7 +1,7 @@
 //! Encode: turn a fetched range into records. All-zero 64 KiB blocks become ZERO records
 //! without touching the compressor; data zstd cannot shrink is stored raw. With zstd this
-//! runs on worker threads; without compression the sink thread calls [`encode`] itself,
-//! which saves a hand-off between threads per record.
+//! runs on compression threads; without compression the fetch workers call [`encode`]
+//! themselves (see `Batch`), which saves a hand-off between threads per record.
 
 use super::pool::Pools;
 use super::{Encoded, Fetched, Payload, Record, ToSink};
@@ -66,8 +66,8 @@ pub fn worker(
 }
 
 /// Split a fetched range into ZERO and DATA records, compressing DATA when `compressor` is
-/// given. Runs of blocks are aligned to the disk (not to the read), so the same disk gives the
-/// same records whatever the request size.
+/// given. Zero detection works on blocks aligned to the disk, not to the read, so whether a
+/// block is zero does not depend on the request size (a DATA record never spans two reads).
 pub fn encode(
     f: Fetched,
     mut compressor: Option<&mut zstd::bulk::Compressor<'static>>,

@@ -1,65 +1,58 @@
 //! The export engine: plan → fetch → compress → order → sink.
 //!
 //! ```text
-//!  planner task ──jobs──► N connection workers (async, M reads in flight each)
-//!       │                         │ Fetched (buffer from the pool)
-//!       └── zero ranges ──────────┤
-//!                                 ▼
-//!                      compression threads (zstd, zero detection)
-//!                                 │ Encoded
-//!                                 ▼
-//!                      sink thread: reorder by id, write records, trailer, fsync
+//!  planner task ──jobs──► N connection workers (async, M requests in flight each)
+//!    │   ▲  block status answers ──┘ │ Fetched (buffer from the pool)
+//!    │                               ▼
+//!    │                    compression threads (zstd, zero detection)
+//!    └── zero ranges ──────────────┐ │ Encoded
+//!                                  ▼ ▼
+//!                      sink thread: order (reorder window) → records, trailer, fsync
 //! ```
 //!
-//! Memory is bounded by a byte budget: the planner takes permits for a range before it is
-//! read, and the sink gives them back once the range is written. The output is the same
+//! Memory is bounded by a byte budget: the planner takes permits for an item before it is
+//! read, and the sink gives them back once the item is written. The output is the same
 //! whatever the number of connections or threads, because records are written in plan order.
 
+pub mod connector;
 pub mod direct;
 pub mod encode;
 pub mod fetch;
+pub mod handoff;
+pub mod order;
+pub mod pipeline;
 pub mod plan;
+pub mod planner;
 pub mod pool;
 pub mod sink;
 
-use crate::nbd::{ConnError, ConnectOptions, Connection};
+pub use connector::Connector;
+pub use handoff::{Batch, Downstream};
+pub use pipeline::size_pipeline;
+
+use crate::nbd::Connection;
 use bytes::BytesMut;
 use cbtstream_proto::stream::{Codec, Header};
-use fetch::{FetchConfig, FetchError};
-use plan::{Plan, PlanItem};
+use fetch::{FetchConfig, FetchError, Job};
+use order::InOrder;
+use plan::Plan;
+use planner::Planner;
 use pool::Pools;
 use sink::{Output, SinkError, SinkStats};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 
-/// Opens connections to the export being read: for reconnects and extra connections.
-pub trait Connector: Send + Sync {
-    /// Open and negotiate one more connection to the same export.
-    fn connect(
-        &self,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Connection, ConnError>> + Send + '_>,
-    >;
-}
-
-impl Connector for ConnectOptions {
-    fn connect(
-        &self,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Connection, ConnError>> + Send + '_>,
-    > {
-        Box::pin(Connection::connect(self))
-    }
-}
-
-/// A read to do.
-pub struct Job {
-    pub id: u64,
-    pub offset: u64,
-    pub len: u64,
-    pub attempts: u32,
-    pub permit: Option<OwnedSemaphorePermit>,
+/// Where the engine reports progress (the CLI draws a bar).
+pub trait Progress: Send + Sync {
+    /// The export covers `total` bytes of disk.
+    fn start(&self, total: u64);
+    /// `bytes` more of the disk are written.
+    fn advance(&self, bytes: u64);
+    /// The export is over (done or failed).
+    fn finish(&self);
 }
 
 /// A range read from the server. (Ranges known to be zero go from the planner to the sink as
@@ -98,77 +91,10 @@ pub enum ToSink {
     /// One hand-off (and at most one thread wake-up) for many items: waking the sink thread
     /// for every 64 KiB record cost more CPU than writing the record.
     Batch(Vec<Encoded>),
-}
-
-/// Where fetched ranges go: to the compression workers, or (without compression) straight to
-/// the sink.
-#[derive(Clone)]
-pub enum Downstream {
-    Compress(std::sync::mpsc::Sender<Fetched>),
-    Sink(std::sync::mpsc::Sender<ToSink>),
-}
-
-/// A fetch worker's way downstream. Without compression the records are made here, on the
-/// reactor thread, while the bytes the TLS reader just wrote are still in this core's cache
-/// (checksumming them on the sink thread's core read them from memory again), and sent to
-/// the sink in batches. With zstd, ranges go to the compression threads one by one, so that
-/// every thread gets work.
-pub struct Batch {
-    down: Downstream,
-    pools: Arc<Pools>,
-    ecfg: encode::EncodeConfig,
-    items: Vec<Encoded>,
-    bytes: u64,
-}
-
-impl Batch {
-    const MAX_ITEMS: usize = 32;
-    const MAX_BYTES: u64 = 2 << 20;
-
-    pub fn new(down: Downstream, pools: Arc<Pools>, ecfg: encode::EncodeConfig) -> Batch {
-        Batch {
-            down,
-            pools,
-            ecfg,
-            items: Vec::new(),
-            bytes: 0,
-        }
-    }
-
-    /// Pass on one fetched range.
-    pub fn push(&mut self, f: Fetched) -> Result<(), FetchError> {
-        match &self.down {
-            Downstream::Compress(tx) => tx.send(f).map_err(|_| FetchError::OutputClosed),
-            Downstream::Sink(_) => {
-                self.bytes += f.len;
-                let e =
-                    encode::encode(f, None, &self.pools, &self.ecfg).map_err(FetchError::Encode)?;
-                self.items.push(e);
-                if self.items.len() >= Self::MAX_ITEMS || self.bytes >= Self::MAX_BYTES {
-                    self.flush()
-                } else {
-                    Ok(())
-                }
-            }
-        }
-    }
-
-    /// Send what is queued. Workers flush whenever they have no read outstanding, so items
-    /// never wait here for reads that are not coming (they hold budget the planner needs).
-    pub fn flush(&mut self) -> Result<(), FetchError> {
-        if self.items.is_empty() {
-            return Ok(());
-        }
-        self.bytes = 0;
-        let items = std::mem::take(&mut self.items);
-        match &self.down {
-            Downstream::Sink(tx) => tx
-                .send(ToSink::Batch(items))
-                .map_err(|_| FetchError::OutputClosed),
-            // Compression workers are never batched.
-            Downstream::Compress(_) => Ok(()),
-        }
-    }
+    /// The planner handed out every item: there were this many.
+    PlanDone {
+        items: u64,
+    },
 }
 
 /// The records of one plan item, ready to write.
@@ -238,57 +164,18 @@ impl ExportSummary {
     }
 }
 
-/// The rate the default pipeline is sized for: enough reads in flight to move 2 GB/s at the
-/// measured round trip (a bandwidth-delay product), so a distant server is not read at the
-/// pace of one round trip per few requests.
-const TARGET_RATE: f64 = 2e9;
-
-/// Reads in flight per connection, and the byte budget (read but not yet written).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pipeline {
-    pub inflight: usize,
-    pub budget: u64,
-}
-
-/// Size the pipeline: `inflight` as given, or enough for the bandwidth-delay product at the
-/// handshake's round trip (`rtt`) with reads of `avg_read` bytes spread over `connections`,
-/// at least 32 and at most 1024 a connection. The budget covers the reads in flight and a
-/// reorder window: 8-32 MiB as before, or twice the bandwidth-delay product (at most 256 MiB)
-/// when that is more.
-pub fn size_pipeline(
-    rtt: Option<std::time::Duration>,
-    connections: usize,
-    avg_read: u64,
-    request: u64,
-    inflight: Option<u16>,
-) -> Pipeline {
-    let bdp = rtt.map_or(0.0, |r| r.as_secs_f64() * TARGET_RATE) as u64;
-    let connections = connections.max(1) as u64;
-    let inflight = match inflight {
-        Some(n) => usize::from(n.max(1)),
-        None => {
-            let per_conn = bdp.div_ceil(connections * avg_read.max(1));
-            per_conn.clamp(32, 1024) as usize
-        }
-    };
-    let budget = (connections * inflight as u64 * request)
-        .clamp(8 << 20, 32 << 20)
-        .max((2 * bdp).min(256 << 20));
-    Pipeline { inflight, budget }
-}
-
 /// Run one export: `first` is an already negotiated connection (the caller used it to learn
-/// the disk size and plan); more are opened as configured.
+/// the disk size); more are opened with `connector`, which also reopens lost ones.
 pub async fn run(
     first: Connection,
-    opts: Arc<dyn Connector>,
+    connector: Arc<dyn Connector>,
     plan: Plan,
     header: Header,
     output: Output,
     cfg: &EngineConfig,
-    progress: indicatif::ProgressBar,
+    progress: Arc<dyn Progress>,
 ) -> Result<ExportSummary, EngineError> {
-    let result = run_inner(first, opts, plan, header, output.clone(), cfg, progress).await;
+    let result = run_stages(first, connector, plan, header, &output, cfg, progress).await;
     if result.is_err() {
         // A failed export leaves nothing behind (a killed one leaves PATH.partial, which has
         // no trailer, so restore and inspect refuse it).
@@ -299,276 +186,252 @@ pub async fn run(
     result
 }
 
-async fn run_inner(
+/// Wire the stages: plan → fetch → compress → order → sink.
+async fn run_stages(
     first: Connection,
-    opts: Arc<dyn Connector>,
+    connector: Arc<dyn Connector>,
     plan: Plan,
     header: Header,
-    output: Output,
+    output: &Output,
     cfg: &EngineConfig,
-    progress: indicatif::ProgressBar,
+    progress: Arc<dyn Progress>,
 ) -> Result<ExportSummary, EngineError> {
     let started = Instant::now();
-    // Extra connections are opened one after another (XenServer's server dislikes parallel
-    // connects) while the first one is already reading: at 10 ms round trip a TLS + NBD
-    // handshake takes about 100 ms, too long to wait for before starting.
-    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(1));
-    tracing::debug!(
-        connections = cfg.connections,
-        inflight = cfg.fetch.inflight,
-        "fetching"
-    );
     let pools = Arc::new(Pools::default());
-    let max_item = plan.largest_read;
-    let budget = cfg.budget.max(max_item).min(u64::from(u32::MAX) / 2) as usize;
-    let budget_sem = Arc::new(Semaphore::new(budget));
-    let expected = plan.items.len() as u64;
-    let read_bytes = plan.read_bytes;
     let ecfg = encode::EncodeConfig {
         level: cfg.level,
         block: cfg.block,
-        window_log: encode::EncodeConfig::window_for(max_item),
+        window_log: encode::EncodeConfig::window_for(plan.largest_read),
     };
-
-    // Stage channels. Zero ranges and (without compression) fetched data go straight to the
-    // sink; with zstd, fetched data goes through the compression threads.
     let (sink_tx, sink_rx) = std::sync::mpsc::channel::<ToSink>();
     let (job_tx, jobs) = async_channel::bounded::<Job>(256);
 
-    // Sink thread.
-    let sink_pools = pools.clone();
-    let out = sink::open(&output)?;
-    let sink_header = header.clone();
-    let sink = std::thread::Builder::new()
-        .name("cbtstream-sink".into())
-        .spawn(move || {
-            sink::run(out, &sink_header, sink_rx, expected, sink_pools, |n| {
-                progress.inc(n)
-            })
-        })
-        .map_err(|e| EngineError::Internal(e.to_string()))?;
-
-    // Compression threads.
-    let mut encoders = Vec::new();
-    let downstream = match cfg.codec {
-        Codec::None => Downstream::Sink(sink_tx.clone()),
-        Codec::Zstd => {
-            let (fetched_tx, fetched_rx) = std::sync::mpsc::channel::<Fetched>();
-            let fetched_rx = Arc::new(Mutex::new(fetched_rx));
-            for i in 0..cfg.threads.max(1) {
-                let (rx, tx, p) = (fetched_rx.clone(), sink_tx.clone(), pools.clone());
-                encoders.push(
-                    std::thread::Builder::new()
-                        .name(format!("cbtstream-zstd-{i}"))
-                        .spawn(move || encode::worker(rx, tx, p, ecfg))
-                        .map_err(|e| EngineError::Internal(e.to_string()))?,
-                );
-            }
-            Downstream::Compress(fetched_tx)
+    // Every item, ZERO included, costs at least ITEM_COST; the largest read must fit.
+    let budget = cfg
+        .budget
+        .max(plan.request)
+        .max(planner::ITEM_COST)
+        .min(u64::from(u32::MAX) / 2) as usize;
+    let budget = Arc::new(Semaphore::new(budget));
+    let sink = spawn_sink(
+        sink::open(output)?,
+        header,
+        sink_rx,
+        pools.clone(),
+        progress,
+        budget.clone(),
+    )?;
+    let (downstream, encoders) = spawn_encoders(cfg, &sink_tx, &pools, ecfg)?;
+    let planner = tokio::spawn(
+        Planner {
+            jobs: job_tx,
+            sink: sink_tx,
+            budget: budget.clone(),
+            lookahead: (4 * cfg.connections).clamp(4, 16),
+        }
+        .run(plan),
+    );
+    let fetchers = Fetchers {
+        connector,
+        jobs,
+        downstream,
+        pools,
+        ecfg,
+        cfg: cfg.fetch.clone(),
+        opened: Arc::new(AtomicUsize::new(1)),
+    };
+    let opened = fetchers.opened.clone();
+    let fetched = fetchers.run(first, cfg.connections).await;
+    let planned = match &fetched {
+        Ok(_) => planner.await,
+        Err(_) => {
+            // Stop everything: closing the budget and aborting the planner drop the last
+            // senders, so the compressors and the sink see their inputs close.
+            planner.abort();
+            budget.close();
+            planner.await
         }
     };
-
-    // Planner: hand out jobs in order, within the byte budget.
-    let planner_tx = sink_tx.clone();
-    drop(sink_tx);
-    let planner_sem = budget_sem.clone();
-    let planner = tokio::spawn(async move {
-        for (id, item) in plan.items.into_iter().enumerate() {
-            let id = id as u64;
-            let cost = match item {
-                PlanItem::Read { len, .. } => len.max(1) as u32,
-                PlanItem::Zero { .. } => 1,
-            };
-            let Ok(permit) = planner_sem.clone().acquire_many_owned(cost).await else {
-                return;
-            };
-            match item {
-                PlanItem::Read { offset, len } => {
-                    let job = Job {
-                        id,
-                        offset,
-                        len,
-                        attempts: 0,
-                        permit: Some(permit),
-                    };
-                    if job_tx.send(job).await.is_err() {
-                        return;
-                    }
-                }
-                PlanItem::Zero { offset, len } => {
-                    let e = Encoded {
-                        id,
-                        records: vec![Record::Zero { offset, len }],
-                        raw: None,
-                        permit: Some(permit),
-                    };
-                    if planner_tx.send(ToSink::Encoded(e)).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-
-    // Workers: one on the first connection now, and one on each extra connection as it opens.
-    let mut workers = tokio::task::JoinSet::new();
-    let spawn_worker = {
-        let (opts, jobs, downstream, pools, fcfg) = (
-            opts.clone(),
-            jobs.clone(),
-            downstream.clone(),
-            pools.clone(),
-            cfg.fetch.clone(),
-        );
-        move |conn| {
-            fetch::worker(
-                conn,
-                opts.clone(),
-                jobs.clone(),
-                Batch::new(downstream.clone(), pools.clone(), ecfg),
-                pools.clone(),
-                fcfg.clone(),
-            )
-        }
+    let planned = match planned {
+        Ok(r) => r.map_err(EngineError::from),
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => Err(EngineError::Internal(format!("planner: {e}"))),
     };
-    workers.spawn(spawn_worker(first));
-    // The opener runs even for one connection (its loop then ends at once): it owns the
-    // closure, whose senders must close when the workers end.
-    let (opts, count, want, queue) = (opts.clone(), opened.clone(), cfg.connections, jobs.clone());
-    workers.spawn(async move {
-        let mut extra = tokio::task::JoinSet::new();
-        // Stop once there is nothing left to hand out.
-        loop {
-            let have = count.load(std::sync::atomic::Ordering::Relaxed);
-            if have >= want || (queue.is_closed() && queue.is_empty()) {
-                break;
-            }
-            let Some(conn) = fetch::open_one(opts.as_ref(), have).await else {
-                break;
-            };
-            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            extra.spawn(spawn_worker(conn));
-        }
-        drop(spawn_worker);
-        while let Some(res) = extra.join_next().await {
-            res.map_err(|e| {
-                fetch::FetchError::Reconnect(crate::nbd::ConnError::Io(Arc::new(
-                    std::io::Error::other(e),
-                )))
-            })??;
-        }
-        Ok(())
-    });
-    drop(downstream);
-    let mut fetch_result: Result<(), EngineError> = Ok(());
-    while let Some(res) = workers.join_next().await {
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                fetch_result = Err(e.into());
-                break;
-            }
-            Err(e) => {
-                fetch_result = Err(EngineError::Internal(format!("fetch worker: {e}")));
-                break;
-            }
-        }
-    }
-    if fetch_result.is_err() {
-        // Stop everything: aborting the workers and the planner drops every sender, so the
-        // compressors and the sink see their inputs close.
-        workers.abort_all();
-        while workers.join_next().await.is_some() {}
-        planner.abort();
-        budget_sem.close();
-    }
-    let _ = planner.await;
-    drop(jobs);
-
-    // Wait for the threads off the reactor.
-    let (encoders_res, sink_res) = tokio::task::spawn_blocking(move || {
-        let mut enc_res = Ok(());
-        for h in encoders {
-            match h.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => enc_res = Err(EngineError::Compress(e)),
-                Err(_) => {
-                    enc_res = Err(EngineError::Internal("compression thread panicked".into()))
-                }
-            }
-        }
-        let sink_res = sink
-            .join()
-            .map_err(|_| EngineError::Internal("sink thread panicked".into()));
-        (enc_res, sink_res)
-    })
-    .await
-    .map_err(|e| EngineError::Internal(e.to_string()))?;
-    let sink_out = sink_res?;
-    if let Err(e) = fetch_result {
-        // When reading stopped because the output failed, the output's error is the one to tell.
-        if matches!(e, EngineError::Fetch(FetchError::OutputClosed)) {
-            sink_out?;
-            encoders_res?;
-        }
-        return Err(e);
-    }
-    encoders_res?;
-    let (file, stats): (_, SinkStats) = sink_out?;
-    sink::commit(&output, file)?;
+    let (encoded, written) = join_threads(encoders, sink).await?;
+    let (bytes_read, (file, stats)) = first_failure(fetched, planned, encoded, written)?;
+    sink::commit(output, file)?;
     Ok(ExportSummary {
-        bytes_read: read_bytes,
+        bytes_read,
         bytes_written: stats.bytes_written,
         records: stats.records,
         data_bytes: stats.data_bytes,
         zero_bytes: stats.zero_bytes,
-        connections: opened.load(std::sync::atomic::Ordering::Relaxed),
+        connections: opened.load(Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
+/// The written output (to commit) and what was written.
+type Written = (Box<dyn std::io::Write + Send>, SinkStats);
+type SinkResult = Result<Written, SinkError>;
+type Encoders = Vec<std::thread::JoinHandle<std::io::Result<()>>>;
 
-    #[test]
-    fn pipeline_follows_the_bandwidth_delay_product() {
-        let ms = |n: u64| Some(Duration::from_millis(n));
-        // Loopback, or no measurement: the floor of 32 and the old 8-32 MiB budget.
-        let p = size_pipeline(Some(Duration::from_micros(60)), 4, 64 << 10, 2 << 20, None);
-        assert_eq!(
-            p,
-            Pipeline {
-                inflight: 32,
-                budget: 32 << 20
+/// The order and sink stages, on a thread of their own. When writing fails, the budget is
+/// closed, which stops the planner.
+fn spawn_sink(
+    out: Box<dyn std::io::Write + Send>,
+    header: Header,
+    input: std::sync::mpsc::Receiver<ToSink>,
+    pools: Arc<Pools>,
+    progress: Arc<dyn Progress>,
+    budget: Arc<Semaphore>,
+) -> Result<std::thread::JoinHandle<SinkResult>, EngineError> {
+    std::thread::Builder::new()
+        .name("cbtstream-sink".into())
+        .spawn(move || {
+            let mut items = InOrder::new(input);
+            let written = sink::run(out, &header, &mut items, &pools, progress.as_ref());
+            if written.is_err() {
+                // Items still queued for the sink hold budget the planner may be waiting
+                // for, with no read in flight to notice the sink is gone: stop the planner.
+                budget.close();
             }
-        );
-        assert_eq!(size_pipeline(None, 4, 64 << 10, 2 << 20, None).inflight, 32);
-        // 10 ms: 20 MB in flight: 77 reads of 64 KiB on each of 4 connections, 40 MB budget.
-        let p = size_pipeline(ms(10), 4, 64 << 10, 2 << 20, None);
-        assert_eq!(p.inflight, 77);
-        assert_eq!(p.budget, 40_000_000);
-        // Large reads need few requests; the budget still covers the product.
-        let p = size_pipeline(ms(10), 4, 2 << 20, 2 << 20, None);
-        assert_eq!(p.inflight, 32);
-        assert_eq!(p.budget, 40_000_000);
-        // A far server: capped.
-        let p = size_pipeline(ms(500), 1, 64 << 10, 64 << 10, None);
-        assert_eq!(
-            p,
-            Pipeline {
-                inflight: 1024,
-                budget: 256 << 20
-            }
-        );
-        // Given by the user: kept; the budget still follows the round trip.
-        let p = size_pipeline(ms(10), 1, 64 << 10, 2 << 20, Some(8));
-        assert_eq!(p.inflight, 8);
-        assert_eq!(p.budget, 40_000_000);
-        assert_eq!(
-            size_pipeline(None, 2, 64 << 10, 1 << 20, Some(4)).budget,
-            8 << 20
+            written
+        })
+        .map_err(|e| EngineError::Internal(e.to_string()))
+}
+
+/// The compression stage: with zstd, threads fed by the fetch workers; without, the
+/// workers encode and send to the sink themselves.
+fn spawn_encoders(
+    cfg: &EngineConfig,
+    sink_tx: &std::sync::mpsc::Sender<ToSink>,
+    pools: &Arc<Pools>,
+    ecfg: encode::EncodeConfig,
+) -> Result<(Downstream, Encoders), EngineError> {
+    if cfg.codec == Codec::None {
+        return Ok((Downstream::Sink(sink_tx.clone()), Vec::new()));
+    }
+    let (fetched_tx, fetched_rx) = std::sync::mpsc::channel::<Fetched>();
+    let fetched_rx = Arc::new(Mutex::new(fetched_rx));
+    let mut encoders = Vec::new();
+    for i in 0..cfg.threads.max(1) {
+        let (rx, tx, p) = (fetched_rx.clone(), sink_tx.clone(), pools.clone());
+        encoders.push(
+            std::thread::Builder::new()
+                .name(format!("cbtstream-zstd-{i}"))
+                .spawn(move || encode::worker(rx, tx, p, ecfg))
+                .map_err(|e| EngineError::Internal(e.to_string()))?,
         );
     }
+    Ok((Downstream::Compress(fetched_tx), encoders))
+}
+
+/// The fetch stage: one worker per connection.
+struct Fetchers {
+    connector: Arc<dyn Connector>,
+    jobs: fetch::JobQueue,
+    downstream: Downstream,
+    pools: Arc<Pools>,
+    ecfg: encode::EncodeConfig,
+    cfg: FetchConfig,
+    /// Connections opened so far.
+    opened: Arc<AtomicUsize>,
+}
+
+impl Fetchers {
+    fn worker(
+        &self,
+        conn: Connection,
+    ) -> impl std::future::Future<Output = Result<u64, FetchError>> {
+        fetch::worker(
+            conn,
+            self.connector.clone(),
+            self.jobs.clone(),
+            Batch::new(self.downstream.clone(), self.pools.clone(), self.ecfg),
+            self.pools.clone(),
+            self.cfg.clone(),
+        )
+    }
+
+    /// Read until the planner is done; returns the bytes read. The first worker starts at
+    /// once; extra connections are opened one after another (XenServer's server dislikes
+    /// parallel connects) while it reads: at 10 ms round trip a TLS + NBD handshake takes
+    /// about 100 ms, too long to wait for before starting.
+    async fn run(self, first: Connection, want: usize) -> Result<u64, EngineError> {
+        tracing::debug!(connections = want, inflight = self.cfg.inflight, "fetching");
+        let mut workers = JoinSet::new();
+        workers.spawn(self.worker(first));
+        let mut bytes = 0;
+        let mut refused = false;
+        loop {
+            let have = self.opened.load(Ordering::Relaxed);
+            let more = have < want && !refused && !(self.jobs.is_closed() && self.jobs.is_empty());
+            tokio::select! {
+                conn = fetch::open_one(self.connector.as_ref(), have), if more => match conn {
+                    Some(conn) => {
+                        self.opened.fetch_add(1, Ordering::Relaxed);
+                        workers.spawn(self.worker(conn));
+                    }
+                    None => refused = true,
+                },
+                done = workers.join_next() => match done {
+                    None => break,
+                    Some(Ok(Ok(n))) => bytes += n,
+                    Some(Ok(Err(e))) => return Err(e.into()),
+                    Some(Err(e)) => return Err(EngineError::Internal(format!("fetch worker: {e}"))),
+                },
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+/// Wait for the threads off the reactor.
+async fn join_threads(
+    encoders: Encoders,
+    sink: std::thread::JoinHandle<SinkResult>,
+) -> Result<(Result<(), EngineError>, Result<SinkResult, EngineError>), EngineError> {
+    tokio::task::spawn_blocking(move || {
+        let mut encoded = Ok(());
+        for h in encoders {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => encoded = Err(EngineError::Compress(e)),
+                Err(_) => {
+                    encoded = Err(EngineError::Internal("compression thread panicked".into()))
+                }
+            }
+        }
+        let written = sink
+            .join()
+            .map_err(|_| EngineError::Internal("sink thread panicked".into()));
+        (encoded, written)
+    })
+    .await
+    .map_err(|e| EngineError::Internal(e.to_string()))
+}
+
+/// The error to report, if any: the first stage that failed on its own. When reading
+/// stopped because a later stage was gone, that stage's error is the one to tell.
+fn first_failure(
+    fetched: Result<u64, EngineError>,
+    planned: Result<(), EngineError>,
+    encoded: Result<(), EngineError>,
+    written: Result<SinkResult, EngineError>,
+) -> Result<(u64, Written), EngineError> {
+    let written = written?;
+    let bytes_read = match fetched {
+        Ok(n) => n,
+        Err(e) => {
+            if matches!(e, EngineError::Fetch(FetchError::OutputClosed)) {
+                written?;
+                encoded?;
+            }
+            return Err(e);
+        }
+    };
+    planned?;
+    encoded?;
+    Ok((bytes_read, written?))
 }

@@ -1,8 +1,15 @@
-//! Plan: which ranges of the disk to read, and which are already known to be zero.
+//! Plan: which ranges of the disk to read, and which are already known to be zero. The plan
+//! is lazy: items are made as the planner hands them out, so its memory does not depend on
+//! the size of the disk or on how fragmented it is.
 
-use cbtstream_proto::cbt::{self, CbtError};
+use cbtstream_proto::cbt::{self, CbtError, CBT_BLOCK};
 use cbtstream_proto::nbd::consts::STATE_ZERO;
 use cbtstream_proto::nbd::BlockStatusExtent;
+
+/// The largest disk cbtstream exports: 64 TiB. XenServer's largest VDI is 16 TiB and
+/// VMware's 62 TB; a server advertising more (2^63, say) is refused before anything is
+/// planned rather than trusted.
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
 
 /// One step of the plan, in ascending offset order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,90 +18,150 @@ pub enum PlanItem {
     Zero { offset: u64, len: u64 },
 }
 
-/// The whole plan. The extent list is held in memory (a 16 TiB bitmap with every block
-/// changed is 256 Mi blocks, but coalesced into requests it is at most size/request_size).
-#[derive(Debug, Default)]
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("the server reports a disk of {size} bytes, more than the {max} bytes (64 TiB) cbtstream supports", max = MAX_DISK_SIZE)]
+    TooLarge { size: u64 },
+    #[error(transparent)]
+    Bitmap(#[from] CbtError),
+}
+
+/// How the plan is made.
+#[derive(Debug)]
+pub enum Source {
+    /// The blocks a CBT bitmap marks changed (validated against the disk size).
+    Bitmap(Vec<u8>),
+    /// The whole disk.
+    Full,
+    /// The whole disk, skipping what BLOCK_STATUS (`base:allocation`) reports as zero.
+    /// Zero ranges are shrunk to `align` boundaries so the reads around them stay aligned.
+    Allocation { align: u64 },
+}
+
+/// What to export, and what is known of it before reading.
+#[derive(Debug)]
 pub struct Plan {
-    pub items: Vec<PlanItem>,
-    /// Bytes to read from the server.
-    pub read_bytes: u64,
-    /// Bytes known to be zero without reading.
-    pub zero_bytes: u64,
-    /// How many reads, and the longest.
-    pub reads: u64,
+    pub source: Source,
+    pub disk_size: u64,
+    /// The longest read (reads are at most this long).
+    pub request: u64,
+    /// Bytes of disk the export covers (the progress total).
+    pub covered: u64,
+    /// The average read, to size the pipeline (exact for a bitmap, an estimate otherwise).
+    pub average_read: u64,
+    /// The longest read of the plan (exact for a bitmap, `request` otherwise).
     pub largest_read: u64,
 }
 
 impl Plan {
-    fn push(&mut self, item: PlanItem) {
-        match item {
-            PlanItem::Read { len, .. } => {
-                self.read_bytes += len;
-                self.reads += 1;
-                self.largest_read = self.largest_read.max(len);
-            }
-            PlanItem::Zero { len, .. } => self.zero_bytes += len,
+    fn new(source: Source, disk_size: u64, request: u64) -> Result<Plan, PlanError> {
+        if disk_size > MAX_DISK_SIZE {
+            return Err(PlanError::TooLarge { size: disk_size });
         }
-        self.items.push(item);
+        if request < CBT_BLOCK || !request.is_multiple_of(CBT_BLOCK) || request > 32 << 20 {
+            return Err(CbtError::BadRequestSize(request).into());
+        }
+        Ok(Plan {
+            source,
+            disk_size,
+            request,
+            covered: disk_size,
+            average_read: request,
+            largest_read: request,
+        })
     }
 
     /// Every block the bitmap marks changed, coalesced into reads of at most `request`.
-    pub fn from_bitmap(bitmap: &[u8], disk_size: u64, request: u64) -> Result<Plan, CbtError> {
-        let mut plan = Plan::default();
-        for e in cbt::extents(bitmap, disk_size, request)? {
-            plan.push(PlanItem::Read {
-                offset: e.offset,
-                len: e.length,
-            });
+    /// Counts the reads with one pass over the bitmap (no allocation).
+    pub fn from_bitmap(bitmap: Vec<u8>, disk_size: u64, request: u64) -> Result<Plan, PlanError> {
+        let (mut reads, mut bytes, mut largest) = (0u64, 0u64, 0u64);
+        if disk_size <= MAX_DISK_SIZE {
+            for e in cbt::extents(&bitmap, disk_size, request)? {
+                reads += 1;
+                bytes += e.length;
+                largest = largest.max(e.length);
+            }
         }
+        let mut plan = Plan::new(Source::Bitmap(bitmap), disk_size, request)?;
+        plan.covered = bytes;
+        plan.average_read = bytes / reads.max(1);
+        plan.largest_read = largest;
         Ok(plan)
     }
 
     /// The whole disk, in reads of at most `request`.
-    pub fn full(disk_size: u64, request: u64) -> Plan {
-        let mut plan = Plan::default();
-        let mut off = 0;
-        while off < disk_size {
-            let len = request.min(disk_size - off);
-            plan.push(PlanItem::Read { offset: off, len });
-            off += len;
-        }
-        plan
+    pub fn full(disk_size: u64, request: u64) -> Result<Plan, PlanError> {
+        Plan::new(Source::Full, disk_size, request)
     }
 
-    /// The whole disk, skipping what block status reports as zero. `map` is the list of
-    /// (offset, length, is_zero) covering the disk in order, as built from BLOCK_STATUS.
-    pub fn from_allocation(map: &[(u64, u64, bool)], request: u64) -> Plan {
-        let mut plan = Plan::default();
-        for &(offset, len, zero) in map {
-            if zero {
-                plan.push(PlanItem::Zero { offset, len });
-                continue;
-            }
-            let mut off = offset;
-            while off < offset + len {
-                let n = request.min(offset + len - off);
-                plan.push(PlanItem::Read {
-                    offset: off,
-                    len: n,
-                });
-                off += n;
-            }
-        }
-        plan
+    /// The whole disk, asking the server which ranges are zero. The reads are not known
+    /// yet: the pipeline is sized as for a full read (most disks are mostly allocated).
+    pub fn allocation(disk_size: u64, request: u64, align: u64) -> Result<Plan, PlanError> {
+        Plan::new(Source::Allocation { align }, disk_size, request)
     }
 }
 
-/// Fold block-status extents for `[offset, offset + asked)` into `map`, clamping the last
-/// extent (servers may run past the request) and merging neighbours of the same kind.
-/// Returns how many bytes were covered (at least 1 on success). Ranges are aligned to
-/// `align` so reads stay aligned: an unaligned zero/data boundary is treated as data.
-pub fn add_block_status(
-    map: &mut Vec<(u64, u64, bool)>,
+/// Turns ranges known to be data or zero, given in order, into plan items: zero ranges
+/// merge into one ZERO item, data ranges into reads of at most `request` bytes. Full reads
+/// come out as soon as they are known, so a long data range never piles up here.
+#[derive(Debug)]
+pub struct Items {
+    request: u64,
+    /// The range not yet handed out: (offset, length, is_zero).
+    pending: Option<(u64, u64, bool)>,
+}
+
+impl Items {
+    pub fn new(request: u64) -> Items {
+        Items {
+            request,
+            pending: None,
+        }
+    }
+
+    /// Add the next range; items now complete go to `out`.
+    pub fn push(&mut self, offset: u64, len: u64, zero: bool, out: &mut Vec<PlanItem>) {
+        if len == 0 {
+            return;
+        }
+        match &mut self.pending {
+            Some(p) if p.2 == zero && p.0 + p.1 == offset => p.1 += len,
+            _ => {
+                self.flush(out);
+                self.pending = Some((offset, len, zero));
+            }
+        }
+        if let Some((off, len, false)) = &mut self.pending {
+            while *len >= self.request {
+                out.push(PlanItem::Read {
+                    offset: *off,
+                    len: self.request,
+                });
+                *off += self.request;
+                *len -= self.request;
+            }
+        }
+    }
+
+    /// Hand out what is pending (at the end of the disk, or before a range of the other kind).
+    pub fn flush(&mut self, out: &mut Vec<PlanItem>) {
+        match self.pending.take() {
+            Some((_, 0, _)) | None => {}
+            Some((offset, len, true)) => out.push(PlanItem::Zero { offset, len }),
+            Some((offset, len, false)) => out.push(PlanItem::Read { offset, len }),
+        }
+    }
+}
+
+/// The ranges of one block-status reply for `[offset, offset + asked)`, in order, clamped to
+/// the request (servers may run past it) with neighbours of the same kind merged. Returns
+/// the ranges and how many bytes they cover (0 when the reply covers nothing).
+pub fn block_status_ranges(
     offset: u64,
     asked: u64,
     extents: &[BlockStatusExtent],
-) -> u64 {
+) -> (Vec<(u64, u64, bool)>, u64) {
+    let mut map: Vec<(u64, u64, bool)> = Vec::new();
     let mut pos = offset;
     let end = offset + asked;
     for e in extents {
@@ -110,7 +177,7 @@ pub fn add_block_status(
         }
         pos += len;
     }
-    pos - offset
+    (map, pos - offset)
 }
 
 /// Make every zero range of `map` start and end on `align` boundaries, turning the unaligned
@@ -148,9 +215,18 @@ pub fn align_map(map: &[(u64, u64, bool)], align: u64) -> Vec<(u64, u64, bool)> 
 mod tests {
     use super::*;
 
+    fn items(ranges: &[(u64, u64, bool)], request: u64) -> Vec<PlanItem> {
+        let mut it = Items::new(request);
+        let mut out = Vec::new();
+        for &(o, l, z) in ranges {
+            it.push(o, l, z, &mut out);
+        }
+        it.flush(&mut out);
+        out
+    }
+
     #[test]
     fn block_status_clamps_and_merges() {
-        let mut map = Vec::new();
         let ext = [
             BlockStatusExtent {
                 length: 4096,
@@ -165,8 +241,10 @@ mod tests {
                 flags: 3,
             },
         ];
-        assert_eq!(add_block_status(&mut map, 0, 65536, &ext), 65536);
+        let (map, covered) = block_status_ranges(0, 65536, &ext);
+        assert_eq!(covered, 65536);
         assert_eq!(map, vec![(0, 4096, false), (4096, 61440, true)]);
+        assert_eq!(block_status_ranges(4096, 4096, &[]), (vec![], 0));
         let aligned = align_map(&[(0, 100, false), (100, 9000, true)], 4096);
         assert_eq!(
             aligned,
@@ -175,15 +253,75 @@ mod tests {
     }
 
     #[test]
-    fn full_plan_covers_disk() {
-        let p = Plan::full(10 * 65536 + 512, 4 * 65536);
-        assert_eq!(p.read_bytes, 10 * 65536 + 512);
-        assert_eq!(p.items.len(), 3);
-        assert_eq!((p.reads, p.largest_read), (3, 4 * 65536));
-        let zeros = Plan::from_allocation(&[(0, 65536, true), (65536, 65536 + 512, false)], 65536);
-        assert_eq!(
-            (zeros.reads, zeros.largest_read, zeros.zero_bytes),
-            (2, 65536, 65536)
+    fn items_split_reads_and_merge_zeroes() {
+        use PlanItem::*;
+        let r = 4 * CBT_BLOCK;
+        // Data ranges from two replies merge; zero ranges merge into one item.
+        let got = items(
+            &[
+                (0, 3 * CBT_BLOCK, false),
+                (3 * CBT_BLOCK, 2 * CBT_BLOCK, false),
+                (5 * CBT_BLOCK, CBT_BLOCK, true),
+                (6 * CBT_BLOCK, 100 * CBT_BLOCK, true),
+                (106 * CBT_BLOCK, 512, false),
+            ],
+            r,
         );
+        assert_eq!(
+            got,
+            vec![
+                Read { offset: 0, len: r },
+                Read {
+                    offset: r,
+                    len: CBT_BLOCK
+                },
+                Zero {
+                    offset: 5 * CBT_BLOCK,
+                    len: 101 * CBT_BLOCK
+                },
+                Read {
+                    offset: 106 * CBT_BLOCK,
+                    len: 512
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn items_come_out_before_the_range_ends() {
+        // A huge data range yields its full reads at once: nothing piles up.
+        let mut it = Items::new(CBT_BLOCK);
+        let mut out = Vec::new();
+        it.push(0, 1000 * CBT_BLOCK + 7, false, &mut out);
+        assert_eq!(out.len(), 1000);
+        out.clear();
+        it.flush(&mut out);
+        assert_eq!(
+            out,
+            vec![PlanItem::Read {
+                offset: 1000 * CBT_BLOCK,
+                len: 7
+            }]
+        );
+    }
+
+    #[test]
+    fn plan_sizes() {
+        let p = Plan::from_bitmap(vec![0xe0, 0x80], 16 * CBT_BLOCK, 2 * CBT_BLOCK).unwrap();
+        assert_eq!(
+            (p.covered, p.average_read, p.largest_read),
+            (4 * CBT_BLOCK, 4 * CBT_BLOCK / 3, 2 * CBT_BLOCK)
+        );
+        let e = Plan::full(1 << 63, CBT_BLOCK).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the server reports a disk of 9223372036854775808 bytes, more than the 70368744177664 bytes (64 TiB) cbtstream supports"
+        );
+        assert!(matches!(
+            Plan::from_bitmap(vec![0], 1 << 63, CBT_BLOCK),
+            Err(PlanError::TooLarge { .. })
+        ));
+        assert!(Plan::full(MAX_DISK_SIZE, CBT_BLOCK).is_ok());
+        assert!(Plan::full(1 << 20, 1000).is_err());
     }
 }

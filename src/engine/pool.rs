@@ -8,11 +8,21 @@ use std::sync::Mutex;
 /// in use is bounded by the bytes-in-flight budget, not by the pool.
 const MAX_IDLE: usize = 512;
 
+/// At most this many bytes of idle read buffers are kept, over all size classes: a pool that
+/// kept each class's busiest moment would hold the budget once per class.
+const MAX_IDLE_BYTES: usize = 8 << 20;
+
 /// Read buffers by size class (powers of two), so a small read never pins a large buffer:
-/// the memory held is at most twice the bytes in flight.
+/// the memory in use is at most twice the bytes in flight.
 #[derive(Default)]
 pub struct BufPool {
-    classes: Mutex<Vec<Vec<BytesMut>>>,
+    classes: Mutex<Classes>,
+}
+
+#[derive(Default)]
+struct Classes {
+    idle: Vec<Vec<BytesMut>>,
+    idle_bytes: usize,
 }
 
 fn class(len: usize) -> usize {
@@ -23,11 +33,11 @@ impl BufPool {
     /// A buffer with room for at least `len` bytes.
     pub fn get(&self, len: usize) -> BytesMut {
         let c = class(len);
-        let pooled = self
-            .classes
-            .lock()
-            .ok()
-            .and_then(|mut v| v.get_mut(c).and_then(|b| b.pop()));
+        let pooled = self.classes.lock().ok().and_then(|mut g| {
+            let b = g.idle.get_mut(c).and_then(|b| b.pop())?;
+            g.idle_bytes -= b.capacity();
+            Some(b)
+        });
         pooled.unwrap_or_else(|| BytesMut::with_capacity(1 << c))
     }
 
@@ -39,12 +49,13 @@ impl BufPool {
         }
         // The largest class this buffer can serve.
         let c = (usize::BITS - 1 - cap.leading_zeros()) as usize;
-        if let Ok(mut v) = self.classes.lock() {
-            if v.len() <= c {
-                v.resize_with(c + 1, Vec::new);
+        if let Ok(mut g) = self.classes.lock() {
+            if g.idle.len() <= c {
+                g.idle.resize_with(c + 1, Vec::new);
             }
-            if v[c].len() < MAX_IDLE {
-                v[c].push(b);
+            if g.idle[c].len() < MAX_IDLE && g.idle_bytes + cap <= MAX_IDLE_BYTES {
+                g.idle_bytes += cap;
+                g.idle[c].push(b);
             }
         }
     }
@@ -79,4 +90,27 @@ impl VecPool {
 pub struct Pools {
     pub read: BufPool,
     pub out: VecPool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_buffers_are_bounded_in_bytes() {
+        let pool = BufPool::default();
+        let bufs: Vec<BytesMut> = (0..20).map(|_| pool.get(1 << 20)).collect();
+        for b in bufs {
+            pool.put(b);
+        }
+        let idle = pool.classes.lock().unwrap().idle_bytes;
+        assert_eq!(idle, MAX_IDLE_BYTES);
+        // Taking one gives its bytes back to the count.
+        let b = pool.get(1 << 20);
+        assert!(b.capacity() >= 1 << 20);
+        assert_eq!(
+            pool.classes.lock().unwrap().idle_bytes,
+            MAX_IDLE_BYTES - b.capacity()
+        );
+    }
 }

@@ -1,16 +1,14 @@
-//! Order and sink: put records back in offset order (a small reorder window, bounded by the
-//! bytes-in-flight budget) and write them, then the trailer, then make the output durable.
+//! Sink: write the records (in the order the reorder window gives them), then the trailer,
+//! then make the output durable.
 
 use super::direct::DirectFile;
+use super::order::InOrder;
 use super::pool::Pools;
-use super::{Encoded, Payload, Record, ToSink};
+use super::{Encoded, Payload, Progress, Record};
 use cbtstream_proto::stream::{Encoder, Header, StreamError};
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{IoSlice, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Receiver;
-use std::sync::Arc;
 
 /// Where the stream goes.
 #[derive(Debug, Clone)]
@@ -152,15 +150,14 @@ impl<W: Write> RecordWriter<W> {
     }
 }
 
-/// Consume items until the channel closes, writing them in id order. `expected` is the
-/// number of plan items; `progress` is called with bytes of disk covered.
+/// Write the items in the order `items` yields them, then the trailer. Fails unless every
+/// item of the plan came. `progress` is told the bytes of disk each item covers.
 pub fn run(
     out: Box<dyn Write + Send>,
     header: &Header,
-    input: Receiver<ToSink>,
-    expected: u64,
-    pools: Arc<Pools>,
-    mut progress: impl FnMut(u64),
+    items: &mut InOrder,
+    pools: &Pools,
+    progress: &dyn Progress,
 ) -> Result<(Box<dyn Write + Send>, SinkStats), SinkError> {
     let what = "stream".to_string();
     let io = |source| SinkError::Io {
@@ -171,72 +168,46 @@ pub fn run(
     let (mut enc, head) = Encoder::new(header)?;
     w.small(&head).map_err(io)?;
     let mut stats = SinkStats::default();
-    let mut waiting: BTreeMap<u64, Encoded> = BTreeMap::new();
-    let mut next = 0u64;
-    let items = input.iter().flat_map(|msg| match msg {
-        ToSink::Encoded(e) => vec![e],
-        ToSink::Batch(items) => items,
-    });
-    for item in items {
-        waiting.insert(item.id, item);
-        while let Some(item) = waiting.remove(&next) {
-            let mut covered = 0;
-            for rec in &item.records {
-                match rec {
-                    Record::Zero { offset, len } => {
-                        w.small(&enc.zero(*offset, *len)?).map_err(io)?;
-                        stats.zero_bytes += len;
-                        covered += len;
-                    }
-                    Record::Data {
-                        offset,
-                        len,
-                        codec,
-                        checksum,
-                        payload,
-                    } => {
-                        let bytes: &[u8] = match payload {
-                            Payload::Compressed(v) => v,
-                            Payload::Raw(r) => item
-                                .raw
-                                .as_ref()
-                                .and_then(|b| b.get(r.clone()))
-                                .ok_or_else(|| SinkError::Internal("raw payload missing".into()))?,
-                        };
-                        let h = enc.data(*offset, *len, *codec, *checksum, bytes)?;
-                        w.small(&h).map_err(io)?;
-                        w.payload(bytes).map_err(io)?;
-                        stats.data_bytes += len;
-                        covered += len;
-                    }
+    for item in items.by_ref() {
+        let mut covered = 0;
+        for rec in &item.records {
+            match rec {
+                Record::Zero { offset, len } => {
+                    w.small(&enc.zero(*offset, *len)?).map_err(io)?;
+                    stats.zero_bytes += len;
+                    covered += len;
+                }
+                Record::Data {
+                    offset,
+                    len,
+                    codec,
+                    checksum,
+                    payload,
+                } => {
+                    let bytes: &[u8] = match payload {
+                        Payload::Compressed(v) => v,
+                        Payload::Raw(r) => item
+                            .raw
+                            .as_ref()
+                            .and_then(|b| b.get(r.clone()))
+                            .ok_or_else(|| SinkError::Internal("raw payload missing".into()))?,
+                    };
+                    let h = enc.data(*offset, *len, *codec, *checksum, bytes)?;
+                    w.small(&h).map_err(io)?;
+                    w.payload(bytes).map_err(io)?;
+                    stats.data_bytes += len;
+                    covered += len;
                 }
             }
-            let Encoded {
-                records,
-                raw,
-                permit,
-                ..
-            } = item;
-            for rec in records {
-                if let Record::Data {
-                    payload: Payload::Compressed(v),
-                    ..
-                } = rec
-                {
-                    pools.out.put(v);
-                }
-            }
-            if let Some(raw) = raw {
-                pools.read.put(raw);
-            }
-            drop(permit);
-            progress(covered);
-            next += 1;
         }
+        recycle(item, pools);
+        progress.advance(covered);
     }
-    if next != expected || !waiting.is_empty() {
+    if !items.complete() {
+        let (written, total) = items.progress();
+        let total = total.map_or("?".to_string(), |t| t.to_string());
         return Err(SinkError::Internal(format!(
-            "stream ended after {next} of {expected} items"
+            "stream ended after {written} of {total} items"
         )));
     }
     stats.records = enc.records();
@@ -246,6 +217,29 @@ pub fn run(
     let inner = w.finish().map_err(io)?;
     stats.bytes_written = before_trailer + trailer.len() as u64;
     Ok((inner, stats))
+}
+
+/// Give a written item's buffers back to the pools, and its budget back to the planner.
+fn recycle(item: Encoded, pools: &Pools) {
+    let Encoded {
+        records,
+        raw,
+        permit,
+        ..
+    } = item;
+    for rec in records {
+        if let Record::Data {
+            payload: Payload::Compressed(v),
+            ..
+        } = rec
+        {
+            pools.out.put(v);
+        }
+    }
+    if let Some(raw) = raw {
+        pools.read.put(raw);
+    }
+    drop(permit);
 }
 
 /// Make a finished file output durable and give it its final name.

@@ -8,11 +8,12 @@ use super::{
     TAG_SNAPSHOT,
 };
 use crate::chain::{ChainState, PendingPoint};
-use crate::cli::DataPlaneArgs;
 use crate::engine::sink::Output;
 use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
-use crate::export::{created_now, send_stream, shutdown_signal, Destination, StreamIds};
+use crate::export::{
+    created_now, send_stream, shutdown_signal, DataPlaneOptions, Destination, StreamIds,
+};
 use crate::xapi::{Ref, XapiError, XapiSession};
 use cbtstream_proto::cbt;
 use std::collections::BTreeMap;
@@ -37,7 +38,7 @@ pub struct ExportOptions {
     pub commit_on_eof: bool,
     /// How often to use the XenAPI session during the export.
     pub keepalive: Duration,
-    pub dp: DataPlaneArgs,
+    pub dp: DataPlaneOptions,
 }
 
 /// What one export did.
@@ -322,8 +323,8 @@ async fn export(
     }
 
     let params = NbdParams {
-        connect_timeout: Duration::from_secs(opts.dp.connect_timeout.max(1)),
-        extended_headers: !opts.dp.no_extended_headers,
+        connect_timeout: opts.dp.connect_timeout.max(Duration::from_secs(1)),
+        extended_headers: opts.dp.extended_headers,
     };
     let stream_base = base.as_ref().map(|(u, _)| u.clone());
     let ids = StreamIds {
@@ -334,7 +335,17 @@ async fn export(
     let summary = {
         let transfer = async {
             let (nbd, first) = XenNbd::open(session.clone(), snap.clone(), params).await?;
-            send_stream(first, nbd, bitmap, ids, &opts.dp, &opts.destination).await
+            let progress = Arc::new(crate::progress::Bar::stderr());
+            send_stream(
+                first,
+                nbd,
+                bitmap,
+                ids,
+                &opts.dp,
+                &opts.destination,
+                progress,
+            )
+            .await
         };
         // Every NBD connection is closed when this returns.
         keepalive(session, &snap, opts.keepalive, transfer).await?

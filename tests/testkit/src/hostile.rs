@@ -21,7 +21,7 @@ use bytes::{Buf, BytesMut};
 use cbtstream_proto::nbd::consts::*;
 use cbtstream_proto::nbd::server::{
     encode_chunk_header, encode_export_name_reply, encode_greeting, encode_option_reply,
-    encode_simple_reply, error_payload, info_export, parse_client_flags,
+    encode_simple_reply, error_payload, info_block_size, info_export, parse_client_flags,
 };
 use cbtstream_proto::nbd::transmission::{parse_request, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -76,7 +76,21 @@ pub enum Misbehaviour {
     /// data up to its last non-zero byte (rounded up to 4 KiB) is reported as data, the rest
     /// as zero (`HOLE | ZERO`). READs are answered correctly.
     BlockStatusPastRange,
+    /// Not a transmission fault: the export's size is advertised as 2^62 bytes (the image's
+    /// real bytes are served; reads past them get EINVAL). Not in [`Misbehaviour::ALL`],
+    /// whose faults all break reads: this one must be refused before anything is read.
+    HugeSize,
+    /// Not a fault either: the first connection advertises no block-size limits, every later
+    /// one a maximum of 32 KiB ([`SMALL_MAX_BLOCK`]), answering a longer READ with EINVAL.
+    /// READs are answered correctly (simple replies); the first connection waits 20 ms
+    /// before each answer, so that the later ones get reads to do. Not in
+    /// [`Misbehaviour::ALL`].
+    ShrinkingMaxBlock,
 }
+
+/// The maximum block size the later connections of [`Misbehaviour::ShrinkingMaxBlock`]
+/// advertise.
+pub const SMALL_MAX_BLOCK: u32 = 32 * 1024;
 
 impl Misbehaviour {
     pub const ALL: [Misbehaviour; 14] = [
@@ -128,6 +142,7 @@ pub struct HostileStats {
     connections: AtomicU64,
     requests: AtomicU64,
     misbehaved: AtomicU64,
+    limited_reads: AtomicU64,
 }
 
 impl HostileStats {
@@ -142,6 +157,10 @@ impl HostileStats {
     /// Times the scripted fault was sent (a bad greeting, a bad reply...).
     pub fn misbehaved(&self) -> u64 {
         self.misbehaved.load(Ordering::SeqCst)
+    }
+    /// READs answered on a connection that advertised [`SMALL_MAX_BLOCK`].
+    pub fn limited_reads(&self) -> u64 {
+        self.limited_reads.load(Ordering::SeqCst)
     }
 }
 
@@ -251,10 +270,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                shared.stats.connections.fetch_add(1, Ordering::SeqCst);
+                let index = shared.stats.connections.fetch_add(1, Ordering::SeqCst);
                 let sh = shared.clone();
                 conns.spawn(async move {
-                    let _ = serve_connection(tcp, &sh).await;
+                    let _ = serve_connection(tcp, &sh, index).await;
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -272,7 +291,9 @@ async fn drain<S: AsyncRead + Unpin>(s: &mut S) {
     }
 }
 
-async fn serve_connection(mut tcp: TcpStream, sh: &Arc<Shared>) -> Result<()> {
+/// `index` counts the server's connections from 0.
+async fn serve_connection(mut tcp: TcpStream, sh: &Arc<Shared>, index: u64) -> Result<()> {
+    let limited = sh.script == Misbehaviour::ShrinkingMaxBlock && index > 0;
     let _ = tcp.set_nodelay(true);
     let mut out = Vec::with_capacity(18);
     encode_greeting(&mut out, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
@@ -289,7 +310,7 @@ async fn serve_connection(mut tcp: TcpStream, sh: &Arc<Shared>) -> Result<()> {
     tcp.read_exact(&mut flags).await?;
     let no_zeroes = parse_client_flags(&flags).unwrap_or(0) & FLAG_C_NO_ZEROES != 0;
     let Some(acceptor) = &sh.acceptor else {
-        return options_and_serve(tcp, sh, no_zeroes, false).await;
+        return options_and_serve(tcp, sh, no_zeroes, false, limited).await;
     };
     loop {
         let opt = read_option(&mut tcp).await?;
@@ -304,7 +325,7 @@ async fn serve_connection(mut tcp: TcpStream, sh: &Arc<Shared>) -> Result<()> {
     }
     sh.stats.misbehaved.fetch_add(1, Ordering::SeqCst);
     let tls = acceptor.accept(tcp).await?;
-    options_and_serve(tls, sh, no_zeroes, true).await
+    options_and_serve(tls, sh, no_zeroes, true, limited).await
 }
 
 async fn options_and_serve<S>(
@@ -312,11 +333,16 @@ async fn options_and_serve<S>(
     sh: &Arc<Shared>,
     no_zeroes: bool,
     is_tls: bool,
+    limited: bool,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let size = sh.image.len() as u64;
+    let size = if sh.script == Misbehaviour::HugeSize {
+        1 << 62
+    } else {
+        sh.image.len() as u64
+    };
     let mut structured = false;
     loop {
         let opt = read_option(&mut s).await?;
@@ -324,6 +350,10 @@ where
             OPT_GO => {
                 let mut out = Vec::new();
                 encode_option_reply(&mut out, OPT_GO, REP_INFO, &info_export(size, EXPORT_FLAGS));
+                if limited {
+                    let info = info_block_size(512, 4096, SMALL_MAX_BLOCK);
+                    encode_option_reply(&mut out, OPT_GO, REP_INFO, &info);
+                }
                 encode_option_reply(&mut out, OPT_GO, REP_ACK, &[]);
                 s.write_all(&out).await?;
                 s.flush().await?;
@@ -359,7 +389,7 @@ where
         };
         send_option_reply(&mut s, opt.option, typ).await?;
     }
-    transmission(s, sh, structured).await
+    transmission(s, sh, structured, limited).await
 }
 
 /// What to do with the connection after answering one request.
@@ -372,7 +402,7 @@ enum Then {
     Close,
 }
 
-async fn transmission<S>(mut s: S, sh: &Arc<Shared>, structured: bool) -> Result<()>
+async fn transmission<S>(mut s: S, sh: &Arc<Shared>, structured: bool, limited: bool) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -426,10 +456,20 @@ where
                 if req
                     .offset
                     .checked_add(req.length)
-                    .is_some_and(|e| e <= sh.image.len() as u64) =>
+                    .is_some_and(|e| e <= sh.image.len() as u64)
+                    && !(limited && req.length > u64::from(SMALL_MAX_BLOCK)) =>
             {
-                if sh.script != Misbehaviour::BlockStatusPastRange {
-                    sh.stats.misbehaved.fetch_add(1, Ordering::SeqCst);
+                match sh.script {
+                    Misbehaviour::BlockStatusPastRange => {}
+                    Misbehaviour::ShrinkingMaxBlock if limited => {
+                        sh.stats.limited_reads.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Misbehaviour::ShrinkingMaxBlock => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => {
+                        sh.stats.misbehaved.fetch_add(1, Ordering::SeqCst);
+                    }
                 }
                 misbehave(&mut out, sh, &req)
             }
@@ -575,9 +615,12 @@ fn misbehave(out: &mut Vec<u8>, sh: &Shared, req: &Request) -> Then {
             data_chunk(out, cookie, off, data, true);
             Then::Continue
         }
-        // Never reached in transmission (the handshake fails first); if a client somehow
-        // got here, answer correctly.
-        Misbehaviour::BadGreetingMagic | Misbehaviour::WrongCertificate => {
+        // Answered correctly: these misbehave elsewhere (BadGreetingMagic and
+        // WrongCertificate in the handshake, which never gets here).
+        Misbehaviour::BadGreetingMagic
+        | Misbehaviour::WrongCertificate
+        | Misbehaviour::HugeSize
+        | Misbehaviour::ShrinkingMaxBlock => {
             encode_simple_reply(out, cookie, 0);
             out.extend_from_slice(data);
             Then::Continue
