@@ -85,6 +85,7 @@ fn commit_when(opts: &ExportOptions) -> Result<CommitWhen, Failure> {
 }
 
 pub async fn run(opts: ExportOptions) -> Result<ExportReport, Failure> {
+    let started = std::time::Instant::now();
     let when = commit_when(&opts)?;
     let _lock = match &opts.state {
         Some(p) => Some(lock_chain(p)?),
@@ -122,7 +123,11 @@ pub async fn run(opts: ExportOptions) -> Result<ExportReport, Failure> {
         destroy_snapshot(&session, &snap).await;
     }
     session.logout().await;
-    result
+    // The summary's time is the whole run's: login, snapshot, transfer and commit.
+    result.map(|mut report| {
+        report.summary.seconds = started.elapsed().as_secs_f64();
+        report
+    })
 }
 
 /// A point exported earlier whose stream was never confirmed stored: it may exist nowhere,
@@ -313,7 +318,14 @@ async fn export(
     let mut bitmap = None;
     if let Some((uuid, vref)) = &base {
         match session.vdi_list_changed_blocks(vref, &snap).await {
-            Ok(b64) => bitmap = Some(cbt::decode_base64(b64.as_bytes()).code(Code::Source)?),
+            Ok(b64) => {
+                // The host's answer: a bitmap that does not fit the snapshot is the source's
+                // fault (3), not a usage error as a bad --changed-blocks file would be.
+                let bm = cbt::decode_base64(b64.as_bytes()).code(Code::Source)?;
+                drop(b64);
+                cbt::validate(&bm, snap_rec.virtual_size).code(Code::Source)?;
+                bitmap = Some(bm);
+            }
             Err(e) if is_chain_broken(&e) => {
                 chain_broken(opts, format!("the chain from base {uuid} is broken ({e})"))?;
                 base = None;
