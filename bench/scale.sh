@@ -4,6 +4,8 @@
 #   bench/scale.sh                        # 16 TiB, 1 round
 #   SCALE_SIZE=1T SCALE_ROUNDS=3 bench/scale.sh
 #   SCALE_ONLY='^full' bench/scale.sh     # only the cases whose name matches (bash regex)
+#   SCALE_LIMIT=120 bench/scale.sh        # stop a case after this many seconds (default 300):
+#                                         # its peak RSS is then that of the steady state
 #
 # Cases, all against one read-only `nbdkit sparse-random` on a Unix socket (no TLS: the
 # point is the planner and the pipeline, not the cipher), output to /dev/null:
@@ -83,8 +85,14 @@ for round in $(seq "$ROUNDS"); do
     for c in "${CASES[@]}"; do
         IFS='@' read -r name cmd <<<"$c"
         [[ -z "${SCALE_ONLY:-}" || "$name" =~ $SCALE_ONLY ]] || continue
-        /usr/bin/time -f "%e %M" -o "$DIR/time.txt" bash -c "$cmd" >/dev/null 2>"$DIR/err.txt" \
-            || { echo "FAILED: $name"; cat "$DIR/err.txt"; exit 1; }
+        status=0
+        /usr/bin/time -f "%e %M" -o "$DIR/time.txt" timeout "${SCALE_LIMIT:-300}" bash -c "$cmd" \
+            >/dev/null 2>"$DIR/err.txt" || status=$?
+        if [ "$status" -eq 124 ]; then
+            name="$name (stopped after ${SCALE_LIMIT:-300} s)"
+        elif [ "$status" -ne 0 ]; then
+            echo "FAILED: $name"; cat "$DIR/err.txt"; exit 1
+        fi
         read -r wall rss < <(tail -1 "$DIR/time.txt")
         json=$(grep -m1 '^{' "$DIR/err.txt" || echo '{}')
         printf '%s@%s@%s@%s@%s\n' "$round" "$name" "$wall" "$rss" "$json" >> "$RAW"
