@@ -1,4 +1,4 @@
-//! TLS trust policies, in one place, for NBD (and later XenAPI) connections.
+//! TLS trust policies, in one place, for NBD and XenAPI connections.
 //!
 //! * `--tls-ca FILE`: a PEM bundle of trust anchors. A self-signed leaf without
 //!   basicConstraints (how XenServer's certificates look) works as its own anchor.

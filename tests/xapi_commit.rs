@@ -776,3 +776,26 @@ async fn keepalive_renews_the_session_and_the_export_name_follows() {
     ok(run(&["restore", "--to", p(&restored), p(&out)]));
     assert_same(&restored, &e.live_image());
 }
+
+/// Streams, the state file and its lock hold whole disks or name their snapshots: 0600.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let e = env().await;
+    let state = e.state();
+    let full = e.dir.join("full.cbts");
+    ok(e.export(&full, &["--state", p(&state)]).await);
+    let restored = e.dir.join("r.raw");
+    ok(run(&["restore", "--to", p(&restored), p(&full)]));
+    let sidecar = e.dir.join("r.raw.cbtstream");
+    for f in [
+        &full,
+        &state,
+        &e.dir.join("chain.json.lock"),
+        &restored,
+        &sidecar,
+    ] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+}
