@@ -51,7 +51,7 @@ const SKIP_STEP: u64 = 64 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VhdError {
-    #[error("the VHD stream ended inside the {part} that starts at byte {offset}")]
+    #[error("the VHD stream ended before the end of the {part} that starts at byte {offset}")]
     Truncated { part: &'static str, offset: u64 },
     #[error("no VHD {part} at byte {offset}: cookie {found}, expected {expected:?}")]
     Cookie {

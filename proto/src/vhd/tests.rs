@@ -238,27 +238,27 @@ fn truncation_names_the_part() {
     for (len, want) in [
         (
             0,
-            "the VHD stream ended inside the footer copy that starts at byte 0",
+            "the VHD stream ended before the end of the footer copy that starts at byte 0",
         ),
         (
             511,
-            "the VHD stream ended inside the footer copy that starts at byte 0",
+            "the VHD stream ended before the end of the footer copy that starts at byte 0",
         ),
         (
             512,
-            "the VHD stream ended inside the dynamic header that starts at byte 512",
+            "the VHD stream ended before the end of the dynamic header that starts at byte 512",
         ),
         (
             1535,
-            "the VHD stream ended inside the dynamic header that starts at byte 512",
+            "the VHD stream ended before the end of the dynamic header that starts at byte 512",
         ),
         (
             1536,
-            "the VHD stream ended inside the BAT that starts at byte 2048",
+            "the VHD stream ended before the end of the BAT that starts at byte 2048",
         ),
         (
             2048 + 11,
-            "the VHD stream ended inside the BAT that starts at byte 2048",
+            "the VHD stream ended before the end of the BAT that starts at byte 2048",
         ),
     ] {
         assert_eq!(
@@ -300,7 +300,7 @@ fn memory_follows_the_entries_read_not_the_header() {
     assert_eq!(reader.allocated, [0b101]);
     assert_eq!(
         reader.end_of_stream().to_string(),
-        "the VHD stream ended inside the BAT that starts at byte 2048"
+        "the VHD stream ended before the end of the BAT that starts at byte 2048"
     );
 }
 
