@@ -385,4 +385,12 @@ fn fuzz_seeds_are_current() {
         assert!(committed == seed, "{name} differs from its image");
         assert!(read(&seed[1..], &[]).is_ok(), "{name}");
     }
+    // The start of `qemu-img convert -O vpc -o subformat=dynamic` of a 9 MiB + 1536 byte raw
+    // image with data at 3 MiB only (qemu rounds the size up to its CHS geometry).
+    let qemu = std::fs::read(dir.join("qemu_img_vpc")).unwrap();
+    let (a, _) = read(&qemu[1..], &[]).unwrap();
+    assert_eq!((a.virtual_size, a.blocks()), (9469952, 5));
+    assert!((0..5)
+        .map(|b| a.is_allocated(b))
+        .eq([false, true, false, false, false]));
 }
