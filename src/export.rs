@@ -204,11 +204,11 @@ pub async fn export_nbd(
     if args.base_id.is_some() && args.full {
         return Err(fail(Code::Usage, "--base-id makes no sense with --full"));
     }
-    let bitmap = match &args.changed_blocks {
-        Some(p) => Some(read_bitmap(p)?),
-        None => None,
+    let what = match &args.changed_blocks {
+        Some(p) => What::Changed(read_bitmap(p)?),
+        None => What::Full,
     };
-    if bitmap.is_some() && args.base_id.is_none() {
+    if matches!(what, What::Changed(_)) && args.base_id.is_none() {
         tracing::warn!(
             "incremental export without --base-id: restore will apply it onto any image"
         );
@@ -226,7 +226,7 @@ pub async fn export_nbd(
     let mut summary = send_stream(
         first,
         connector,
-        bitmap,
+        what,
         ids,
         &args.dp,
         &args.destination,
@@ -252,7 +252,7 @@ pub enum Destination {
 pub async fn send_stream(
     first: Connection,
     connector: Arc<dyn Connector>,
-    bitmap: Option<Vec<u8>>,
+    what: What,
     ids: StreamIds,
     dp: &DataPlaneOptions,
     destination: &Destination,
@@ -261,14 +261,14 @@ pub async fn send_stream(
     let cmd = match destination {
         Destination::Output(path) => {
             let output = Output::from_arg(path);
-            return run_data_plane(first, connector, bitmap, ids, dp, output, progress).await;
+            return run_data_plane(first, connector, what, ids, dp, output, progress).await;
         }
         Destination::Command(cmd) => cmd,
     };
     let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
     // The engine drops its copies of the pipe when it returns: the command's EOF.
     let output = Output::Pipe(Arc::new(stdin));
-    match run_data_plane(first, connector, bitmap, ids, dp, output, progress).await {
+    match run_data_plane(first, connector, what, ids, dp, output, progress).await {
         Ok(summary) => {
             child.wait_success().await.code(Code::Output)?;
             Ok(summary)
@@ -282,6 +282,17 @@ pub async fn send_stream(
     }
 }
 
+/// What an export reads.
+#[derive(Debug)]
+pub enum What {
+    /// The blocks a changed-block bitmap marks: an incremental.
+    Changed(Vec<u8>),
+    /// The whole disk (skipping what the server's block status reports as zero).
+    Full,
+    /// The whole disk, reading only what a VHD allocation table marks allocated.
+    Allocated(cbtstream_proto::vhd::VhdAllocation),
+}
+
 /// The ids that go into the stream header.
 pub struct StreamIds {
     pub source_id: String,
@@ -289,13 +300,13 @@ pub struct StreamIds {
     pub base_id: Option<String>,
 }
 
-/// Plan, read, encode and write one export from an open connection: an incremental when
-/// `bitmap` is given, else a full export. Shared by `--nbd` and `--xapi`. On success the
+/// Plan, read, encode and write one export from an open connection: an incremental for
+/// [`What::Changed`], else a full export. Shared by `--nbd` and `--xapi`. On success the
 /// output is complete and durable; printing the summary is the caller's.
 pub async fn run_data_plane(
     first: Connection,
     connector: Arc<dyn Connector>,
-    bitmap: Option<Vec<u8>>,
+    what: What,
     ids: StreamIds,
     dp: &DataPlaneOptions,
     output: Output,
@@ -313,11 +324,12 @@ pub async fn run_data_plane(
     // Requests: what was asked, within the first server's maximum when that is at least one
     // CBT block. A connection allowing less splits each read into several requests.
     let request = (dp.request_size.min(n.max_request()) / CBT_BLOCK * CBT_BLOCK).max(CBT_BLOCK);
-    let incremental = bitmap.is_some();
-    let plan = match bitmap {
-        Some(bm) => Plan::from_bitmap(bm, size, request),
-        None if n.meta_context.is_some() => Plan::allocation(size, request, n.alignment()),
-        None => Plan::full(size, request),
+    let incremental = matches!(what, What::Changed(_));
+    let plan = match what {
+        What::Changed(bm) => Plan::from_bitmap(bm, size, request),
+        What::Allocated(alloc) => Plan::allocated(alloc, size, request),
+        What::Full if n.meta_context.is_some() => Plan::allocation(size, request, n.alignment()),
+        What::Full => Plan::full(size, request),
     }
     .map_err(|e| {
         let code = match e {

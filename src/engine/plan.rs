@@ -5,6 +5,7 @@
 use cbtstream_proto::cbt::{self, CbtError, CBT_BLOCK};
 use cbtstream_proto::nbd::consts::STATE_ZERO;
 use cbtstream_proto::nbd::BlockStatusExtent;
+use cbtstream_proto::vhd::VhdAllocation;
 
 /// The largest disk cbtstream exports: 64 TiB. XenServer's largest VDI is 16 TiB and
 /// VMware's 62 TB; a server advertising more (2^63, say) is refused before anything is
@@ -36,6 +37,9 @@ pub enum Source {
     /// The whole disk, skipping what BLOCK_STATUS (`base:allocation`) reports as zero.
     /// Zero ranges are shrunk to `align` boundaries so the reads around them stay aligned.
     Allocation { align: u64 },
+    /// The whole disk, reading only the blocks a VHD block allocation table marks allocated
+    /// (XenServer's VHD export of the snapshot): a block it does not allocate is zero.
+    Allocated(VhdAllocation),
 }
 
 /// What to export, and what is known of it before reading.
@@ -92,6 +96,23 @@ impl Plan {
     /// The whole disk, in reads of at most `request`.
     pub fn full(disk_size: u64, request: u64) -> Result<Plan, PlanError> {
         Plan::new(Source::Full, disk_size, request)
+    }
+
+    /// The whole disk, reading only what `alloc` marks allocated (clipped to the disk: a
+    /// VHD's size is rounded up to whole blocks).
+    pub fn allocated(
+        alloc: VhdAllocation,
+        disk_size: u64,
+        request: u64,
+    ) -> Result<Plan, PlanError> {
+        let read: u64 = alloc
+            .allocated_ranges()
+            .map(|r| r.end.min(disk_size).saturating_sub(r.start))
+            .sum();
+        let mut plan = Plan::new(Source::Allocated(alloc), disk_size, request)?;
+        plan.covered = disk_size;
+        plan.average_read = request.min(read.max(1));
+        Ok(plan)
     }
 
     /// The whole disk, asking the server which ranges are zero. The reads are not known

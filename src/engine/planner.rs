@@ -8,6 +8,7 @@ use super::fetch::{FetchError, Job, StatusAnswer, Work};
 use super::plan::{align_map, block_status_ranges, Items, Plan, PlanItem, Source};
 use super::{Encoded, Record, ToSink};
 use cbtstream_proto::cbt;
+use cbtstream_proto::vhd::VhdAllocation;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Semaphore};
@@ -40,6 +41,7 @@ impl Planner {
             Source::Bitmap(bitmap) => self.bitmap(&mut next_id, bitmap, &plan).await,
             Source::Full => self.full(&mut next_id, &plan).await,
             Source::Allocation { align } => self.allocation(&mut next_id, &plan, *align).await,
+            Source::Allocated(alloc) => self.allocated(&mut next_id, alloc, &plan).await,
         };
         match result {
             Ok(Ok(())) => {
@@ -82,6 +84,34 @@ impl Planner {
             self.dispatch(next_id, PlanItem::Read { offset, len })
                 .await?;
             offset += len;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Reads for the allocated ranges, ZERO items for the gaps, to the end of the disk.
+    async fn allocated(
+        &self,
+        next_id: &mut u64,
+        alloc: &VhdAllocation,
+        plan: &Plan,
+    ) -> Result<Result<(), FetchError>, Stopped> {
+        let size = plan.disk_size;
+        let mut items = Items::new(plan.request);
+        let mut out = Vec::new();
+        let mut pos = 0;
+        for r in alloc.allocated_ranges() {
+            let (start, end) = (r.start.min(size), r.end.min(size));
+            items.push(pos, start - pos, true, &mut out);
+            items.push(start, end - start, false, &mut out);
+            pos = end;
+            for item in out.drain(..) {
+                self.dispatch(next_id, item).await?;
+            }
+        }
+        items.push(pos, size - pos, true, &mut out);
+        items.flush(&mut out);
+        for item in out.drain(..) {
+            self.dispatch(next_id, item).await?;
         }
         Ok(Ok(()))
     }

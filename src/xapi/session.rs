@@ -146,6 +146,31 @@ impl XapiSession {
         self.transport.call(method, &all).await
     }
 
+    /// `GET path?query&session_id=<session>` on one of XenServer's HTTP handlers
+    /// (`/export_raw_vdi`, ...), which take the session in the query. The response once it
+    /// is 200, its body still to read.
+    pub async fn http_get(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<hyper::Response<hyper::body::Incoming>, XapiError> {
+        let what = format!("GET {path}");
+        let session = self.session.lock().await.clone();
+        let mut target = format!("{path}?");
+        for (k, v) in query
+            .iter()
+            .copied()
+            .chain([("session_id", session.expose())])
+        {
+            target.push_str(k);
+            target.push('=');
+            target.push_str(&query_escape(v));
+            target.push('&');
+        }
+        target.pop();
+        self.transport.get(&what, &target).await
+    }
+
     /// Replace the session `stale`, unless another task already did.
     async fn relogin(&self, stale: &Secret) -> Result<(), XapiError> {
         let mut current = self.session.lock().await;
@@ -194,6 +219,20 @@ impl Drop for XapiSession {
 }
 
 const LOGIN: &str = "session.login_with_password";
+
+/// Percent-encode a query value: everything but unreserved characters and `:` (references
+/// are `OpaqueRef:<uuid>`).
+fn query_escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
 
 async fn login_at(
     transport: &Transport,

@@ -362,6 +362,40 @@ impl Transport {
         Ok(bytes)
     }
 
+    /// `GET target` (a path and query, e.g. `/export_raw_vdi?...`) on a connection of its
+    /// own, as XenServer's HTTP handlers want (each serves one request, then closes): the
+    /// response head once it is 200, with its body still to read. `what` names the request
+    /// in errors; the target may hold the session and is never logged.
+    pub(crate) async fn get(
+        &self,
+        what: &str,
+        target: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, XapiError> {
+        let i = &self.inner;
+        let mut sender = self.connect().await?;
+        let req = Request::get(target)
+            .header(HOST, i.authority.as_str())
+            .header(USER_AGENT, concat!("cbtstream/", env!("CARGO_PKG_VERSION")))
+            .body(Full::new(Bytes::new()))
+            .map_err(|_| XapiError::protocol(what, "building the request"))?;
+        let resp = tokio::time::timeout(i.opts.request_timeout, sender.send_request(req))
+            .await
+            .map_err(|_| XapiError::Timeout {
+                addr: i.label.clone(),
+                what: what.to_owned(),
+                after: i.opts.request_timeout,
+            })?
+            .map_err(|e| self.transport(e))?;
+        if resp.status() != StatusCode::OK {
+            return Err(XapiError::Http {
+                addr: i.label.clone(),
+                method: what.to_owned(),
+                status: resp.status().as_u16(),
+            });
+        }
+        Ok(resp)
+    }
+
     fn request(&self, method: &str, body: Bytes) -> Result<Request<Full<Bytes>>, XapiError> {
         Request::post(self.inner.endpoint.path.as_str())
             .header(HOST, self.inner.authority.as_str())

@@ -1,6 +1,7 @@
 //! `cbtstream export --xapi URL --vdi UUID`: one point of a VDI's chain (see the module
 //! documentation of [`crate::xen`] for the order of the steps and why).
 
+use super::allocation;
 use super::commit::{commit_point, Point};
 use super::nbd::{keepalive, NbdParams, XenNbd};
 use super::{
@@ -12,7 +13,7 @@ use crate::engine::sink::Output;
 use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::export::{
-    created_now, send_stream, shutdown_signal, DataPlaneOptions, Destination, StreamIds,
+    created_now, send_stream, shutdown_signal, DataPlaneOptions, Destination, StreamIds, What,
 };
 use crate::xapi::{Ref, XapiError, XapiSession};
 use cbtstream_proto::cbt;
@@ -334,6 +335,13 @@ async fn export(
         }
     }
 
+    // A full export reads only what the snapshot's VHD allocates (also before any NBD
+    // connection: the VHD export attaches the snapshot too).
+    let what = match bitmap {
+        Some(bm) => What::Changed(bm),
+        None => allocation::full_export_reads(session, &snap_rec.uuid).await,
+    };
+
     let params = NbdParams {
         connect_timeout: opts.dp.connect_timeout.max(Duration::from_secs(1)),
         extended_headers: opts.dp.extended_headers,
@@ -348,16 +356,7 @@ async fn export(
         let transfer = async {
             let (nbd, first) = XenNbd::open(session.clone(), snap.clone(), params).await?;
             let progress = Arc::new(crate::progress::Bar::stderr());
-            send_stream(
-                first,
-                nbd,
-                bitmap,
-                ids,
-                &opts.dp,
-                &opts.destination,
-                progress,
-            )
-            .await
+            send_stream(first, nbd, what, ids, &opts.dp, &opts.destination, progress).await
         };
         // Every NBD connection is closed when this returns.
         keepalive(session, &snap, opts.keepalive, transfer).await?

@@ -15,6 +15,7 @@
 //! base stay as they were. `list_changed_blocks` runs before any NBD connection: an open
 //! connection plugs the snapshot into dom0 and the call would fail with VDI_IN_USE.
 
+mod allocation;
 pub mod commit;
 pub mod export;
 pub mod gc;

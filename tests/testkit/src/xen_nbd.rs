@@ -263,6 +263,7 @@ pub struct Faults {
     rejected: AtomicU64,
     requests: AtomicU64,
     reads_ok: AtomicU64,
+    bytes_read: AtomicU64,
     eio_injected: AtomicU64,
     cuts: AtomicU64,
     stalls: AtomicU64,
@@ -281,6 +282,7 @@ impl Default for Faults {
             rejected: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             reads_ok: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
             eio_injected: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
@@ -348,6 +350,11 @@ impl Faults {
     pub fn eio_injected(&self) -> u64 {
         self.eio_injected.load(Ordering::SeqCst)
     }
+    /// Bytes of READ requests answered with data (cut ones counted whole).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::SeqCst)
+    }
+
     /// Connections cut in the middle of a READ payload.
     pub fn cuts(&self) -> u64 {
         self.cuts.load(Ordering::SeqCst)
@@ -766,6 +773,7 @@ where
         // READ: header first (xapi sends it before reading), then the data in pieces.
         let cut = faults.take_cut(req.length);
         faults.bump(&faults.reads_ok);
+        faults.bytes_read.fetch_add(req.length, Ordering::SeqCst);
         data.clear();
         encode_simple_reply(&mut data, req.cookie, 0);
         let end = req.offset + req.length;

@@ -473,7 +473,7 @@ fn by_uuid<'a>(
 }
 
 /// Consumes one injected failure for `method`, if any is pending.
-fn take_injected(st: &mut State, method: &str) -> Result<(), Fail> {
+pub(crate) fn take_injected(st: &mut State, method: &str) -> Result<(), Fail> {
     let Some(i) = st.failures.iter().position(|f| f.method == method) else {
         return Ok(());
     };

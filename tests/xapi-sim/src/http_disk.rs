@@ -182,6 +182,12 @@ fn prepare_export(
         return Err(error_page(&head.version, 500, &[]));
     };
     let task = task_for(&mut st, head, "VDI export");
+    // `sim.fail_next("GET /export_raw_vdi", ...)`: the handler fails as on an SR it cannot
+    // export from (xapi's plain 500 page, the task failed).
+    if let Err(f) = crate::api::take_injected(&mut st, "GET /export_raw_vdi") {
+        task_finish(&mut st, &task, Err(f));
+        return Err(error_page(&head.version, 500, &[]));
+    }
     let format = head.param("format").unwrap_or("raw").to_ascii_lowercase();
     if !matches!(format.as_str(), "raw" | "vhd") {
         task_finish(&mut st, &task, Err(unknown_format(&format)));
