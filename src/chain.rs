@@ -93,6 +93,86 @@ impl ChainState {
     }
 }
 
+/// The chain of a whole VM (`cbtstream backup --vm`): each disk's base, and the last point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    pub version: u32,
+    /// The VM the chain belongs to.
+    pub vm: String,
+    /// The XenAPI URL of the pool master used last (no credentials).
+    pub host: String,
+    /// The last committed point (its directory's name).
+    pub point: Option<String>,
+    /// Each disk's base, by VDI uuid.
+    pub disks: std::collections::BTreeMap<String, DiskBase>,
+    pub updated_unix_secs: u64,
+}
+
+/// Where one disk's next incremental starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskBase {
+    /// The snapshot VDI (a `cbt_metadata` one once `data_destroy` ran).
+    pub base: String,
+    pub base_is_metadata: bool,
+    /// The disk's slot in the VM (`userdevice`).
+    pub slot: String,
+}
+
+/// The text of a state file, or `None` when there is none; at most [`MAX_STATE_BYTES`].
+fn read_small(path: &Path) -> Result<Option<String>, ChainError> {
+    let read_err = |source| ChainError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(read_err(e)),
+    };
+    let mut text = String::new();
+    file.take(MAX_STATE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_STATE_BYTES {
+        return Err(ChainError::Damaged {
+            path: path.to_path_buf(),
+            why: "larger than 1 MiB".into(),
+        });
+    }
+    Ok(Some(text))
+}
+
+/// Load a VM chain state, or `None` when there is none yet.
+pub fn load_vm(path: &Path) -> Result<Option<VmState>, ChainError> {
+    let Some(text) = read_small(path)? else {
+        return Ok(None);
+    };
+    let state: VmState = serde_json::from_str(&text).map_err(|e| ChainError::Damaged {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    if state.version != 1 {
+        return Err(ChainError::Version {
+            path: path.to_path_buf(),
+            found: state.version,
+        });
+    }
+    Ok(Some(state))
+}
+
+/// Replace a VM chain state atomically and durably.
+pub fn save_vm(path: &Path, state: &VmState) -> Result<(), ChainError> {
+    let mut text = serde_json::to_string_pretty(state).map_err(|e| ChainError::Write {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e),
+    })?;
+    text.push('\n');
+    crate::durable::replace(path, text.as_bytes()).map_err(|source| ChainError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
     #[error("reading the chain state {path}: {source}")]
@@ -115,25 +195,9 @@ pub enum ChainError {
 
 /// Load the state, or `None` when there is no state file yet (the first, full export).
 pub fn load(path: &Path) -> Result<Option<ChainState>, ChainError> {
-    let read_err = |source| ChainError::Read {
-        path: path.to_path_buf(),
-        source,
+    let Some(text) = read_small(path)? else {
+        return Ok(None);
     };
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(read_err(e)),
-    };
-    let mut text = String::new();
-    file.take(MAX_STATE_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(read_err)?;
-    if text.len() as u64 > MAX_STATE_BYTES {
-        return Err(ChainError::Damaged {
-            path: path.to_path_buf(),
-            why: "larger than 1 MiB".into(),
-        });
-    }
     let state: ChainState = serde_json::from_str(&text).map_err(|e| ChainError::Damaged {
         path: path.to_path_buf(),
         why: e.to_string(),

@@ -20,7 +20,7 @@ mod apply;
 mod decode;
 mod input;
 mod inspect;
-mod report;
+pub(crate) mod report;
 mod sidecar;
 #[cfg(test)]
 mod tests;

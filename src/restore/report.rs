@@ -82,6 +82,13 @@ pub(super) fn human(bytes: u64) -> String {
     }
 }
 
+/// Seconds since the epoch as RFC 3339 in UTC: `YYYY-MM-DDTHH:MM:SSZ`.
+pub(crate) fn rfc3339(secs: u64) -> String {
+    let text = utc(secs.min(253_402_300_799));
+    let (date, rest) = text.split_once(' ').unwrap_or((&text, ""));
+    format!("{date}T{}Z", rest.trim_end_matches(" UTC"))
+}
+
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC` (civil-from-days, H. Hinnant).
 pub(super) fn utc(secs: u64) -> String {
     // Beyond year 9999 a date is meaningless; show the number.
@@ -118,6 +125,7 @@ mod tests {
         assert_eq!(human(10 << 30), "10.0 GiB");
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(rfc3339(951_782_461), "2000-02-29T00:01:01Z");
         assert_eq!(utc(253_402_300_799), "9999-12-31 23:59:59 UTC");
         assert!(utc(u64::MAX).contains("after the epoch"));
     }

@@ -154,7 +154,6 @@ impl XapiSession {
             .await
     }
 
-    #[allow(dead_code)] // part of the client's API; not needed by the flows yet
     pub async fn vdi_get_uuid(&self, vdi: &Ref) -> Result<String, XapiError> {
         self.string("VDI.get_uuid", vdi).await
     }
@@ -170,7 +169,6 @@ impl XapiSession {
         as_refs(M, "the result", &v)
     }
 
-    #[allow(dead_code)] // part of the client's API; not needed by the flows yet
     async fn string(&self, method: &str, vdi: &Ref) -> Result<String, XapiError> {
         self.call(method, &[vdi.into()])
             .await?
@@ -194,13 +192,13 @@ fn string_map(m: BTreeMap<String, String>) -> Value {
     Value::Struct(m.into_iter().map(|(k, v)| (k, Value::String(v))).collect())
 }
 
-fn as_ref(method: &str, what: &str, v: Value) -> Result<Ref, XapiError> {
+pub(super) fn as_ref(method: &str, what: &str, v: Value) -> Result<Ref, XapiError> {
     v.into_string()
         .and_then(Ref::parse)
         .ok_or_else(|| XapiError::protocol(method, format!("{what} is not an OpaqueRef")))
 }
 
-fn as_refs(method: &str, what: &str, v: &Value) -> Result<Vec<Ref>, XapiError> {
+pub(super) fn as_refs(method: &str, what: &str, v: &Value) -> Result<Vec<Ref>, XapiError> {
     v.as_array()
         .ok_or_else(|| XapiError::protocol(method, format!("{what} is not an array")))?
         .iter()
@@ -215,13 +213,13 @@ fn as_refs(method: &str, what: &str, v: &Value) -> Result<Vec<Ref>, XapiError> {
 }
 
 /// The members of a record, read with errors that name the field.
-struct Fields<'a> {
+pub(super) struct Fields<'a> {
     method: &'static str,
     map: &'a BTreeMap<String, Value>,
 }
 
 impl<'a> Fields<'a> {
-    fn of(method: &'static str, v: &'a Value) -> Result<Fields<'a>, XapiError> {
+    pub(super) fn of(method: &'static str, v: &'a Value) -> Result<Fields<'a>, XapiError> {
         let map = v
             .as_struct()
             .ok_or_else(|| XapiError::protocol(method, "the result is not a struct"))?;
@@ -245,7 +243,7 @@ impl<'a> Fields<'a> {
         )
     }
 
-    fn string(&self, field: &str) -> Result<String, XapiError> {
+    pub(super) fn string(&self, field: &str) -> Result<String, XapiError> {
         let v = self.get(field)?;
         v.as_str()
             .map(str::to_owned)
@@ -253,13 +251,13 @@ impl<'a> Fields<'a> {
     }
 
     /// XAPI's `int`: a decimal string (an explicit `<int>`/`<i8>` is accepted too).
-    fn u64(&self, field: &str) -> Result<u64, XapiError> {
+    pub(super) fn u64(&self, field: &str) -> Result<u64, XapiError> {
         let v = self.get(field)?;
         v.as_u64()
             .ok_or_else(|| self.bad(field, "not a non-negative integer"))
     }
 
-    fn bool(&self, field: &str) -> Result<bool, XapiError> {
+    pub(super) fn bool(&self, field: &str) -> Result<bool, XapiError> {
         let v = self.get(field)?;
         v.as_bool().ok_or_else(|| self.wrong(field, "a boolean", v))
     }
@@ -274,23 +272,23 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn r#ref(&self, field: &str) -> Result<Ref, XapiError> {
+    pub(super) fn r#ref(&self, field: &str) -> Result<Ref, XapiError> {
         let v = self.get(field)?;
         v.as_str()
             .and_then(|s| Ref::parse(s.to_owned()))
             .ok_or_else(|| self.bad(field, "not an OpaqueRef"))
     }
 
-    fn opt_ref(&self, field: &str) -> Result<Option<Ref>, XapiError> {
+    pub(super) fn opt_ref(&self, field: &str) -> Result<Option<Ref>, XapiError> {
         let r = self.r#ref(field)?;
         Ok((!r.is_null()).then_some(r))
     }
 
-    fn refs(&self, field: &str) -> Result<Vec<Ref>, XapiError> {
+    pub(super) fn refs(&self, field: &str) -> Result<Vec<Ref>, XapiError> {
         as_refs(self.method, &format!("field {field:?}"), self.get(field)?)
     }
 
-    fn string_map(&self, field: &str) -> Result<BTreeMap<String, String>, XapiError> {
+    pub(super) fn string_map(&self, field: &str) -> Result<BTreeMap<String, String>, XapiError> {
         let v = self.get(field)?;
         let m = v
             .as_struct()

@@ -20,6 +20,7 @@
 pub mod calls;
 pub mod session;
 pub mod transport;
+pub mod vm_calls;
 
 pub use calls::NbdInfo;
 pub use session::XapiSession;

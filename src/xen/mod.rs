@@ -20,6 +20,8 @@ pub mod commit;
 pub mod export;
 pub mod gc;
 mod nbd;
+pub mod point;
+pub mod vm;
 
 use crate::exit::{fail, Code, Failure};
 use crate::lock::{ChainLock, LockError};

@@ -1,0 +1,185 @@
+//! Whole-VM backups (`cbtstream backup --vm`): one VM.snapshot of every disk, a point
+//! directory per backup (the VM's metadata, a stream per disk, point.json written last),
+//! each disk's chain committed only once the whole point is durable.
+
+mod common;
+#[path = "xapi_env/mod.rs"]
+mod xapi_env;
+
+use cbtstream_proto::xmlrpc::Value;
+use common::*;
+use std::path::{Path, PathBuf};
+use xapi_env::*;
+
+fn point_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("point.json")).unwrap()).unwrap()
+}
+
+/// Guest writes on every disk: across a 64 KiB boundary on each, more on disk 0, the last
+/// sector of disk 1; disk 2 stays mostly empty.
+fn guest_writes(e: &Env, round: u8) {
+    let disks = e.sim.disks();
+    let data =
+        |n: usize| -> Vec<u8> { (0..n).map(|i| (i as u8).wrapping_mul(7) ^ round).collect() };
+    e.sim
+        .write(
+            &disks[0],
+            65536 - 300 + u64::from(round) * 8192,
+            &data(5000),
+        )
+        .unwrap();
+    e.sim
+        .write(&disks[0], (20 + u64::from(round)) * 65536, &data(70_000))
+        .unwrap();
+    e.sim.write(&disks[1], SIZE - 512, &data(512)).unwrap();
+    e.sim
+        .write(&disks[2], u64::from(round) * 4096, &data(100))
+        .unwrap();
+}
+
+impl Env {
+    async fn backup(&self, out: &Path, extra: &[&str]) -> std::process::Output {
+        let mut args = vec!["--vm", self.sim.vm_uuid(), "--out", p(out)];
+        args.extend_from_slice(extra);
+        self.command(&["backup", "--xapi", &self.sim.url()], false, &args)
+            .await
+    }
+
+    /// Snapshot VMs of the VM still on the host.
+    fn snapshot_vms(&self) -> usize {
+        let session = login(self);
+        let vm: Value = self.sim.vm_ref().into();
+        let snaps = self
+            .sim
+            .call_local("VM.get_snapshots", &[session, vm])
+            .unwrap();
+        snaps.as_array().map_or(0, <[Value]>::len)
+    }
+
+    /// Snapshot VDIs of every disk: (type, tagged).
+    fn disk_snapshots(&self) -> Vec<(String, bool)> {
+        let session = login(self);
+        let mut out = Vec::new();
+        for d in self.sim.disks() {
+            let r: Value = self.sim.vdi_ref_of(&d).unwrap().into();
+            let snaps = self
+                .sim
+                .call_local("VDI.get_snapshots", &[session.clone(), r])
+                .unwrap();
+            for s in snaps.as_array().unwrap() {
+                let rec = self
+                    .sim
+                    .call_local("VDI.get_record", &[session.clone(), s.clone()])
+                    .unwrap();
+                let typ = rec.get("type").and_then(Value::as_str).unwrap().to_string();
+                let tagged = rec
+                    .get("other_config")
+                    .and_then(|m| m.get("cbtstream_snapshot_of"))
+                    .is_some();
+                out.push((typ, tagged));
+            }
+        }
+        out
+    }
+}
+
+/// Restore every disk of the chain of points `dirs` (oldest first) into `images` and
+/// compare each with the VM's disk now.
+fn restore_and_compare(e: &Env, dirs: &[PathBuf], images: &Path) {
+    let last = point_json(dirs.last().unwrap());
+    for disk in last["disks"].as_array().unwrap() {
+        let vdi = disk["id"].as_str().unwrap();
+        let image = images.join(format!("{vdi}.raw"));
+        // Only the newest point's stream is new; the older ones were applied before.
+        let stream = dirs.last().unwrap().join(disk["stream"].as_str().unwrap());
+        ok(run(&["restore", "--to", p(&image), p(&stream)]));
+        assert_same(&image, &e.sim.vdi_path(vdi).unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_three_disks_full_then_three_incrementals() {
+    let e = env_with(|c| c.disks = 3).await;
+    let state = e.dir.join("vm.json");
+    let out = e.dir.join("points");
+    std::fs::create_dir(&out).unwrap();
+    let images = e.dir.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for round in 0..4u8 {
+        guest_writes(&e, round);
+        let o = ok(e.backup(&out, &["--state", p(&state), "--json"]).await);
+        let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        let info = point_json(&dir);
+        assert_eq!(info["vm"], e.sim.vm_uuid());
+        assert_eq!(dir.file_name().unwrap().to_str().unwrap(), info["id"]);
+        let disks = info["disks"].as_array().unwrap();
+        assert_eq!(disks.len(), 3);
+        for (slot, d) in disks.iter().enumerate() {
+            assert_eq!(d["slot"], slot.to_string());
+            assert_eq!(d["id"], e.sim.disks()[slot].as_str());
+            assert_eq!(d["size"].as_u64(), Some(SIZE));
+            let file = dir.join(d["stream"].as_str().unwrap());
+            let o = ok(run(&["inspect", p(&file)]));
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            if round == 0 {
+                assert!(d["base"].is_null(), "{info}");
+                assert!(text.contains("full export"), "{text}");
+            } else {
+                assert_eq!(d["base"], point_json(dirs.last().unwrap())["id"]);
+            }
+        }
+        // The VM's configuration: XenServer's XVA-style tar holding ova.xml.
+        let xva = std::fs::read(dir.join("metadata.xva")).unwrap();
+        assert_eq!(&xva[..7], b"ova.xml", "not a tar starting with ova.xml");
+        if round == 0 {
+            assert!(info["base"].is_null());
+        } else {
+            assert_eq!(info["base"], point_json(dirs.last().unwrap())["id"]);
+        }
+        dirs.push(dir);
+        restore_and_compare(&e, &dirs, &images);
+        // After each run: one cbt_metadata base per disk, no snapshot VM, no partial point.
+        let snaps = e.disk_snapshots();
+        assert_eq!(
+            snaps,
+            vec![("cbt_metadata".to_string(), true); 3],
+            "round {round}"
+        );
+        assert_eq!(e.snapshot_vms(), 0);
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), dirs.len());
+    }
+}
+
+/// One disk's reads fail for good mid-backup: no disk of the VM advances, no snapshot and no
+/// snapshot VM is left, no point (not even a partial one) appears; the next backup works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_disk_leaves_every_chain_as_it_was() {
+    let e = env_with(|c| c.disks = 3).await;
+    let state = e.dir.join("vm.json");
+    let out = e.dir.join("points");
+    std::fs::create_dir(&out).unwrap();
+    guest_writes(&e, 0);
+    ok(e.backup(&out, &["--state", p(&state)]).await);
+    let before = std::fs::read(&state).unwrap();
+    guest_writes(&e, 1);
+    e.sim.nbd().faults.fail_reads(0..SIZE, None);
+    let o = e
+        .backup(&out, &["--state", p(&state), "--retries", "0"])
+        .await;
+    e.sim.nbd().faults.clear_read_failures();
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+    assert_eq!(
+        e.disk_snapshots(),
+        vec![("cbt_metadata".to_string(), true); 3]
+    );
+    assert_eq!(e.snapshot_vms(), 0);
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        1,
+        "a point or a partial one was left"
+    );
+    ok(e.backup(&out, &["--state", p(&state)]).await);
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 2);
+}
