@@ -314,14 +314,18 @@ pub struct BackupArgs {
 
 /// `cbtstream gc`: remove snapshots left by killed runs.
 #[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("gc_target").required(true).args(["vdi", "vm"])))]
 pub struct GcArgs {
     /// XenAPI URL of the pool master.
     #[arg(long, value_name = "URL")]
     pub xapi: String,
     /// The VDI whose leftover snapshots to remove.
-    #[arg(long, value_name = "UUID")]
-    pub vdi: String,
-    /// The chain's state file: its bases are kept.
+    #[arg(long, value_name = "UUID", group = "gc_target")]
+    pub vdi: Option<String>,
+    /// Every disk of this VM (the chain of `cbtstream backup --vm`).
+    #[arg(long, value_name = "UUID", group = "gc_target")]
+    pub vm: Option<String>,
+    /// The chain's state file (of `export --vdi` or `backup --vm`): its bases are kept.
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     /// List what would be removed, remove nothing.
@@ -528,7 +532,10 @@ fn backup(args: BackupArgs) -> Result<(), Failure> {
 fn gc(args: GcArgs) -> Result<(), Failure> {
     let opts = GcOptions {
         login: xapi_login(&args.xapi, &args.xapi_args)?,
-        vdi: args.vdi,
+        target: match (args.vdi, args.vm) {
+            (_, Some(vm)) => crate::xen::gc::GcTarget::Vm(vm),
+            (vdi, None) => crate::xen::gc::GcTarget::Vdi(vdi.unwrap_or_default()),
+        },
         state: args.state,
         dry_run: args.dry_run,
         force: args.force,

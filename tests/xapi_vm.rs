@@ -32,9 +32,9 @@ fn guest_writes(e: &Env, round: u8) {
         .write(&disks[0], (20 + u64::from(round)) * 65536, &data(70_000))
         .unwrap();
     e.sim.write(&disks[1], SIZE - 512, &data(512)).unwrap();
-    e.sim
-        .write(&disks[2], u64::from(round) * 4096, &data(100))
-        .unwrap();
+    if let Some(d) = disks.get(2) {
+        e.sim.write(d, u64::from(round) * 4096, &data(100)).unwrap();
+    }
 }
 
 impl Env {
@@ -182,4 +182,75 @@ async fn a_failing_disk_leaves_every_chain_as_it_was() {
     );
     ok(e.backup(&out, &["--state", p(&state)]).await);
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 2);
+}
+
+/// A backup killed outright (SIGKILL) mid-transfer leaves its snapshot VM and snapshot VDIs
+/// and a partial point directory: the chain is untouched, the next backup works, and
+/// `gc --vm --state` removes the leftovers and keeps every disk's base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backup_is_collected_by_gc_vm() {
+    use cbtstream_testkit::xen_nbd::StallAt;
+    let e = env_with(|c| c.disks = 2).await;
+    let state = e.dir.join("vm.json");
+    let out = e.dir.join("points");
+    std::fs::create_dir(&out).unwrap();
+    guest_writes(&e, 0);
+    ok(e.backup(&out, &["--state", p(&state)]).await);
+    let before = std::fs::read(&state).unwrap();
+    guest_writes(&e, 1);
+    let faults = e.sim.nbd().faults.clone();
+    faults.stall(StallAt::Request(faults.requests() + 1));
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "backup",
+            "--xapi",
+            &e.sim.url(),
+            "--xapi-ca",
+            p(e.sim.ca_path()),
+        ])
+        .args([
+            "--vm",
+            e.sim.vm_uuid(),
+            "--out",
+            p(&out),
+            "--state",
+            p(&state),
+        ])
+        .env("XAPI_PASSWORD", e.sim.password())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        faults.wait_until(|f| f.stalls() == 1),
+    )
+    .await
+    .expect("the backup never reached the NBD server");
+    child.kill().unwrap();
+    let _ = child.wait();
+    faults.release_stall();
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+    assert_eq!(e.snapshot_vms(), 1);
+    assert_eq!(e.disk_snapshots().len(), 4);
+    let o = ok(e
+        .command(
+            &["gc", "--xapi", &e.sim.url()],
+            false,
+            &["--vm", e.sim.vm_uuid(), "--state", p(&state)],
+        )
+        .await);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(text.contains("removed snapshot VM"), "{text}");
+    assert_eq!(e.snapshot_vms(), 0);
+    assert_eq!(
+        e.disk_snapshots(),
+        vec![("cbt_metadata".to_string(), true); 2]
+    );
+    // The chain goes on; the partial directory of the killed run is not a point.
+    ok(e.backup(&out, &["--state", p(&state)]).await);
+    let points: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|d| d.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.ends_with(".partial"))
+        .collect();
+    assert_eq!(points.len(), 2, "{points:?}");
 }

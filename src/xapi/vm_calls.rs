@@ -1,6 +1,6 @@
 //! Typed VM and VBD calls for whole-VM backups, parsed as strictly as the VDI calls.
 
-use super::calls::{as_ref, Fields};
+use super::calls::{as_ref, as_refs, Fields};
 use super::{Ref, XapiError, XapiSession};
 
 /// The fields of a VM record the VM flow uses.
@@ -49,6 +49,11 @@ impl XapiSession {
             "the result",
             self.call(M, &[vm.into(), name.into()]).await?,
         )
+    }
+
+    pub async fn vm_get_snapshots(&self, vm: &Ref) -> Result<Vec<Ref>, XapiError> {
+        const M: &str = "VM.get_snapshots";
+        as_refs(M, "the result", &self.call(M, &[vm.into()]).await?)
     }
 
     /// Destroys a (halted, snapshot) VM record; its VDIs stay.

@@ -12,7 +12,7 @@
 //! miss one left before the next successful export moved the base past it.)
 
 use super::{load_state, lock_chain, login, retry_in_use, src, XapiLogin, TAG_SNAPSHOT};
-use crate::exit::{Code, Failure};
+use crate::exit::{fail, Code, Failure};
 use crate::xapi::XapiSession;
 use std::path::PathBuf;
 
@@ -20,12 +20,19 @@ use std::path::PathBuf;
 #[derive(Debug, Clone)]
 pub struct GcOptions {
     pub login: XapiLogin,
-    pub vdi: String,
+    pub target: GcTarget,
     pub state: Option<PathBuf>,
     /// List what would be removed, remove nothing.
     pub dry_run: bool,
     /// Without a state file: remove every tagged snapshot that is not `cbt_metadata`.
     pub force: bool,
+}
+
+/// What to collect: one VDI's chain, or every disk of a VM (`backup --vm`).
+#[derive(Debug, Clone)]
+pub enum GcTarget {
+    Vdi(String),
+    Vm(String),
 }
 
 /// What gc found, one line each (printed on stdout by the CLI).
@@ -40,40 +47,134 @@ pub async fn run(opts: GcOptions) -> Result<GcReport, Failure> {
         Some(p) => Some(lock_chain(p)?),
         None => None,
     };
-    let state = match &opts.state {
-        Some(p) => Some(load_state(p)?.ok_or_else(|| {
-            // Nothing would be marked as needed, and every base would go.
-            crate::exit::fail(Code::Usage, format!("no chain state at {}", p.display()))
-        })?),
-        None => None,
-    };
-    if let Some(s) = &state {
-        if s.vdi != opts.vdi {
-            return Err(crate::exit::fail(
-                Code::Usage,
-                format!("the state file is for VDI {}, not {}", s.vdi, opts.vdi),
-            ));
+    // What the chain needs, by VDI: nothing without a state file. A state file that is not
+    // there is refused: nothing would be marked as needed, and every base would go.
+    let missing =
+        |p: &std::path::Path| fail(Code::Usage, format!("no chain state at {}", p.display()));
+    let mut kept: Vec<Kept> = Vec::new();
+    match (&opts.target, &opts.state) {
+        (GcTarget::Vdi(vdi), Some(p)) => {
+            let s = load_state(p)?.ok_or_else(|| missing(p))?;
+            if &s.vdi != vdi {
+                return Err(fail(
+                    Code::Usage,
+                    format!("the state file is for VDI {}, not {vdi}", s.vdi),
+                ));
+            }
+            kept.push(Kept {
+                vdi: vdi.clone(),
+                needed: s.needed(),
+                pending: s.pending.map(|p| p.snapshot),
+            });
         }
+        (GcTarget::Vm(vm), Some(p)) => {
+            let s = crate::chain::load_vm(p)
+                .map_err(|e| Failure {
+                    code: Code::Usage,
+                    error: e.into(),
+                })?
+                .ok_or_else(|| missing(p))?;
+            if &s.vm != vm {
+                return Err(fail(
+                    Code::Usage,
+                    format!("the state file is for VM {}, not {vm}", s.vm),
+                ));
+            }
+            kept.extend(s.disks.into_iter().map(|(vdi, b)| Kept {
+                vdi,
+                needed: vec![b.base],
+                pending: None,
+            }));
+        }
+        (_, None) => {}
     }
     let session = login(&opts.login).await?;
-    let result = collect(&session, &opts, state.as_ref()).await;
+    let result = async {
+        let vdis = match &opts.target {
+            GcTarget::Vdi(vdi) => vec![vdi.clone()],
+            GcTarget::Vm(vm) => vm_vdis(&session, vm).await?,
+        };
+        let mut report = GcReport::default();
+        if let GcTarget::Vm(vm) = &opts.target {
+            snapshot_vms(&session, &opts, vm, &mut report).await?;
+        }
+        for vdi in vdis {
+            let k = kept.iter().find(|k| k.vdi == vdi);
+            collect(&session, &opts, &vdi, k, &mut report).await?;
+        }
+        tracing::info!(removed = report.removed, "gc done");
+        Ok(report)
+    }
+    .await;
     session.logout().await;
     result
+}
+
+/// Snapshot VMs that `backup` took (named `cbtstream backup <time>`) and that a killed run
+/// left: records only (their disks are collected with the VDIs), so removing them loses
+/// nothing; like the VDIs, removed only with `--state` or `--force`.
+async fn snapshot_vms(
+    session: &XapiSession,
+    opts: &GcOptions,
+    vm: &str,
+    report: &mut GcReport,
+) -> Result<(), Failure> {
+    let vm = session.vm_get_by_uuid(vm).await.map_err(src)?;
+    let act = !opts.dry_run && (opts.state.is_some() || opts.force);
+    for snap in session.vm_get_snapshots(&vm).await.map_err(src)? {
+        let rec = session.vm_get_record(&snap).await.map_err(src)?;
+        if !rec.name_label.starts_with(super::vm::SNAPSHOT_NAME) {
+            continue;
+        }
+        if act {
+            session.vm_destroy(&snap).await.map_err(src)?;
+            report
+                .lines
+                .push(format!("removed snapshot VM {}", rec.uuid));
+            report.removed += 1;
+        } else {
+            report
+                .lines
+                .push(format!("would remove snapshot VM {}", rec.uuid));
+        }
+    }
+    Ok(())
+}
+
+/// What one disk's chain needs kept.
+struct Kept {
+    vdi: String,
+    needed: Vec<String>,
+    pending: Option<String>,
+}
+
+/// The VDIs of a VM's disks (VBD type Disk).
+async fn vm_vdis(session: &XapiSession, vm: &str) -> Result<Vec<String>, Failure> {
+    let vm = session.vm_get_by_uuid(vm).await.map_err(src)?;
+    let mut out = Vec::new();
+    for vbd in session.vm_get_record(&vm).await.map_err(src)?.vbds {
+        let r = session.vbd_get_record(&vbd).await.map_err(src)?;
+        if let Some(vdi) = r.vdi.filter(|_| r.vbd_type == "Disk") {
+            out.push(session.vdi_get_uuid(&vdi).await.map_err(src)?);
+        }
+    }
+    Ok(out)
 }
 
 async fn collect(
     session: &XapiSession,
     opts: &GcOptions,
-    state: Option<&crate::chain::ChainState>,
-) -> Result<GcReport, Failure> {
-    let vdi = session.vdi_get_by_uuid(&opts.vdi).await.map_err(src)?;
-    let needed = state.map(|s| s.needed()).unwrap_or_default();
-    let pending = state.and_then(|s| s.pending.as_ref().map(|p| p.snapshot.clone()));
+    vdi_uuid: &str,
+    kept: Option<&Kept>,
+    report: &mut GcReport,
+) -> Result<(), Failure> {
+    let vdi = session.vdi_get_by_uuid(vdi_uuid).await.map_err(src)?;
+    let needed = kept.map(|k| k.needed.clone()).unwrap_or_default();
+    let pending = kept.and_then(|k| k.pending.clone());
     let act = !opts.dry_run && (opts.state.is_some() || opts.force);
-    let mut report = GcReport::default();
     for snap in &session.vdi_get_snapshots(&vdi).await.map_err(src)? {
         let s = session.vdi_get_record(snap).await.map_err(src)?;
-        let ours = s.other_config.get(TAG_SNAPSHOT) == Some(&opts.vdi);
+        let ours = s.other_config.get(TAG_SNAPSHOT).map(String::as_str) == Some(vdi_uuid);
         if needed.contains(&s.uuid) {
             if pending.as_deref() == Some(s.uuid.as_str()) {
                 report.lines.push(format!(
@@ -125,6 +226,5 @@ async fn collect(
             .push(format!("removed snapshot {} ({})", s.uuid, s.vdi_type));
         report.removed += 1;
     }
-    tracing::info!(removed = report.removed, "gc done");
-    Ok(report)
+    Ok(())
 }

@@ -32,6 +32,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The name of every snapshot VM `backup` takes (then the time), which `gc --vm` looks for.
+pub const SNAPSHOT_NAME: &str = "cbtstream backup ";
 /// XenServer serves at most 16 NBD connections per host: the disks share them.
 const HOST_NBD_CONNECTIONS: usize = 16;
 /// The VM's configuration is a few hundred KiB; refuse anything absurd.
@@ -217,7 +219,7 @@ async fn backup(
     let snap_vm = session
         .vm_snapshot(
             &vm,
-            &format!("cbtstream backup {}", crate::restore::report::rfc3339(now)),
+            &format!("{SNAPSHOT_NAME}{}", crate::restore::report::rfc3339(now)),
         )
         .await
         .map_err(src)?;
