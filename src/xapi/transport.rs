@@ -266,6 +266,10 @@ impl Transport {
         &self.inner.endpoint
     }
 
+    pub(crate) fn options(&self) -> &XapiOptions {
+        &self.inner.opts
+    }
+
     /// One XML-RPC call: the decoded `Value` of a XenAPI success, or the failure.
     /// Parameters are never logged (they hold the password or the session reference).
     pub(crate) async fn call(&self, method: &str, params: &[Value]) -> Result<Value, XapiError> {
@@ -420,7 +424,6 @@ impl Transport {
     /// connect timeout, for a handler whose framing HTTP clients cannot produce (the body
     /// of `/import_raw_vdi` must not use any Transfer-Encoding and goes out only after the
     /// server's response head).
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) async fn handler_stream(&self) -> Result<HandlerStream, XapiError> {
         let i = &self.inner;
         tokio::time::timeout(i.opts.connect_timeout, self.open_stream())
