@@ -106,6 +106,37 @@ fn restore_state(e: &Env, vdi: &str) -> (Option<String>, Option<String>) {
     )
 }
 
+/// (status, error code) of every import task.
+fn import_tasks(e: &Env) -> Vec<(String, String)> {
+    let session = login(e);
+    let tasks = e
+        .sim
+        .call_local("task.get_all", &[session.clone()])
+        .unwrap();
+    tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            e.sim
+                .call_local("task.get_record", &[session.clone(), t.clone()])
+                .unwrap()
+        })
+        .filter(|r| r.get("name_label").and_then(Value::as_str) == Some("VDI import"))
+        .map(|r| {
+            let status = r.get("status").and_then(Value::as_str).unwrap();
+            let error = r
+                .get("error_info")
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            (status.to_string(), error)
+        })
+        .collect()
+}
+
 fn stdout_uuid(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
@@ -161,6 +192,7 @@ async fn a_chain_restores_into_a_new_vdi_byte_for_byte() {
     // One upload; only the data travelled (the guest wrote well under 1 MiB of a
     // 3 MiB disk), and the summary says what was sent.
     assert_eq!(e.sim.calls(IMPORT), 1);
+    assert_eq!(import_tasks(&e), [("success".to_string(), String::new())]);
     let imported = e.sim.bytes_imported();
     assert!(
         imported > 0 && imported < SIZE / 3,
@@ -236,9 +268,14 @@ async fn a_damaged_stream_destroys_the_new_vdi_and_leaves_an_old_one_applying() 
     let cut = truncated(&c.streams[1], 20, &e.dir.join("cut.cbts"));
     let o = restore(&e, &["--sr", &sr], &[&c.streams[0], &cut]).await;
     assert_fails(&o, 4, "cut.cbts");
-    // The full stream's data went up before the damage showed; the VDI is gone anyway.
+    // The full stream's data went up before the damage showed, but the end marker did not:
+    // the host failed the import, and the VDI is gone.
     assert_eq!(e.sim.calls(IMPORT), 1);
     assert!(e.sim.bytes_imported() > 0);
+    assert_eq!(
+        import_tasks(&e),
+        [("failure".to_string(), "VDI_IO_ERROR".to_string())]
+    );
     assert_eq!(vdi_count(&e), before);
 
     // Into an existing VDI: it stays, marked applying, and nothing builds on it.
