@@ -111,7 +111,7 @@ fn import_tasks(e: &Env) -> Vec<(String, String)> {
     let session = login(e);
     let tasks = e
         .sim
-        .call_local("task.get_all", &[session.clone()])
+        .call_local("task.get_all", std::slice::from_ref(&session))
         .unwrap();
     tasks
         .as_array()
