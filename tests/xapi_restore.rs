@@ -320,3 +320,23 @@ async fn sigterm_mid_upload_leaves_nothing_that_looks_complete() {
     assert_fails(&o, 130, "is left marked `applying`");
     assert_eq!(restore_state(&e, &uuid).0.as_deref(), Some("applying"));
 }
+
+#[test]
+fn the_target_is_an_image_or_the_pool_never_both() {
+    let url = "https://127.0.0.1:1/";
+    for args in [
+        &["restore", "s.cbts"][..],
+        &[
+            "restore", "--to", "img", "--xapi", url, "--sr", "x", "s.cbts",
+        ],
+        &["restore", "--xapi", url, "s.cbts"],
+        &[
+            "restore", "--xapi", url, "--sr", "x", "--vdi", "y", "s.cbts",
+        ],
+        &["restore", "--to", "img", "--sr", "x", "s.cbts"],
+        &["restore", "--to", "img", "--json", "s.cbts"],
+    ] {
+        let o = run(args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+    }
+}

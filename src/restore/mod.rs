@@ -13,8 +13,9 @@
 //!
 //! The parts: [`sidecar`] (the image's state file), [`input`] (reading and decoding a stream on
 //! its own thread), [`decode`] (decompressing and checking one record), [`apply`] (writing
-//! records to the image), [`inspect`] (verifying a stream without an image) and [`report`]
-//! (what a restore prints).
+//! records to the image), [`inspect`] (verifying a stream without an image), [`report`]
+//! (what a restore prints) and [`verified`] (the same chain checks and verified records for
+//! a target that is not a local image: `restore --xapi`).
 
 mod apply;
 mod decode;
