@@ -126,7 +126,9 @@ pub async fn run(
 
 fn interrupted(sig: &str, target: &Target) -> String {
     match target {
-        Target::NewIn { .. } => format!("interrupted by {sig}; the new VDI is destroyed"),
+        Target::NewIn { .. } => {
+            format!("interrupted by {sig}; the new VDI (if it was created) is destroyed")
+        }
         Target::Existing { vdi } => format!(
             "interrupted by {sig}; VDI {vdi} is left marked `{APPLYING}` (half-written): \
              restore a full stream into it"
