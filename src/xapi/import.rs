@@ -21,7 +21,7 @@ const MAX_HEAD: usize = 16 << 10;
 /// What the server may send after the body (a 500 page at most) is read and dropped up to this.
 const MAX_TAIL: u64 = 1 << 20;
 /// Largest chunk of zeroes sent in one record.
-pub const ZERO_PIECE: usize = 4 << 20;
+const ZERO_PIECE: usize = 4 << 20;
 /// vhd-tool reads a chunk's length as a signed 32-bit number and writes whole sectors.
 const MAX_CHUNK: usize = (1 << 31) - 512;
 const SECTOR: u64 = 512;
