@@ -357,10 +357,26 @@ pub struct CommitArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("restore_target").required(true).args(["to", "xapi"])))]
 struct RestoreArgs {
     /// The raw disk image to create (full stream) or update (incrementals).
     #[arg(long, value_name = "IMAGE")]
-    to: PathBuf,
+    to: Option<PathBuf>,
+    /// Restore into the pool instead: XenAPI URL of the pool master.
+    #[arg(long, value_name = "URL", requires = "pool_target")]
+    xapi: Option<String>,
+    /// With --xapi: create a new VDI in this SR.
+    #[arg(long, value_name = "UUID", requires = "xapi", group = "pool_target")]
+    sr: Option<String>,
+    /// With --xapi: write into this existing VDI (not attached to a running VM; for an
+    /// incremental, it must hold the stream's base point).
+    #[arg(long, value_name = "UUID", requires = "xapi", group = "pool_target")]
+    vdi: Option<String>,
+    /// With --xapi: print a JSON summary on stderr when done.
+    #[arg(long, requires = "xapi")]
+    json: bool,
+    #[command(flatten)]
+    xapi_args: XapiArgs,
     /// Streams, in order; "-" reads stdin.
     #[arg(required = true, value_name = "STREAM")]
     streams: Vec<PathBuf>,
@@ -589,7 +605,13 @@ fn run_async<T, F: std::future::Future<Output = Result<T, Failure>>>(fut: F) -> 
 }
 
 fn restore(args: RestoreArgs) -> Result<(), Failure> {
-    match crate::restore::restore(&args.to, &args.streams) {
+    if let Some(url) = &args.xapi {
+        return pool_restore(url, &args);
+    }
+    let Some(to) = &args.to else {
+        return Err(fail(Code::Usage, "give --to IMAGE or --xapi URL"));
+    };
+    match crate::restore::restore(to, &args.streams) {
         Ok(report) => {
             eprintln!("{report}");
             Ok(())
@@ -599,6 +621,28 @@ fn restore(args: RestoreArgs) -> Result<(), Failure> {
             error: e.into(),
         }),
     }
+}
+
+/// `restore --xapi`: the VDI's uuid on stdout.
+fn pool_restore(url: &str, args: &RestoreArgs) -> Result<(), Failure> {
+    use crate::xen::restore::{PoolRestoreOptions, Target};
+    let target = match (&args.sr, &args.vdi) {
+        (Some(sr), None) => Target::NewIn { sr: sr.clone() },
+        (None, Some(vdi)) => Target::Existing { vdi: vdi.clone() },
+        _ => return Err(fail(Code::Usage, "give --sr UUID or --vdi UUID")),
+    };
+    let opts = PoolRestoreOptions {
+        login: xapi_login(url, &args.xapi_args)?,
+        target,
+        streams: args.streams.clone(),
+    };
+    let progress = std::sync::Arc::new(crate::progress::Bar::stderr());
+    let report = run_async(crate::xen::restore::run(opts, progress))?;
+    if args.json {
+        eprintln!("{}", report.json_value());
+    }
+    println!("{}", report.vdi);
+    Ok(())
 }
 
 fn inspect(args: InspectArgs) -> Result<(), Failure> {

@@ -13,8 +13,9 @@
 //!
 //! The parts: [`sidecar`] (the image's state file), [`input`] (reading and decoding a stream on
 //! its own thread), [`decode`] (decompressing and checking one record), [`apply`] (writing
-//! records to the image), [`inspect`] (verifying a stream without an image) and [`report`]
-//! (what a restore prints).
+//! records to the image), [`inspect`] (verifying a stream without an image), [`report`]
+//! (what a restore prints) and [`verified`] (the same chain checks and verified records for
+//! a target that is not a local image: `restore --xapi`).
 
 mod apply;
 mod decode;
@@ -26,6 +27,7 @@ mod sidecar;
 mod tests;
 #[cfg(test)]
 mod testutil;
+pub mod verified;
 
 pub use inspect::inspect;
 pub use report::RestoreReport;
@@ -93,14 +95,7 @@ impl RestoreError {
 /// Applies `inputs` in order to the raw image `to`. See the module documentation.
 pub fn restore(to: &Path, inputs: &[PathBuf]) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    if inputs.is_empty() {
-        return Err(RestoreError::Usage("no input streams".into()));
-    }
-    if inputs.iter().filter(|p| p.as_os_str() == "-").count() > 1 {
-        return Err(RestoreError::Usage(
-            "standard input (-) can be given only once".into(),
-        ));
-    }
+    check_inputs(inputs)?;
     match fs::symlink_metadata(to) {
         // A full restore replaces the file at `to`: it would replace the link, not its target.
         Ok(m) if m.file_type().is_symlink() => {
@@ -119,13 +114,15 @@ pub fn restore(to: &Path, inputs: &[PathBuf]) -> Result<RestoreReport, RestoreEr
     }
 
     // Every header first, so a broken chain is refused before the image is touched.
-    let mut streams = Vec::with_capacity(inputs.len());
-    for path in inputs {
-        let mut input = Input::open(path)?;
-        let header = input.read_header()?;
-        streams.push((input, header));
-    }
-    check_chain(to, &streams)?;
+    let streams = open_inputs(inputs)?;
+    check_chain(&streams, &|input| {
+        let state = complete_image_state(to, input)?;
+        Ok((
+            state.point_id,
+            state.source_id,
+            format!("the image {}", to.display()),
+        ))
+    })?;
 
     let mut applier = Applier::new()?;
     let mut report = RestoreReport {
@@ -183,33 +180,58 @@ fn discard(partial: &Path, error: RestoreError) -> RestoreError {
     error
 }
 
-/// Where the image will be before a stream: (point, source, where that comes from): the
-/// previous stream of this restore, or else the image's recorded complete state.
+/// At least one input, and stdin at most once.
+fn check_inputs(inputs: &[PathBuf]) -> Result<(), RestoreError> {
+    if inputs.is_empty() {
+        return Err(RestoreError::Usage("no input streams".into()));
+    }
+    if inputs.iter().filter(|p| p.as_os_str() == "-").count() > 1 {
+        return Err(RestoreError::Usage(
+            "standard input (-) can be given only once".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens every input and reads its header.
+fn open_inputs(inputs: &[PathBuf]) -> Result<Vec<(Input, Header)>, RestoreError> {
+    check_inputs(inputs)?;
+    let mut streams = Vec::with_capacity(inputs.len());
+    for path in inputs {
+        let mut input = Input::open(path)?;
+        let header = input.read_header()?;
+        streams.push((input, header));
+    }
+    Ok(streams)
+}
+
+/// Where the target is before the first incremental that is not preceded by a full stream
+/// of the same restore: (point, source, how to name the target in a message). Called with
+/// the input's name; fails when the target is not known to be complete.
+pub type StartingPoint<'a> = &'a dyn Fn(&str) -> Result<(String, String, String), RestoreError>;
+
+/// Where the target will be before a stream: the previous stream of this restore, or else
+/// the target's recorded complete state.
 fn before(
     previous: Option<(String, String, String)>,
-    to: &Path,
+    start: StartingPoint<'_>,
     input: &str,
 ) -> Result<(String, String, String), RestoreError> {
-    if let Some(p) = previous {
-        return Ok(p);
+    match previous {
+        Some(p) => Ok(p),
+        None => start(input),
     }
-    let state = complete_image_state(to, input)?;
-    Ok((
-        state.point_id,
-        state.source_id,
-        format!("the image {}", to.display()),
-    ))
 }
 
 /// Checks that each stream follows on from the previous one, and the first incremental from
-/// the image's recorded state.
-fn check_chain(to: &Path, streams: &[(Input, Header)]) -> Result<(), RestoreError> {
+/// the target's recorded state.
+fn check_chain(streams: &[(Input, Header)], start: StartingPoint<'_>) -> Result<(), RestoreError> {
     // (point, source, where it comes from) the image will be at before each stream.
     let mut current: Option<(String, String, String)> = None;
     for (i, (input, h)) in streams.iter().enumerate() {
         if h.incremental && h.base_id.is_none() {
             // An incremental whose base was not named: it applies onto any complete image.
-            let (_, source, from) = before(current.take(), to, &input.name)?;
+            let (_, source, from) = before(current.take(), start, &input.name)?;
             tracing::warn!(
                 input = %input.name,
                 "incremental without a base id: applied onto {from} without checking that it is the right base"
@@ -227,7 +249,7 @@ fn check_chain(to: &Path, streams: &[(Input, Header)]) -> Result<(), RestoreErro
             current = Some((h.point_id.clone(), h.source_id.clone(), input.name.clone()));
             continue;
         };
-        let (point, source, from) = before(current.take(), to, &input.name)?;
+        let (point, source, from) = before(current.take(), start, &input.name)?;
         if *base != point {
             return Err(RestoreError::ChainMismatch {
                 input: input.name.clone(),

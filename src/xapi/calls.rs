@@ -1,4 +1,4 @@
-//! Typed VDI calls for the export flow. Responses are parsed strictly against XAPI's
+//! Typed calls for the export and restore flows. Responses are parsed strictly against XAPI's
 //! encodings (ints as decimal strings, `<boolean>`, refs as `OpaqueRef:` strings); an
 //! error names the method and the field, never its value.
 
@@ -144,7 +144,6 @@ impl XapiSession {
     }
 
     /// A no-op when `key` is not set.
-    #[allow(dead_code)] // part of the client's API; not needed by the flows yet
     pub async fn vdi_remove_from_other_config(
         &self,
         vdi: &Ref,
@@ -174,6 +173,103 @@ impl XapiSession {
             .await?
             .into_string()
             .ok_or_else(|| XapiError::protocol(method, "the result is not a string"))
+    }
+
+    pub async fn sr_get_by_uuid(&self, uuid: &str) -> Result<Ref, XapiError> {
+        const M: &str = "SR.get_by_uuid";
+        as_ref(M, "the result", self.call(M, &[uuid.into()]).await?)
+    }
+
+    /// `VDI.create` of a plain read-write `user` disk with the fields XAPI requires
+    /// (docs/XENSERVER.md section 11). The host may round `virtual_size` up.
+    pub async fn vdi_create(
+        &self,
+        sr: &Ref,
+        virtual_size: u64,
+        name_label: &str,
+        other_config: BTreeMap<String, String>,
+    ) -> Result<Ref, XapiError> {
+        const M: &str = "VDI.create";
+        let size = i64::try_from(virtual_size)
+            .map_err(|_| XapiError::protocol(M, "the size does not fit XenAPI's int"))?;
+        let record = Value::record([
+            ("SR", sr.into()),
+            ("virtual_size", Value::int64_str(size)),
+            ("name_label", name_label.into()),
+            ("name_description", "".into()),
+            ("type", "user".into()),
+            ("sharable", Value::Bool(false)),
+            ("read_only", Value::Bool(false)),
+            ("other_config", string_map(other_config)),
+        ]);
+        as_ref(M, "the result", self.call(M, &[record]).await?)
+    }
+
+    /// Grows (or, where the SR allows it, shrinks) the VDI to `size` bytes.
+    pub async fn vdi_resize(&self, vdi: &Ref, size: u64) -> Result<(), XapiError> {
+        let size = i64::try_from(size)
+            .map_err(|_| XapiError::protocol("VDI.resize", "the size does not fit"))?;
+        self.void("VDI.resize", &[vdi.into(), Value::int64_str(size)])
+            .await
+    }
+
+    /// Sets `key` to `value`, replacing any value it had.
+    pub async fn vdi_set_other_config_key(
+        &self,
+        vdi: &Ref,
+        key: &str,
+        value: &str,
+    ) -> Result<(), XapiError> {
+        self.vdi_remove_from_other_config(vdi, key).await?;
+        self.vdi_add_to_other_config(vdi, key, value).await
+    }
+
+    pub async fn vdi_get_vbds(&self, vdi: &Ref) -> Result<Vec<Ref>, XapiError> {
+        const M: &str = "VDI.get_VBDs";
+        let v = self.call(M, &[vdi.into()]).await?;
+        as_refs(M, "the result", &v)
+    }
+
+    pub async fn vbd_get_currently_attached(&self, vbd: &Ref) -> Result<bool, XapiError> {
+        const M: &str = "VBD.get_currently_attached";
+        self.call(M, &[vbd.into()])
+            .await?
+            .as_bool()
+            .ok_or_else(|| XapiError::protocol(M, "the result is not a boolean"))
+    }
+
+    pub async fn vbd_get_vm(&self, vbd: &Ref) -> Result<Ref, XapiError> {
+        const M: &str = "VBD.get_VM";
+        as_ref(M, "the result", self.call(M, &[vbd.into()]).await?)
+    }
+
+    /// `Halted`, `Paused`, `Running` or `Suspended`.
+    pub async fn vm_get_power_state(&self, vm: &Ref) -> Result<String, XapiError> {
+        self.string("VM.get_power_state", vm).await
+    }
+
+    pub async fn vm_get_uuid(&self, vm: &Ref) -> Result<String, XapiError> {
+        self.string("VM.get_uuid", vm).await
+    }
+
+    /// `pending`, `success`, `failure`, `cancelling` or `cancelled`.
+    pub async fn task_get_status(&self, task: &Ref) -> Result<String, XapiError> {
+        self.string("task.get_status", task).await
+    }
+
+    /// A failed task's error code and arguments.
+    pub async fn task_get_error_info(&self, task: &Ref) -> Result<Vec<String>, XapiError> {
+        const M: &str = "task.get_error_info";
+        let v = self.call(M, &[task.into()]).await?;
+        v.as_array()
+            .ok_or_else(|| XapiError::protocol(M, "the result is not an array"))?
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| XapiError::protocol(M, "an element is not a string"))
+            })
+            .collect()
     }
 
     /// A call returning void (XAPI sends an empty `<value></value>`; anything is accepted).

@@ -8,7 +8,8 @@
 //!   [`XapiSession::call`] prepends the session reference and logs in again once on
 //!   `SESSION_INVALID`; [`XapiSession::logout`] must be called on every exit path (dropping a
 //!   session only attempts a background logout).
-//! * [`calls`]: the VDI calls the export flow needs, parsed into small structs.
+//! * [`calls`]: the VDI, VBD, VM, SR and task calls the flows need, parsed into small structs.
+//! * [`import`]: `PUT /import_raw_vdi` in vhd-tool's chunked framing, for `restore --xapi`.
 //!
 //! Secrets: the password, the session reference and NBD export names (which embed the
 //! session reference) are held in [`Secret`], whose `Debug`/`Display` print `***`. Request
@@ -18,6 +19,7 @@
 //! Wire conventions: docs/XENSERVER.md section 5.
 
 pub mod calls;
+pub mod import;
 pub mod session;
 pub mod transport;
 pub mod vm_calls;
@@ -134,6 +136,13 @@ pub enum XapiError {
         addr: String,
         method: String,
         status: u16,
+    },
+    /// Writing to or reading from an HTTP handler's connection (`/import_raw_vdi`) failed.
+    #[error("{what} at {addr} failed: {source}")]
+    Io {
+        addr: String,
+        what: String,
+        source: std::io::Error,
     },
     #[error("{method}: the response is larger than the {limit}-byte limit")]
     TooLarge { method: String, limit: u64 },

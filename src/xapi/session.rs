@@ -114,6 +114,12 @@ impl XapiSession {
         self.transport.endpoint()
     }
 
+    /// The current session reference, for a request to an HTTP handler (which takes it as
+    /// the `session_id` cookie), and the transport that reaches the same host.
+    pub(crate) async fn for_handler(&self) -> (Secret, &Transport) {
+        (self.session.lock().await.clone(), &self.transport)
+    }
+
     /// How many times the session was replaced after `SESSION_INVALID`. Export names from
     /// `VDI.get_nbd_info` fetched before a change carry the dead session.
     pub fn relogins(&self) -> u64 {

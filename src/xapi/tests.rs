@@ -981,3 +981,36 @@ async fn a_dropped_session_logs_out_in_the_background() {
     })
     .await
 }
+
+#[tokio::test]
+async fn handler_connections_are_fresh_and_share_the_trust() {
+    use super::transport::Transport;
+    bounded(async {
+        let pki = Pki::new();
+        let server = serve(pki.server(), true, |_, _| Reply::Ok(s("pong"))).await;
+        let endpoint = Endpoint::parse(&server.url()).unwrap();
+        let transport = Transport::new(endpoint.clone(), &opts(pki.ca())).unwrap();
+        let mut sender = transport.handler_connection::<Full<Bytes>>().await.unwrap();
+        let body = cbtstream_proto::xmlrpc::encode_call("ping", &[]);
+        let req = hyper::Request::post("/")
+            .header(hyper::header::HOST, endpoint.authority())
+            .header(hyper::header::CONTENT_TYPE, "text/xml")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(server.methods(), ["ping"]);
+        // A second one is another connection (never the pooled XML-RPC one).
+        drop(transport.handler_stream().await.unwrap());
+        assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+
+        // The wrong pin fails the same way as for calls.
+        let wrong = Transport::new(endpoint, &opts(Trust::Pin([0x11; 32]))).unwrap();
+        match wrong.handler_stream().await {
+            Err(XapiError::Tls { reason, .. }) => assert!(reason.contains("pin"), "{reason}"),
+            Err(other) => panic!("expected a TLS error, got {other:?}"),
+            Ok(_) => panic!("connected despite the wrong pin"),
+        }
+    })
+    .await
+}

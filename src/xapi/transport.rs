@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// Responses above this size decode in a blocking task, off the async workers.
@@ -192,6 +193,11 @@ fn without_userinfo(url: &str) -> String {
 
 type Sender = SendRequest<Full<Bytes>>;
 
+/// A connection's byte stream: TLS over TCP, or plain TCP when plaintext was allowed.
+pub(crate) trait HandlerIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> HandlerIo for T {}
+pub(crate) type HandlerStream = Box<dyn HandlerIo>;
+
 /// One endpoint; cheap to clone (shared idle connection).
 #[derive(Clone)]
 pub(crate) struct Transport {
@@ -258,6 +264,10 @@ impl Transport {
 
     pub(crate) fn endpoint(&self) -> &Endpoint {
         &self.inner.endpoint
+    }
+
+    pub(crate) fn options(&self) -> &XapiOptions {
+        &self.inner.opts
     }
 
     /// One XML-RPC call: the decoded `Value` of a XenAPI success, or the failure.
@@ -425,6 +435,42 @@ impl Transport {
     }
 
     async fn connect_inner(&self) -> Result<Sender, XapiError> {
+        let io = self.open_stream().await?;
+        self.handshake(TokioIo::new(io)).await
+    }
+
+    /// A fresh connection to the same endpoint with the same TLS trust, for one request to
+    /// a XenServer HTTP handler (`/export_raw_vdi`, `/import_raw_vdi`), within the connect
+    /// timeout. Never pooled: those handlers close the connection when they are done.
+    // Nothing outside the tests uses it yet (`GET /export_raw_vdi` will).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) async fn handler_connection<B>(&self) -> Result<SendRequest<B>, XapiError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let io = self.handler_stream().await?;
+        self.handshake(TokioIo::new(io)).await
+    }
+
+    /// The bare byte stream (TLS or, when allowed, TCP) of a fresh connection, within the
+    /// connect timeout, for a handler whose framing HTTP clients cannot produce (the body
+    /// of `/import_raw_vdi` must not use any Transfer-Encoding and goes out only after the
+    /// server's response head).
+    pub(crate) async fn handler_stream(&self) -> Result<HandlerStream, XapiError> {
+        let i = &self.inner;
+        tokio::time::timeout(i.opts.connect_timeout, self.open_stream())
+            .await
+            .map_err(|_| XapiError::Timeout {
+                addr: i.label.clone(),
+                what: "connecting".to_owned(),
+                after: i.opts.connect_timeout,
+            })?
+    }
+
+    /// TCP, then TLS unless plaintext was allowed and asked for.
+    async fn open_stream(&self) -> Result<HandlerStream, XapiError> {
         let i = &self.inner;
         let ep = &i.endpoint;
         let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
@@ -443,15 +489,18 @@ impl Transport {
                         addr: i.label.clone(),
                         reason: tls::describe_io_error(&e),
                     })?;
-                self.handshake(TokioIo::new(stream)).await
+                Ok(Box::new(stream))
             }
-            None => self.handshake(TokioIo::new(tcp)).await,
+            None => Ok(Box::new(tcp)),
         }
     }
 
-    async fn handshake<T>(&self, io: T) -> Result<Sender, XapiError>
+    async fn handshake<T, B>(&self, io: T) -> Result<SendRequest<B>, XapiError>
     where
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (sender, conn) = hyper::client::conn::http1::handshake(io)
             .await

@@ -1,4 +1,4 @@
-//! The XenServer / XCP-ng flows: `export --xapi`, `commit` and `gc`.
+//! The XenServer / XCP-ng flows: `export --xapi`, `commit`, `gc` and `restore --xapi`.
 //!
 //! ```text
 //! lock the chain → login → check the VDI → VDI.snapshot → tag it → list_changed_blocks(base, snapshot)
@@ -22,6 +22,7 @@ pub mod gc;
 mod nbd;
 pub mod point;
 pub mod vm;
+pub mod restore;
 
 use crate::exit::{fail, Code, Failure};
 use crate::lock::{ChainLock, LockError};

@@ -1,0 +1,130 @@
+//! A chain of streams read as verified blocks, for a restore whose target is not a local
+//! image (`restore --xapi`): the same opening, chain rules, decoding and checks as
+//! [`super::restore`], with the writing left to the caller.
+
+use super::input::{pipelined, Input};
+use super::{check_chain, open_inputs, PayloadDecoder, RestoreError, StartingPoint};
+use cbtstream_proto::stream::{Header, Item, StreamError, Trailer};
+use std::path::PathBuf;
+
+/// One verified piece of a stream, in stream order.
+pub enum Block<'a> {
+    /// Decompressed data whose checksum matched; `stored` is its size in the stream.
+    Data {
+        offset: u64,
+        data: &'a [u8],
+        stored: u64,
+    },
+    /// A range that reads as zeroes at the stream's point.
+    Zero { offset: u64, length: u64 },
+}
+
+/// What one stream held, once its trailer and digest verified.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub trailer: Trailer,
+    pub data_records: u64,
+    pub zero_records: u64,
+    /// Stream bytes read.
+    pub input_bytes: u64,
+}
+
+/// An input whose header was read.
+pub struct OpenStream {
+    input: Input,
+    pub header: Header,
+}
+
+/// Opens every input, reads its header and checks that the streams form a chain. A first
+/// incremental (one with no full stream before it) is checked against `start(input name)`:
+/// (point, source, how to name the target), which fails when the target is not known to be
+/// complete.
+pub fn open_chain(
+    inputs: &[PathBuf],
+    start: StartingPoint<'_>,
+) -> Result<Vec<OpenStream>, RestoreError> {
+    let streams = open_inputs(inputs)?;
+    check_chain(&streams, start)?;
+    Ok(streams
+        .into_iter()
+        .map(|(input, header)| OpenStream { input, header })
+        .collect())
+}
+
+/// Decompresses and checks DATA records; reused from one stream to the next.
+pub struct Payloads(PayloadDecoder);
+
+impl Payloads {
+    pub fn new() -> Result<Payloads, RestoreError> {
+        PayloadDecoder::new()
+            .map(Payloads)
+            .map_err(|e| RestoreError::Internal(format!("cannot create a zstd decompressor: {e}")))
+    }
+}
+
+impl OpenStream {
+    pub fn name(&self) -> &str {
+        &self.input.name
+    }
+
+    /// Hands every record to `each` as a verified block, in order; `Ok` only once the
+    /// trailer and the stream digest verified. A block handed over may still belong to a
+    /// stream that turns out damaged later: the caller must not treat the target as
+    /// complete before this returns `Ok`.
+    pub fn verify(
+        mut self,
+        payloads: &mut Payloads,
+        mut each: impl FnMut(Block<'_>) -> Result<(), RestoreError>,
+    ) -> Result<Verified, RestoreError> {
+        let name = self.input.name.clone();
+        let (mut data_records, mut zero_records) = (0, 0);
+        let mut trailer = None;
+        pipelined(&mut self.input, |item| match item {
+            Item::Header(_) => Ok(()),
+            Item::Data {
+                index,
+                offset,
+                length,
+                codec,
+                checksum,
+                payload,
+            } => {
+                let data = payloads
+                    .0
+                    .decode(index, offset, length, codec, checksum, &payload)
+                    .map_err(|error| RestoreError::Damaged {
+                        input: name.clone(),
+                        error,
+                    })?;
+                data_records += 1;
+                each(Block::Data {
+                    offset,
+                    data,
+                    stored: payload.len() as u64,
+                })
+            }
+            Item::Zero { offset, length, .. } => {
+                zero_records += 1;
+                each(Block::Zero { offset, length })
+            }
+            Item::End(t) => {
+                trailer = Some(t);
+                Ok(())
+            }
+        })?;
+        // The reader ends without error only after the decoder accepted the end of the
+        // stream, which requires the verified trailer.
+        let Some(trailer) = trailer else {
+            return Err(self.input.damaged(StreamError::Truncated {
+                records: self.input.decoder.records(),
+                at: "without a trailer".into(),
+            }));
+        };
+        Ok(Verified {
+            trailer,
+            data_records,
+            zero_records,
+            input_bytes: self.input.bytes_read,
+        })
+    }
+}
