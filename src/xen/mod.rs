@@ -21,8 +21,8 @@ pub mod export;
 pub mod gc;
 mod nbd;
 pub mod point;
-pub mod vm;
 pub mod restore;
+pub mod vm;
 
 use crate::exit::{fail, Code, Failure};
 use crate::lock::{ChainLock, LockError};
