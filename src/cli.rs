@@ -33,6 +33,9 @@ enum Command {
     /// Back up a whole XenServer VM: one crash-consistent snapshot of every disk and the VM's
     /// configuration, as one point directory DIR/<point-id>/.
     Backup(Box<BackupArgs>),
+    /// Restore a point of `backup` into the pool as a new VM: its disks created and filled,
+    /// its configuration imported with the disks in their slots.
+    RestoreVm(Box<RestoreVmArgs>),
     /// Apply a full stream and/or incrementals, in order, to a raw disk image.
     Restore(RestoreArgs),
     /// Check a stream (every checksum and the trailer) and print what it holds.
@@ -312,6 +315,28 @@ pub struct BackupArgs {
     pub dp: DataPlaneArgs,
 }
 
+/// `cbtstream restore-vm`.
+#[derive(Args, Debug, Clone)]
+pub struct RestoreVmArgs {
+    /// XenAPI URL of the pool master.
+    #[arg(long, value_name = "URL")]
+    pub xapi: String,
+    /// The SR the disks are created in.
+    #[arg(long, value_name = "SR_UUID")]
+    pub sr: String,
+    /// Keep the VM's uuid and MACs (disaster recovery); XenServer refuses if they exist.
+    #[arg(long)]
+    pub preserve: bool,
+    /// Print what would be created; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The point directory (DIR/<point-id>); the points of its chain are its siblings.
+    #[arg(value_name = "POINT_DIR")]
+    pub point: PathBuf,
+    #[command(flatten)]
+    pub xapi_args: XapiArgs,
+}
+
 /// `cbtstream gc`: remove snapshots left by killed runs.
 #[derive(Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("gc_target").required(true).args(["vdi", "vm"])))]
@@ -418,6 +443,7 @@ pub fn main() -> ExitCode {
         Command::Commit(args) => commit(args),
         Command::Gc(args) => gc(args),
         Command::Backup(args) => backup(*args),
+        Command::RestoreVm(args) => restore_vm(*args),
         Command::Restore(args) => restore(args),
         Command::Inspect(args) => inspect(args),
     };
@@ -541,6 +567,27 @@ fn backup(args: BackupArgs) -> Result<(), Failure> {
             "seconds": (report.seconds * 1000.0).round() / 1000.0,
         });
         eprintln!("{v}");
+    }
+    Ok(())
+}
+
+fn restore_vm(args: RestoreVmArgs) -> Result<(), Failure> {
+    let opts = crate::xen::restore_vm::RestoreVmOptions {
+        login: xapi_login(&args.xapi, &args.xapi_args)?,
+        sr: args.sr,
+        point: args.point,
+        preserve: args.preserve,
+        dry_run: args.dry_run,
+    };
+    let report = run_async(crate::xen::restore_vm::run(opts))?;
+    for line in &report.plan {
+        println!("{line}");
+    }
+    for (slot, vdi) in &report.disks {
+        eprintln!("cbtstream: slot {slot}: VDI {vdi}");
+    }
+    if let Some(vm) = &report.vm {
+        println!("{vm}");
     }
     Ok(())
 }

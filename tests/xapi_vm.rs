@@ -83,6 +83,60 @@ impl Env {
     }
 }
 
+impl Env {
+    fn sr_uuid(&self) -> String {
+        let session = login(self);
+        let srs = self
+            .sim
+            .call_local("SR.get_all", &[session.clone()])
+            .unwrap();
+        let sr = srs.as_array().unwrap()[0].clone();
+        let uuid = self.sim.call_local("SR.get_uuid", &[session, sr]).unwrap();
+        uuid.as_str().unwrap().to_string()
+    }
+
+    /// The disks of the VM `vm_uuid`, by slot: (slot, VDI uuid).
+    fn vm_disks(&self, vm_uuid: &str) -> Vec<(String, String)> {
+        let session = login(self);
+        let vm = self
+            .sim
+            .call_local("VM.get_by_uuid", &[session.clone(), vm_uuid.into()])
+            .unwrap();
+        let vbds = self
+            .sim
+            .call_local("VM.get_VBDs", &[session.clone(), vm])
+            .unwrap();
+        let mut out = Vec::new();
+        for vbd in vbds.as_array().unwrap() {
+            let rec = self
+                .sim
+                .call_local("VBD.get_record", &[session.clone(), vbd.clone()])
+                .unwrap();
+            if rec.get("type").and_then(Value::as_str) != Some("Disk") {
+                continue;
+            }
+            let vdi = rec.get("VDI").unwrap().clone();
+            let uuid = self
+                .sim
+                .call_local("VDI.get_uuid", &[session.clone(), vdi])
+                .unwrap();
+            let slot = rec.get("userdevice").and_then(Value::as_str).unwrap();
+            out.push((slot.to_string(), uuid.as_str().unwrap().to_string()));
+        }
+        out.sort();
+        out
+    }
+
+    async fn restore_vm(&self, point: &Path, extra: &[&str]) -> std::process::Output {
+        let sr = self.sr_uuid();
+        let mut args = vec!["--sr", sr.as_str()];
+        args.extend_from_slice(extra);
+        args.push(p(point));
+        self.command(&["restore-vm", "--xapi", &self.sim.url()], false, &args)
+            .await
+    }
+}
+
 /// Restore every disk of the chain of points `dirs` (oldest first) into `images` and
 /// compare each with the VM's disk now.
 fn restore_and_compare(e: &Env, dirs: &[PathBuf], images: &Path) {
@@ -137,8 +191,22 @@ async fn a_vm_with_three_disks_full_then_three_incrementals() {
         } else {
             assert_eq!(info["base"], point_json(dirs.last().unwrap())["id"]);
         }
-        dirs.push(dir);
+        dirs.push(dir.clone());
         restore_and_compare(&e, &dirs, &images);
+        // Back into the pool as a new VM: its disks equal the source's, in the same slots.
+        let o = ok(e.restore_vm(&dir, &[]).await);
+        let new_vm = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert_ne!(new_vm, e.sim.vm_uuid());
+        let restored = e.vm_disks(&new_vm);
+        assert_eq!(restored.len(), 3, "{restored:?}");
+        for (slot, vdi) in &restored {
+            let source = &e.sim.disks()[slot.parse::<usize>().unwrap()];
+            assert_ne!(vdi, source);
+            assert_same(
+                &e.sim.vdi_path(vdi).unwrap(),
+                &e.sim.vdi_path(source).unwrap(),
+            );
+        }
         // After each run: one cbt_metadata base per disk, no snapshot VM, no partial point.
         let snaps = e.disk_snapshots();
         assert_eq!(
@@ -149,6 +217,44 @@ async fn a_vm_with_three_disks_full_then_three_incrementals() {
         assert_eq!(e.snapshot_vms(), 0);
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), dirs.len());
     }
+}
+
+/// `--dry-run` prints what would be created and creates nothing; a failing metadata import
+/// destroys the VDIs the run created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_vm_dry_run_and_a_failed_import() {
+    let e = env_with(|c| c.disks = 2).await;
+    let out = e.dir.join("points");
+    std::fs::create_dir(&out).unwrap();
+    guest_writes(&e, 0);
+    let o = ok(e.backup(&out, &[]).await);
+    let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    let vdis_before = e.sim.calls("VDI.create");
+    let o = ok(e.restore_vm(&dir, &["--dry-run"]).await);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        text.contains("would create a VDI") && text.contains("would import the VM"),
+        "{text}"
+    );
+    assert_eq!(e.sim.calls("VDI.create"), vdis_before);
+    // A metadata archive the host refuses: the disks created for it go.
+    std::fs::write(dir.join("metadata.xva"), b"not a tar").unwrap();
+    let disks_before = login_count_vdis(&e);
+    let o = e.restore_vm(&dir, &[]).await;
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("importing the VM's metadata"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(e.sim.calls("VDI.create"), vdis_before + 2);
+    assert_eq!(login_count_vdis(&e), disks_before, "created VDIs were left");
+}
+
+fn login_count_vdis(e: &Env) -> usize {
+    let session = login(e);
+    let all = e.sim.call_local("VDI.get_all", &[session]).unwrap();
+    all.as_array().unwrap().len()
 }
 
 /// One disk's reads fail for good mid-backup: no disk of the VM advances, no snapshot and no

@@ -257,6 +257,11 @@ impl XapiSession {
         self.string("task.get_status", task).await
     }
 
+    /// A finished task's result (for an import: an XML-RPC value, as text).
+    pub async fn task_get_result(&self, task: &Ref) -> Result<String, XapiError> {
+        self.string("task.get_result", task).await
+    }
+
     /// A failed task's error code and arguments.
     pub async fn task_get_error_info(&self, task: &Ref) -> Result<Vec<String>, XapiError> {
         const M: &str = "task.get_error_info";

@@ -105,7 +105,7 @@ impl XapiSession {
 }
 
 /// Reads up to the end of the response head (never past it: the connection stays usable).
-async fn read_head(io: &mut HandlerStream) -> std::io::Result<Vec<u8>> {
+pub(super) async fn read_head(io: &mut HandlerStream) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(512);
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -124,7 +124,7 @@ async fn read_head(io: &mut HandlerStream) -> std::io::Result<Vec<u8>> {
 }
 
 /// The status and the `task-id` header of a response head. Never quotes the bytes.
-fn parse_head(head: &[u8]) -> Result<(u16, Option<Ref>), String> {
+pub(super) fn parse_head(head: &[u8]) -> Result<(u16, Option<Ref>), String> {
     let text = std::str::from_utf8(head).map_err(|_| "the response head is not UTF-8")?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
@@ -227,40 +227,52 @@ impl RawUpload {
         session: &XapiSession,
         wait: Duration,
     ) -> Result<Option<XapiError>, XapiError> {
-        let Some(task) = &self.task else {
-            return Err(XapiError::protocol(
-                METHOD,
-                "the answer named no task (task-id header), so the outcome is unknown",
-            ));
-        };
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut delay = Duration::from_millis(20);
-        loop {
-            match session.task_get_status(task).await?.as_str() {
-                "success" => return Ok(None),
-                "pending" | "cancelling" if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                "pending" | "cancelling" => {
-                    return Err(XapiError::Timeout {
-                        addr: self.addr.clone(),
-                        what: format!("{METHOD} (waiting for its task)"),
-                        after: wait,
-                    })
-                }
-                _ => {
-                    let mut info = session.task_get_error_info(task).await?;
-                    let code = if info.is_empty() {
-                        "the import failed without an error code".to_owned()
-                    } else {
-                        info.remove(0)
-                    };
-                    return Ok(Some(XapiError::Failure {
-                        method: METHOD.to_owned(),
-                        failure: XenApiError::Failure { code, args: info },
-                    }));
-                }
+        task_outcome(session, self.task.as_ref(), &self.addr, METHOD, wait).await
+    }
+}
+
+/// Waits up to `wait` for the task of a handler request (`method`) to end: `None` on
+/// success, the failure otherwise.
+pub(super) async fn task_outcome(
+    session: &XapiSession,
+    task: Option<&Ref>,
+    addr: &str,
+    method: &str,
+    wait: Duration,
+) -> Result<Option<XapiError>, XapiError> {
+    let Some(task) = task else {
+        return Err(XapiError::protocol(
+            method,
+            "the answer named no task (task-id header), so the outcome is unknown",
+        ));
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        match session.task_get_status(task).await?.as_str() {
+            "success" => return Ok(None),
+            "pending" | "cancelling" if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            "pending" | "cancelling" => {
+                return Err(XapiError::Timeout {
+                    addr: addr.to_owned(),
+                    what: format!("{method} (waiting for its task)"),
+                    after: wait,
+                })
+            }
+            _ => {
+                let mut info = session.task_get_error_info(task).await?;
+                let code = if info.is_empty() {
+                    "the request failed without an error code".to_owned()
+                } else {
+                    info.remove(0)
+                };
+                return Ok(Some(XapiError::Failure {
+                    method: method.to_owned(),
+                    failure: XenApiError::Failure { code, args: info },
+                }));
             }
         }
     }

@@ -20,6 +20,7 @@
 
 pub mod calls;
 pub mod import;
+pub mod metadata;
 pub mod session;
 pub mod transport;
 pub mod vm_calls;

@@ -22,6 +22,7 @@ pub mod gc;
 mod nbd;
 pub mod point;
 pub mod restore;
+pub mod restore_vm;
 pub mod vm;
 
 use crate::exit::{fail, Code, Failure};

@@ -137,7 +137,7 @@ fn interrupted(sig: &str, target: &Target) -> String {
 }
 
 /// Everything up to the `complete` mark.
-async fn restore(
+pub(super) async fn restore(
     session: &XapiSession,
     opts: &PoolRestoreOptions,
     created: &Mutex<Option<Ref>>,

@@ -1,0 +1,214 @@
+//! `cbtstream restore-vm --xapi URL --sr SR_UUID DIR/<point-id>`: a VM backed up with
+//! `backup` comes back into the pool as a new VM: every disk of the point is created in the
+//! SR and filled with its chain of streams (`restore --xapi`), then `PUT /import_metadata`
+//! with a `vdi:<old-uuid>=<new-uuid>` mapping per disk rebuilds the VM with its
+//! configuration and its disks in their slots. If anything fails, the VDIs this run created
+//! are destroyed.
+
+use super::point::{PointInfo, METADATA_FILE, POINT_FILE};
+use super::restore::{restore, PoolRestoreOptions, Target};
+use super::{login, retry_in_use, src, XapiLogin};
+use crate::exit::{fail, Code, Failure};
+use crate::export::shutdown_signal;
+use crate::xapi::metadata::MetadataImport;
+use crate::xapi::{Ref, XapiSession};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// `point.json` is a few KiB; refuse anything absurd.
+const MAX_POINT_JSON: u64 = 1 << 20;
+/// XenServer's metadata archives are small.
+const MAX_METADATA: u64 = 64 << 20;
+
+#[derive(Debug, Clone)]
+pub struct RestoreVmOptions {
+    pub login: XapiLogin,
+    pub sr: String,
+    /// The point directory `DIR/<point-id>`; its chain's points are its siblings.
+    pub point: PathBuf,
+    /// Keep the VM's uuid and MACs (disaster recovery; XenServer refuses if they exist).
+    pub preserve: bool,
+    /// Print what would be created, change nothing.
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreVmReport {
+    /// The new VM's uuid; `None` for a dry run.
+    pub vm: Option<String>,
+    /// (slot, new VDI uuid) of each disk.
+    pub disks: Vec<(String, String)>,
+    /// What a dry run would do, one line each.
+    pub plan: Vec<String>,
+}
+
+fn read_point(dir: &Path) -> Result<PointInfo, Failure> {
+    let path = dir.join(POINT_FILE);
+    let mut text = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_POINT_JSON + 1).read_to_end(&mut text))
+        .map_err(|e| fail(Code::Usage, format!("reading {}: {e}", path.display())))?;
+    if text.len() as u64 > MAX_POINT_JSON {
+        return Err(fail(
+            Code::Integrity,
+            format!("{} is too large", path.display()),
+        ));
+    }
+    serde_json::from_slice(&text).map_err(|e| {
+        fail(
+            Code::Integrity,
+            format!("{} is damaged: {e}", path.display()),
+        )
+    })
+}
+
+/// Each disk's streams, oldest first: follow each disk's `base` through the sibling point
+/// directories back to its full stream.
+fn disk_chains(
+    dir: &Path,
+    point: &PointInfo,
+) -> Result<Vec<(String, String, Vec<PathBuf>)>, Failure> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let mut chains = Vec::new();
+    for disk in &point.disks {
+        let mut streams = vec![dir.join(&disk.stream)];
+        let mut base = disk.base.clone();
+        // A chain longer than the points on disk would loop: bound it.
+        let mut left = 100_000;
+        while let Some(b) = base {
+            left -= 1;
+            if left == 0 {
+                return Err(fail(
+                    Code::Integrity,
+                    format!("the chain of disk {} loops", disk.id),
+                ));
+            }
+            let bdir = parent.join(&b);
+            let info = read_point(&bdir).map_err(|e| {
+                fail(
+                    Code::Integrity,
+                    format!("the chain of disk {} needs point {b}: {}", disk.id, e.error),
+                )
+            })?;
+            let Some(d) = info.disks.iter().find(|d| d.id == disk.id) else {
+                return Err(fail(
+                    Code::Integrity,
+                    format!("point {b} has no stream of disk {}", disk.id),
+                ));
+            };
+            streams.push(bdir.join(&d.stream));
+            base = d.base.clone();
+        }
+        streams.reverse();
+        chains.push((disk.id.clone(), disk.slot.clone(), streams));
+    }
+    Ok(chains)
+}
+
+pub async fn run(opts: RestoreVmOptions) -> Result<RestoreVmReport, Failure> {
+    let point = read_point(&opts.point)?;
+    let chains = disk_chains(&opts.point, &point)?;
+    let metadata = opts.point.join(METADATA_FILE);
+    if opts.dry_run {
+        let mut plan = Vec::new();
+        for (id, slot, streams) in &chains {
+            plan.push(format!(
+                "would create a VDI in SR {} for slot {slot} (disk {id}) from {} stream(s)",
+                opts.sr,
+                streams.len()
+            ));
+        }
+        plan.push(format!(
+            "would import the VM {} ({}) from {} as a new VM{}",
+            point.vm,
+            point.name,
+            metadata.display(),
+            if opts.preserve {
+                ", keeping its uuid and MACs"
+            } else {
+                ""
+            }
+        ));
+        return Ok(RestoreVmReport {
+            plan,
+            ..Default::default()
+        });
+    }
+    let mut archive = Vec::new();
+    std::fs::File::open(&metadata)
+        .and_then(|f| f.take(MAX_METADATA + 1).read_to_end(&mut archive))
+        .map_err(|e| fail(Code::Usage, format!("reading {}: {e}", metadata.display())))?;
+    let session = login(&opts.login).await?;
+    let created: Arc<Mutex<Vec<Ref>>> = Arc::default();
+    let result = tokio::select! {
+        r = restore_vm(&session, &opts, &chains, &archive, &created) => r,
+        sig = shutdown_signal() => Err(fail(Code::Interrupted, format!("interrupted by {sig}; the VDIs this run created are destroyed"))),
+    };
+    if result.is_err() {
+        let vdis = std::mem::take(&mut *created.lock().unwrap_or_else(|p| p.into_inner()));
+        for vdi in vdis {
+            if let Err(e) = retry_in_use(|| session.vdi_destroy(&vdi)).await {
+                tracing::warn!("could not destroy a VDI this restore created ({vdi}): {e}");
+            }
+        }
+    }
+    session.logout().await;
+    result
+}
+
+async fn restore_vm(
+    session: &XapiSession,
+    opts: &RestoreVmOptions,
+    chains: &[(String, String, Vec<PathBuf>)],
+    archive: &[u8],
+    created: &Mutex<Vec<Ref>>,
+) -> Result<RestoreVmReport, Failure> {
+    let mut report = RestoreVmReport::default();
+    let mut how = MetadataImport {
+        preserve: opts.preserve,
+        ..Default::default()
+    };
+    for (id, slot, streams) in chains {
+        let one = PoolRestoreOptions {
+            login: opts.login.clone(),
+            target: Target::NewIn {
+                sr: opts.sr.clone(),
+            },
+            streams: streams.clone(),
+        };
+        let new = Mutex::new(None);
+        let progress = crate::progress::Bar::stderr();
+        let done = restore(session, &one, &new, &progress).await;
+        // The VDI is ours to destroy until the VM holds it, whatever restore() left.
+        if let Some(vdi) = new.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            created.lock().unwrap_or_else(|p| p.into_inner()).push(vdi);
+        }
+        let done = done?;
+        let vdi = session.vdi_get_by_uuid(&done.vdi).await.map_err(src)?;
+        {
+            let mut c = created.lock().unwrap_or_else(|p| p.into_inner());
+            if !c.contains(&vdi) {
+                c.push(vdi);
+            }
+        }
+        // The archive (the snapshot VM's configuration) names the disk's snapshot VDI, which
+        // is the point id of the disk's last stream; the disk's own id is mapped too.
+        how.vdi_map.push((done.point_id.clone(), done.vdi.clone()));
+        how.vdi_map.push((id.clone(), done.vdi.clone()));
+        report.disks.push((slot.clone(), done.vdi));
+    }
+    let vm = session
+        .import_metadata(archive, &how)
+        .await
+        .map_err(|e| Failure {
+            code: Code::Source,
+            error: anyhow::Error::new(e).context("importing the VM's metadata"),
+        })?;
+    // The VM holds the disks now.
+    created.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    if let Some(vm) = vm {
+        report.vm = Some(session.vm_get_record(&vm).await.map_err(src)?.uuid);
+    }
+    Ok(report)
+}
