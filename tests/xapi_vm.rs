@@ -88,7 +88,7 @@ impl Env {
         let session = login(self);
         let srs = self
             .sim
-            .call_local("SR.get_all", &[session.clone()])
+            .call_local("SR.get_all", std::slice::from_ref(&session))
             .unwrap();
         let sr = srs.as_array().unwrap()[0].clone();
         let uuid = self.sim.call_local("SR.get_uuid", &[session, sr]).unwrap();
