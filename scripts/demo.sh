@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The demo, on the embedded XenServer simulator (tests/xapi-sim): it speaks XenAPI over HTTPS,
 # keeps real CBT logs over real disk images and serves snapshots over NBD with TLS, like a
-# XenServer host. The story:
-#   1. the guest writes data; a full export to a file (the chain's state file is created);
-#   2. the guest writes more; the incremental export is piped straight into `restore`, and
-#      committed with `cbtstream commit` once restore succeeded (a stream through a pipe is
-#      pending until its reader says it is stored);
-#   3. the restored image is compared with the VDI byte for byte; the host keeps only one
-#      snapshot, of type cbt_metadata, as the base for the next run.
+# XenServer host. The story, on a VM with two disks:
+#   1. the guest writes data on both disks; a full backup of the VM (`backup`: one point
+#      directory with the VM's metadata and one stream per disk; full exports read only the
+#      blocks the snapshot's VHD allocates);
+#   2. the guest writes more; an incremental backup;
+#   3. the latest point restored into the pool as a new VM (`restore-vm`), whose disks are
+#      compared byte for byte with the VM's, slot by slot; the host keeps one cbt_metadata
+#      snapshot per disk as the base for the next run (`gc --dry-run` shows nothing to remove).
+# (A single disk piped through `| restore` and committed with `cbtstream commit`: README.)
 #
 #   scripts/install-deps.sh && scripts/demo.sh
 set -euo pipefail
@@ -24,17 +26,17 @@ cleanup() {
 trap cleanup EXIT
 cd "$work"
 
-echo "== XenServer simulator with a ${SIZE_MIB} MiB VDI, CBT on"
-"$SIM" --data-dir sim --disk-size $((SIZE_MIB << 20)) > sim.json 2> sim.log &
+echo "== XenServer simulator: a VM with two ${SIZE_MIB} MiB disks, CBT on"
+"$SIM" --data-dir sim --disks 2 --disk-size $((SIZE_MIB << 20)) > sim.json 2> sim.log &
 SIM_PID=$!
 for _ in $(seq 200); do [ -s sim.json ] && break; sleep 0.05; done
-read -r URL CA VDI PW < <(python3 -c 'import json; j=json.load(open("sim.json")); print(j["url"], j["ca"], j["vdi"], j["password"])')
+read -r URL CA VDI VDI2 VM PW < <(python3 -c 'import json; j=json.load(open("sim.json")); print(j["url"], j["ca"], j["disks"][0], j["disks"][1], j["vm"], j["password"])')
 export XAPI_PASSWORD=$PW   # the password never goes on a command line
-echo "   $URL  VDI $VDI"
+echo "   $URL  VM $VM, disks $VDI $VDI2"
 
 # The guest writes, through the simulator's test API (sim.write), with Python's XML-RPC client.
 guest_writes() {
-    python3 - "$URL" "$CA" "$VDI" "$1" "$((SIZE_MIB << 20))" <<'PY'
+    python3 - "$URL" "$CA" "${2:-$VDI}" "$1" "$((SIZE_MIB << 20))" <<'PY'
 import base64, os, random, ssl, sys, xmlrpc.client
 url, ca, vdi_uuid, round_, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 ctx = ssl.create_default_context(cafile=ca); ctx.check_hostname = False
@@ -58,7 +60,7 @@ PY
 }
 
 snapshots() {
-    python3 - "$URL" "$CA" "$VDI" <<'PY'
+    python3 - "$URL" "$CA" "$1" <<'PY'
 import os, ssl, sys, xmlrpc.client
 url, ca, vdi_uuid = sys.argv[1:4]
 ctx = ssl.create_default_context(cafile=ca); ctx.check_hostname = False
@@ -72,21 +74,56 @@ x.session.logout(s)
 PY
 }
 
-XAPI=(--xapi "$URL" --xapi-ca "$CA" --vdi "$VDI" --state chain.json)
+# The disks of a VM, slot by slot, as "slot vdi-uuid" lines.
+vm_disks() {
+    python3 - "$URL" "$CA" "$1" <<'PY'
+import os, ssl, sys, xmlrpc.client
+url, ca, vm_uuid = sys.argv[1:4]
+ctx = ssl.create_default_context(cafile=ca); ctx.check_hostname = False
+x = xmlrpc.client.ServerProxy(url, context=ctx)
+s = x.session.login_with_password("root", os.environ["XAPI_PASSWORD"], "1.1", "demo")["Value"]
+vm = x.VM.get_by_uuid(s, vm_uuid)["Value"]
+disks = []
+for vbd in x.VM.get_VBDs(s, vm)["Value"]:
+    r = x.VBD.get_record(s, vbd)["Value"]
+    if r["type"] == "Disk":
+        disks.append((int(r["userdevice"]), x.VDI.get_uuid(s, r["VDI"])["Value"]))
+for slot, uuid in sorted(disks):
+    print(slot, uuid)
+x.session.logout(s)
+PY
+}
 
-echo "== 1. guest writes, then a full export"
-guest_writes 1
-"$BIN" export "${XAPI[@]}" -o full.cbts --json
-"$BIN" restore --to restored.raw full.cbts
-cmp restored.raw "sim/$VDI.raw" && echo "   restored image == VDI"
-snapshots
+SR=$(python3 - "$URL" "$CA" <<'PY'
+import os, ssl, sys, xmlrpc.client
+ctx = ssl.create_default_context(cafile=sys.argv[2]); ctx.check_hostname = False
+x = xmlrpc.client.ServerProxy(sys.argv[1], context=ctx)
+s = x.session.login_with_password("root", os.environ["XAPI_PASSWORD"], "1.1", "demo")["Value"]
+print(x.SR.get_uuid(s, x.SR.get_all(s)["Value"][0])["Value"])
+x.session.logout(s)
+PY
+)
+mkdir points
+BACKUP=(backup --xapi "$URL" --xapi-ca "$CA" --vm "$VM" --out points --state vm.json)
 
-echo "== 2. guest writes, then an incremental piped into restore, committed when restore succeeded"
-guest_writes 2
-"$BIN" export "${XAPI[@]}" -o - --json | "$BIN" restore --to restored.raw - \
-    && "$BIN" commit --xapi-ca "$CA" --state chain.json
-cmp restored.raw "sim/$VDI.raw" && echo "   restored image == VDI after the incremental"
-snapshots
-echo "   chain state: $(python3 -c 'import json; j=json.load(open("chain.json")); print("base", j["base"], "cbt_metadata" if j["base_is_metadata"] else "full")')"
-"$BIN" gc --xapi "$URL" --xapi-ca "$CA" --vdi "$VDI" --state chain.json --dry-run
+echo "== 1. guest writes on both disks, then a full backup of the VM"
+guest_writes 1 "$VDI"; guest_writes 3 "$VDI2"
+point=$("$BIN" "${BACKUP[@]}" --json)
+echo "   point directory: $point ($(ls "$point" | tr '\n' ' '))"
+
+echo "== 2. guest writes, then an incremental backup"
+guest_writes 2 "$VDI"; guest_writes 4 "$VDI2"
+point=$("$BIN" "${BACKUP[@]}" --json)
+python3 -c 'import json,sys; p=json.load(open(sys.argv[1]+"/point.json")); print("   point", p["id"], "after", p["base"], "disks", [(d["slot"], d["stream"], d["base"] is not None) for d in p["disks"]])' "$point"
+
+echo "== 3. the latest point restored into the pool as a new VM"
+NEW_VM=$("$BIN" restore-vm --xapi "$URL" --xapi-ca "$CA" --sr "$SR" "$point")
+echo "   new VM $NEW_VM"
+paste <(vm_disks "$VM") <(vm_disks "$NEW_VM") | while read -r slot old slot2 new; do
+    [ "$slot" = "$slot2" ] || { echo "slots differ: $slot $slot2"; exit 1; }
+    cmp "sim/$old.raw" "sim/$new.raw" && echo "   slot $slot: restored disk == the VM's disk"
+done
+for d in "$VDI" "$VDI2"; do snapshots "$d"; done
+"$BIN" gc --xapi "$URL" --xapi-ca "$CA" --vm "$VM" --state vm.json --dry-run
+
 echo "== demo OK"
