@@ -397,6 +397,11 @@ struct RestoreArgs {
     /// incremental, it must hold the stream's base point).
     #[arg(long, value_name = "UUID", requires = "xapi", group = "pool_target")]
     vdi: Option<String>,
+    /// With --vdi: roll the VDI back to the streams' point (the whole chain, from its full
+    /// stream), writing only the blocks that changed since it; the VDI must still have the
+    /// point's CBT metadata on the host.
+    #[arg(long, requires = "vdi")]
+    rollback: bool,
     /// With --xapi: print a JSON summary on stderr when done.
     #[arg(long, requires = "xapi")]
     json: bool,
@@ -675,6 +680,7 @@ fn pool_restore(url: &str, args: &RestoreArgs) -> Result<(), Failure> {
     use crate::xen::restore::{PoolRestoreOptions, Target};
     let target = match (&args.sr, &args.vdi) {
         (Some(sr), None) => Target::NewIn { sr: sr.clone() },
+        (None, Some(vdi)) if args.rollback => Target::Rollback { vdi: vdi.clone() },
         (None, Some(vdi)) => Target::Existing { vdi: vdi.clone() },
         _ => return Err(fail(Code::Usage, "give --sr UUID or --vdi UUID")),
     };

@@ -352,40 +352,16 @@ fn the_target_is_an_image_or_the_pool_never_both() {
     }
 }
 
-/// A blank VDI of `size` bytes made on the host directly; its uuid.
-fn blank_vdi(e: &Env, size: u64) -> String {
-    let session = login(e);
-    let srs = e
-        .sim
-        .call_local("SR.get_all", std::slice::from_ref(&session))
-        .unwrap();
-    let record = Value::record([
-        ("SR", srs.as_array().unwrap()[0].clone()),
-        ("virtual_size", Value::int64_str(size as i64)),
-        ("name_label", "blank".into()),
-        ("type", "user".into()),
-        ("sharable", Value::Bool(false)),
-        ("read_only", Value::Bool(false)),
-        ("other_config", Value::Struct(BTreeMap::new())),
-    ]);
-    let vdi = e
-        .sim
-        .call_local("VDI.create", &[session.clone(), record])
-        .unwrap();
-    let uuid = e.sim.call_local("VDI.get_uuid", &[session, vdi]).unwrap();
-    uuid.as_str().unwrap().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_grows_a_smaller_vdi_and_never_shrinks_a_larger_one() {
     let e = env().await;
     let c = export_chain(&e, 1).await;
-    let small = blank_vdi(&e, SIZE / 2 / 512 * 512);
+    let small = e.blank_vdi(SIZE / 2 / 512 * 512);
     let o = ok(restore(&e, &["--vdi", &small], &[&c.streams[0]]).await);
     assert_eq!(stdout_uuid(&o), small);
     assert_same(&e.sim.vdi_path(&small).unwrap(), &c.images[0]);
 
-    let large = blank_vdi(&e, SIZE + 512);
+    let large = e.blank_vdi(SIZE + 512);
     let o = restore(&e, &["--vdi", &large], &[&c.streams[0]]).await;
     assert_fails(&o, 2, "shrinking is not supported");
     assert_eq!(restore_state(&e, &large), (None, None));

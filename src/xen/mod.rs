@@ -23,6 +23,7 @@ mod nbd;
 pub mod point;
 pub mod restore;
 pub mod restore_vm;
+mod rollback;
 pub mod vm;
 
 use crate::exit::{fail, Code, Failure};

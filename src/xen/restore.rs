@@ -36,8 +36,8 @@ pub const STATE_KEY: &str = "cbtstream_restore_state";
 pub const POINT_KEY: &str = "cbtstream_point";
 /// other_config key: the source id of that point's streams.
 pub const SOURCE_KEY: &str = "cbtstream_source";
-const APPLYING: &str = "applying";
-const COMPLETE: &str = "complete";
+pub(super) const APPLYING: &str = "applying";
+pub(super) const COMPLETE: &str = "complete";
 
 /// Verified blocks waiting to be sent (each at most one record, 32 MiB).
 const QUEUE_DEPTH: usize = 4;
@@ -49,6 +49,9 @@ pub enum Target {
     NewIn { sr: String },
     /// The existing VDI with this uuid.
     Existing { vdi: String },
+    /// Roll the VDI with this uuid back to the streams' point, writing only the blocks that
+    /// changed since it (the VDI still has the point's CBT metadata on the host).
+    Rollback { vdi: String },
 }
 
 #[derive(Debug, Clone)]
@@ -129,7 +132,7 @@ fn interrupted(sig: &str, target: &Target) -> String {
         Target::NewIn { .. } => {
             format!("interrupted by {sig}; the new VDI (if it was created) is destroyed")
         }
-        Target::Existing { vdi } => format!(
+        Target::Existing { vdi } | Target::Rollback { vdi } => format!(
             "interrupted by {sig}; VDI {vdi} is left marked `{APPLYING}` (half-written): \
              restore a full stream into it"
         ),
@@ -146,10 +149,13 @@ pub(super) async fn restore(
     let existing = match &opts.target {
         Target::Existing { vdi } => Some(existing_vdi(session, vdi).await?),
         Target::NewIn { .. } => None,
+        Target::Rollback { vdi } => {
+            return super::rollback::rollback(session, vdi, &opts.streams, progress).await
+        }
     };
     let start = existing.as_ref().map(|e| e.start.clone());
     let vdi_label = match &opts.target {
-        Target::Existing { vdi } => format!("VDI {vdi}"),
+        Target::Existing { vdi } | Target::Rollback { vdi } => format!("VDI {vdi}"),
         Target::NewIn { .. } => String::new(),
     };
     let inputs = opts.streams.clone();
@@ -226,7 +232,7 @@ pub(super) async fn restore(
                 .map_err(src)?;
             (e.vdi, uuid.clone(), false)
         }
-        (Target::Existing { .. }, None) => {
+        (Target::Rollback { .. }, _) | (Target::Existing { .. }, None) => {
             return Err(fail(
                 Code::Failure,
                 "internal error: the VDI was not looked up",
@@ -247,7 +253,7 @@ pub(super) async fn restore(
             .sum(),
     );
     let upload = session.import_raw_chunked(&vdi).await.map_err(src)?;
-    send_chain(session, upload, streams, fresh, progress, &mut report).await?;
+    send_chain(session, upload, streams, fresh, None, progress, &mut report).await?;
 
     // The host holds the point: record it, `complete` last.
     session
@@ -262,14 +268,17 @@ pub(super) async fn restore(
 }
 
 /// An existing VDI, checked: not in use by a running VM, and where its chain stands.
-struct ExistingVdi {
-    vdi: Ref,
-    size: u64,
+pub(super) struct ExistingVdi {
+    pub vdi: Ref,
+    pub size: u64,
     /// (point, source, name) when it holds a point completely, else why it does not.
     start: Result<(String, String, String), String>,
 }
 
-async fn existing_vdi(session: &XapiSession, uuid: &str) -> Result<ExistingVdi, Failure> {
+pub(super) async fn existing_vdi(
+    session: &XapiSession,
+    uuid: &str,
+) -> Result<ExistingVdi, Failure> {
     let vdi = session.vdi_get_by_uuid(uuid).await.map_err(src)?;
     for vbd in session.vdi_get_vbds(&vdi).await.map_err(src)? {
         if !session
@@ -319,7 +328,7 @@ async fn existing_vdi(session: &XapiSession, uuid: &str) -> Result<ExistingVdi, 
 
 /// Sizes import_raw_vdi can write: whole sectors, and a disk that never shrinks along the
 /// chain (a VDI cannot be shrunk).
-fn check_sizes(streams: &[OpenStream]) -> Result<(), Failure> {
+pub(super) fn check_sizes(streams: &[OpenStream]) -> Result<(), Failure> {
     let mut previous = 0;
     for s in streams {
         let size = s.header.virtual_size;
@@ -348,6 +357,60 @@ fn check_sizes(streams: &[OpenStream]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// For a rollback: the 64 KiB blocks to write (changed since the point) and those written.
+pub(super) struct Wanted {
+    changed: Vec<u8>,
+    written: Vec<u8>,
+    size: u64,
+}
+
+impl Wanted {
+    /// `changed`: a CBT bitmap (most significant bit first) of a disk of `size` bytes.
+    pub(super) fn new(changed: Vec<u8>, size: u64) -> Wanted {
+        let written = vec![0; changed.len()];
+        Wanted {
+            changed,
+            written,
+            size,
+        }
+    }
+
+    fn bit(map: &[u8], block: u64) -> bool {
+        map.get((block / 8) as usize)
+            .is_some_and(|b| b & (0x80 >> (block % 8)) != 0)
+    }
+
+    /// The ranges of `[offset, offset + len)` in blocks that changed and are not written
+    /// yet, merged; marks them written.
+    fn take(&mut self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        const BLOCK: u64 = cbtstream_proto::cbt::CBT_BLOCK;
+        let end = (offset + len).min(self.size);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / BLOCK;
+            let next = ((block + 1) * BLOCK).min(end);
+            if Self::bit(&self.changed, block) && !Self::bit(&self.written, block) {
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == pos => last.1 += next - pos,
+                    _ => out.push((pos, next - pos)),
+                }
+            }
+            pos = next;
+        }
+        // Marked only once the whole record is looked at: a block a record covers in part is
+        // covered whole by the same record (records follow 64 KiB blocks).
+        for &(o, l) in &out {
+            for block in o / BLOCK..(o + l).div_ceil(BLOCK) {
+                if let Some(b) = self.written.get_mut((block / 8) as usize) {
+                    *b |= 0x80 >> (block % 8);
+                }
+            }
+        }
+        out
+    }
+}
+
 /// What the stream reader hands to the upload.
 enum Piece {
     Data {
@@ -364,11 +427,12 @@ enum Piece {
 }
 
 /// Sends every stream's blocks; the end marker only once all of them verified.
-async fn send_chain(
+pub(super) async fn send_chain(
     session: &XapiSession,
     mut upload: RawUpload,
     streams: Vec<OpenStream>,
     fresh: bool,
+    wanted: Option<Wanted>,
     progress: &dyn Progress,
     report: &mut PoolRestoreReport,
 ) -> Result<(), Failure> {
@@ -376,7 +440,7 @@ async fn send_chain(
     let (tx, mut rx) = mpsc::channel(QUEUE_DEPTH);
     // A thread of its own, not the runtime's blocking pool: a reader stuck on a pipe must
     // not keep the process alive after a signal.
-    std::thread::spawn(move || read_chain(streams, fresh, tx));
+    std::thread::spawn(move || read_chain(streams, fresh, wanted, tx));
     while let Some(piece) = rx.recv().await {
         let sent = match piece {
             Piece::Data {
@@ -414,7 +478,12 @@ async fn send_chain(
 }
 
 /// Reads and verifies the streams in order (on its own thread).
-fn read_chain(streams: Vec<OpenStream>, fresh: bool, tx: mpsc::Sender<Piece>) {
+fn read_chain(
+    streams: Vec<OpenStream>,
+    fresh: bool,
+    mut wanted: Option<Wanted>,
+    tx: mpsc::Sender<Piece>,
+) {
     let mut payloads = match Payloads::new() {
         Ok(p) => p,
         Err(e) => {
@@ -428,20 +497,48 @@ fn read_chain(streams: Vec<OpenStream>, fresh: bool, tx: mpsc::Sender<Piece>) {
         // reads as zeroes already.
         let skip_zeros = fresh && i == 0;
         let verified = stream.verify(&mut payloads, |block| {
-            let piece = match block {
-                Block::Data {
-                    offset,
-                    data,
-                    stored,
-                } => Piece::Data {
+            let pieces = match (block, wanted.as_mut()) {
+                (Block::Zero { .. }, None) if skip_zeros => return Ok(()),
+                (
+                    Block::Data {
+                        offset,
+                        data,
+                        stored,
+                    },
+                    None,
+                ) => vec![Piece::Data {
                     offset,
                     data: data.to_vec(),
                     stored,
-                },
-                Block::Zero { .. } if skip_zeros => return Ok(()),
-                Block::Zero { offset, length } => Piece::Zero { offset, length },
+                }],
+                (Block::Zero { offset, length }, None) => vec![Piece::Zero { offset, length }],
+                // A rollback: only the blocks changed since the point, each from the newest
+                // stream that holds it (the streams come newest first).
+                (Block::Data { offset, data, .. }, Some(w)) => w
+                    .take(offset, data.len() as u64)
+                    .into_iter()
+                    .map(|(o, l)| {
+                        let at = (o - offset) as usize;
+                        Piece::Data {
+                            offset: o,
+                            data: data[at..at + l as usize].to_vec(),
+                            stored: 0,
+                        }
+                    })
+                    .collect(),
+                (Block::Zero { offset, length }, Some(w)) => w
+                    .take(offset, length)
+                    .into_iter()
+                    .map(|(o, l)| Piece::Zero {
+                        offset: o,
+                        length: l,
+                    })
+                    .collect(),
             };
-            tx.blocking_send(piece).map_err(|_| stopped())
+            for piece in pieces {
+                tx.blocking_send(piece).map_err(|_| stopped())?;
+            }
+            Ok(())
         });
         let piece = match verified {
             Ok(v) => Piece::Verified(v),
@@ -454,7 +551,7 @@ fn read_chain(streams: Vec<OpenStream>, fresh: bool, tx: mpsc::Sender<Piece>) {
     }
 }
 
-fn restore_failure(e: RestoreError) -> Failure {
+pub(super) fn restore_failure(e: RestoreError) -> Failure {
     Failure {
         code: e.exit_code(),
         error: e.into(),
@@ -462,7 +559,7 @@ fn restore_failure(e: RestoreError) -> Failure {
 }
 
 /// Runs blocking work (reading stream headers, maybe from a pipe) on a thread of its own.
-async fn off_runtime<T: Send + 'static>(
+pub(super) async fn off_runtime<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Failure> {
     let (tx, rx) = oneshot::channel();

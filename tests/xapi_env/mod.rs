@@ -5,6 +5,7 @@
 use super::common::*;
 use cbtstream_proto::xmlrpc::Value;
 use cbtstream_xapi_sim::{SimConfig, Simulator};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -88,6 +89,33 @@ impl Env {
         })
         .await
         .unwrap()
+    }
+
+    /// A blank VDI of `size` bytes made on the host directly; its uuid.
+    pub fn blank_vdi(&self, size: u64) -> String {
+        let session = login(self);
+        let srs = self
+            .sim
+            .call_local("SR.get_all", std::slice::from_ref(&session))
+            .unwrap();
+        let record = Value::record([
+            ("SR", srs.as_array().unwrap()[0].clone()),
+            ("virtual_size", Value::int64_str(size as i64)),
+            ("name_label", "blank".into()),
+            ("type", "user".into()),
+            ("sharable", Value::Bool(false)),
+            ("read_only", Value::Bool(false)),
+            ("other_config", Value::Struct(BTreeMap::new())),
+        ]);
+        let vdi = self
+            .sim
+            .call_local("VDI.create", &[session.clone(), record])
+            .unwrap();
+        let uuid = self
+            .sim
+            .call_local("VDI.get_uuid", &[session, vdi])
+            .unwrap();
+        uuid.as_str().unwrap().to_string()
     }
 
     /// A snapshot of the VDI taken directly on the host (as a run killed right after
