@@ -398,8 +398,8 @@ struct RestoreArgs {
     #[arg(long, value_name = "UUID", requires = "xapi", group = "pool_target")]
     vdi: Option<String>,
     /// With --vdi: roll the VDI back to the streams' point (the whole chain, from its full
-    /// stream), writing only the blocks that changed since it; the VDI must still have the
-    /// point's CBT metadata on the host.
+    /// stream, or one point directory of `backup`), writing only the blocks that changed
+    /// since it; the VDI must still have the point's CBT metadata on the host.
     #[arg(long, requires = "vdi")]
     rollback: bool,
     /// With --xapi: print a JSON summary on stderr when done.
@@ -684,10 +684,17 @@ fn pool_restore(url: &str, args: &RestoreArgs) -> Result<(), Failure> {
         (None, Some(vdi)) => Target::Existing { vdi: vdi.clone() },
         _ => return Err(fail(Code::Usage, "give --sr UUID or --vdi UUID")),
     };
+    // `--rollback DIR/<point-id>`: that disk's chain in the point directories.
+    let streams = match (&target, args.streams.as_slice()) {
+        (Target::Rollback { vdi }, [dir]) if dir.is_dir() => {
+            crate::xen::restore_vm::disk_chain(dir, vdi)?
+        }
+        _ => args.streams.clone(),
+    };
     let opts = PoolRestoreOptions {
         login: xapi_login(url, &args.xapi_args)?,
         target,
-        streams: args.streams.clone(),
+        streams,
     };
     let progress = std::sync::Arc::new(crate::progress::Bar::stderr());
     let report = run_async(crate::xen::restore::run(opts, progress))?;

@@ -360,3 +360,87 @@ async fn a_killed_backup_is_collected_by_gc_vm() {
         .collect();
     assert_eq!(points.len(), 2, "{points:?}");
 }
+
+/// A disk added to the VM since the last point gets a full stream while the others go on
+/// incrementally; a disk removed from the VM is dropped from the chain and its base goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_added_and_removed_between_points() {
+    let e = env_with(|c| c.disks = 2).await;
+    let state = e.dir.join("vm.json");
+    let out = e.dir.join("points");
+    std::fs::create_dir(&out).unwrap();
+    guest_writes(&e, 0);
+    ok(e.backup(&out, &["--state", p(&state)]).await);
+
+    // A new disk in slot 5, with CBT on and some data.
+    let session = login(&e);
+    let added = e.blank_vdi(SIZE);
+    let added_ref: Value = e.sim.vdi_ref_of(&added).unwrap().into();
+    e.sim
+        .call_local("VDI.enable_cbt", &[session.clone(), added_ref.clone()])
+        .unwrap();
+    let vbd = Value::record([
+        ("VM", e.sim.vm_ref().into()),
+        ("VDI", added_ref),
+        ("userdevice", "5".into()),
+        ("mode", "RW".into()),
+        ("type", "Disk".into()),
+        ("empty", Value::Bool(false)),
+        ("bootable", Value::Bool(false)),
+        ("other_config", Value::Struct(Default::default())),
+    ]);
+    e.sim
+        .call_local("VBD.create", &[session.clone(), vbd])
+        .unwrap();
+    e.sim.write(&added, 65536, &[9u8; 4096]).unwrap();
+    guest_writes(&e, 1);
+    let o = ok(e.backup(&out, &["--state", p(&state)]).await);
+    let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    let info = point_json(&dir);
+    let disks = info["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 3, "{info}");
+    for d in disks {
+        assert_eq!(d["base"].is_null(), d["id"] == added.as_str(), "{d}");
+    }
+    let image = e.dir.join("added.raw");
+    ok(run(&[
+        "restore",
+        "--to",
+        p(&image),
+        p(&dir.join("disk5.cbts")),
+    ]));
+    assert_same(&image, &e.sim.vdi_path(&added).unwrap());
+
+    // The added disk leaves the VM again (its VBD was never plugged; a plugged one of a
+    // running VM cannot be destroyed): the next point has the two others, its base is gone.
+    let removed = added.clone();
+    let vbds = e
+        .sim
+        .call_local("VM.get_VBDs", &[session.clone(), e.sim.vm_ref().into()])
+        .unwrap();
+    for v in vbds.as_array().unwrap() {
+        let rec = e
+            .sim
+            .call_local("VBD.get_record", &[session.clone(), v.clone()])
+            .unwrap();
+        if rec.get("userdevice").and_then(Value::as_str) == Some("5") {
+            e.sim
+                .call_local("VBD.destroy", &[session.clone(), v.clone()])
+                .unwrap();
+        }
+    }
+    ok(e.backup(&out, &["--state", p(&state)]).await);
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let ids: Vec<&String> = s["disks"].as_object().unwrap().keys().collect();
+    assert_eq!(ids.len(), 2, "{s}");
+    assert!(!ids.contains(&&removed));
+    let r: Value = e.sim.vdi_ref_of(&removed).unwrap().into();
+    let snaps = e
+        .sim
+        .call_local("VDI.get_snapshots", &[session, r])
+        .unwrap();
+    assert!(
+        snaps.as_array().unwrap().is_empty(),
+        "the removed disk's base stayed"
+    );
+}

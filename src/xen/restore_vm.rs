@@ -106,6 +106,22 @@ fn disk_chains(
     Ok(chains)
 }
 
+/// The streams of one disk (`disk_id`) of the point `dir`, oldest first: what a rollback of
+/// that disk to the point needs.
+pub fn disk_chain(dir: &Path, disk_id: &str) -> Result<Vec<PathBuf>, Failure> {
+    let point = read_point(dir)?;
+    disk_chains(dir, &point)?
+        .into_iter()
+        .find(|(id, _, _)| id == disk_id)
+        .map(|(_, _, streams)| streams)
+        .ok_or_else(|| {
+            fail(
+                Code::Usage,
+                format!("point {} holds no disk {disk_id}", dir.display()),
+            )
+        })
+}
+
 pub async fn run(opts: RestoreVmOptions) -> Result<RestoreVmReport, Failure> {
     let point = read_point(&opts.point)?;
     let chains = disk_chains(&opts.point, &point)?;
@@ -211,4 +227,66 @@ async fn restore_vm(
         report.vm = Some(session.vm_get_record(&vm).await.map_err(src)?.uuid);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xen::point::PointDisk;
+
+    fn write_point(root: &Path, id: &str, base: Option<&str>, disks: &[(&str, Option<&str>)]) {
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let info = PointInfo {
+            id: id.into(),
+            vm: "vm".into(),
+            name: "vm".into(),
+            time: "2026-11-30T00:00:00Z".into(),
+            base: base.map(Into::into),
+            disks: disks
+                .iter()
+                .enumerate()
+                .map(|(slot, (disk, base))| PointDisk {
+                    id: (*disk).into(),
+                    slot: slot.to_string(),
+                    size: 512,
+                    stream: format!("disk{slot}.cbts"),
+                    sha256: String::new(),
+                    base: base.map(Into::into),
+                })
+                .collect(),
+        };
+        std::fs::write(dir.join(POINT_FILE), serde_json::to_vec(&info).unwrap()).unwrap();
+    }
+
+    /// Each disk's chain follows its own `base` links: a disk added at p2 starts there.
+    #[test]
+    fn disk_chains_follow_each_disks_bases() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        write_point(r, "p1", None, &[("a", None)]);
+        write_point(r, "p2", Some("p1"), &[("a", Some("p1")), ("b", None)]);
+        write_point(r, "p3", Some("p2"), &[("a", Some("p2")), ("b", Some("p2"))]);
+        let a = disk_chain(&r.join("p3"), "a").unwrap();
+        assert_eq!(
+            a,
+            vec![
+                r.join("p1/disk0.cbts"),
+                r.join("p2/disk0.cbts"),
+                r.join("p3/disk0.cbts")
+            ]
+        );
+        let b = disk_chain(&r.join("p3"), "b").unwrap();
+        assert_eq!(b, vec![r.join("p2/disk1.cbts"), r.join("p3/disk1.cbts")]);
+        assert_eq!(
+            disk_chain(&r.join("p3"), "c").unwrap_err().code,
+            Code::Usage
+        );
+        // A missing point in the chain is an integrity failure.
+        std::fs::remove_dir_all(r.join("p1")).unwrap();
+        assert_eq!(
+            disk_chain(&r.join("p3"), "a").unwrap_err().code,
+            Code::Integrity
+        );
+    }
 }
