@@ -54,22 +54,47 @@ fn misaligned(offset: u64, len: usize) -> Option<String> {
 impl XapiSession {
     /// Starts the upload into `vdi`; returns once XAPI answered `200`.
     pub async fn import_raw_chunked(&self, vdi: &Ref) -> Result<RawUpload, XapiError> {
+        let target = format!("/import_raw_vdi?vdi={vdi}&format=raw&chunked=true");
+        let (io, task, addr) = self.handler_put(METHOD, &target, None).await?;
+        Ok(RawUpload {
+            io,
+            task,
+            addr,
+            zeros: Vec::new(),
+            sent: 0,
+        })
+    }
+}
+
+impl XapiSession {
+    /// `PUT target` to one of XenServer's HTTP handlers on a connection of its own: the head
+    /// (the session in a cookie rather than the query: URLs end up in proxy logs; a
+    /// `Content-Length` only when given), then the server's answer, which XAPI sends before
+    /// it reads the body. Returns the stream, ready for the body, the task named by the
+    /// answer, and the server's label for errors.
+    pub(super) async fn handler_put(
+        &self,
+        method: &str,
+        target: &str,
+        content_length: Option<u64>,
+    ) -> Result<(HandlerStream, Option<Ref>, String), XapiError> {
         let (session, transport) = self.for_handler().await;
         let addr = transport.endpoint().label();
         let timeout = transport.options().request_timeout;
         let mut io = transport.handler_stream().await?;
-        // The session goes in a cookie rather than the query: URLs end up in proxy logs.
+        let length = content_length
+            .map(|n| format!("Content-Length: {n}\r\n"))
+            .unwrap_or_default();
         let head = format!(
-            "PUT /import_raw_vdi?vdi={vdi}&format=raw&chunked=true HTTP/1.1\r\n\
-             Host: {host}\r\nCookie: session_id={session}\r\nUser-Agent: cbtstream/{version}\r\n\
-             Connection: close\r\n\r\n",
+            "PUT {target} HTTP/1.1\r\nHost: {host}\r\nCookie: session_id={session}\r\n\
+             User-Agent: cbtstream/{version}\r\n{length}Connection: close\r\n\r\n",
             host = transport.endpoint().authority(),
             session = session.expose(),
             version = env!("CARGO_PKG_VERSION"),
         );
         let io_error = |what: &str, source| XapiError::Io {
             addr: addr.clone(),
-            what: format!("{METHOD}: {what}"),
+            what: format!("{method}: {what}"),
             source,
         };
         io.write_all(head.as_bytes())
@@ -82,30 +107,24 @@ impl XapiSession {
             .await
             .map_err(|_| XapiError::Timeout {
                 addr: addr.clone(),
-                what: METHOD.to_owned(),
+                what: method.to_owned(),
                 after: timeout,
             })?
             .map_err(|e| io_error("reading the answer", e))?;
-        let (status, task) = parse_head(&answer).map_err(|why| XapiError::protocol(METHOD, why))?;
+        let (status, task) = parse_head(&answer).map_err(|why| XapiError::protocol(method, why))?;
         if status != 200 {
             return Err(XapiError::Http {
                 addr,
-                method: METHOD.to_owned(),
+                method: method.to_owned(),
                 status,
             });
         }
-        Ok(RawUpload {
-            io,
-            task,
-            addr,
-            zeros: Vec::new(),
-            sent: 0,
-        })
+        Ok((io, task, addr))
     }
 }
 
 /// Reads up to the end of the response head (never past it: the connection stays usable).
-pub(super) async fn read_head(io: &mut HandlerStream) -> std::io::Result<Vec<u8>> {
+async fn read_head(io: &mut HandlerStream) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(512);
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -124,7 +143,7 @@ pub(super) async fn read_head(io: &mut HandlerStream) -> std::io::Result<Vec<u8>
 }
 
 /// The status and the `task-id` header of a response head. Never quotes the bytes.
-pub(super) fn parse_head(head: &[u8]) -> Result<(u16, Option<Ref>), String> {
+fn parse_head(head: &[u8]) -> Result<(u16, Option<Ref>), String> {
     let text = std::str::from_utf8(head).map_err(|_| "the response head is not UTF-8")?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or_default();

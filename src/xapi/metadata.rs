@@ -5,7 +5,7 @@
 //! `200` before it reads the body, so the head goes out, the answer is awaited, then the body
 //! (its length in `Content-Length`); the task's result names the new VM.
 
-use super::import::{parse_head, read_head, task_outcome};
+use super::import::task_outcome;
 use super::{Ref, XapiError, XapiSession};
 use cbtstream_proto::xmlrpc::decode_value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,9 +30,7 @@ impl XapiSession {
         archive: &[u8],
         how: &MetadataImport,
     ) -> Result<Option<Ref>, XapiError> {
-        let (session, transport) = self.for_handler().await;
-        let addr = transport.endpoint().label();
-        let timeout = transport.options().request_timeout;
+        let timeout = self.for_handler().await.1.options().request_timeout;
         let mut query: Vec<String> = how
             .vdi_map
             .iter()
@@ -53,43 +51,15 @@ impl XapiSession {
                 "a VDI uuid holds characters a query cannot",
             ));
         }
-        let head = format!(
-            "PUT /import_metadata?{query} HTTP/1.1\r\nHost: {host}\r\nCookie: session_id={session}\r\n\
-             User-Agent: cbtstream/{version}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n",
-            query = query.join("&"),
-            host = transport.endpoint().authority(),
-            session = session.expose(),
-            version = env!("CARGO_PKG_VERSION"),
-            len = archive.len(),
-        );
+        let target = format!("/import_metadata?{}", query.join("&"));
+        let (mut io, task, addr) = self
+            .handler_put(METHOD, &target, Some(archive.len() as u64))
+            .await?;
         let io_error = |what: &str, source| XapiError::Io {
             addr: addr.clone(),
             what: format!("{METHOD}: {what}"),
             source,
         };
-        let mut io = transport.handler_stream().await?;
-        io.write_all(head.as_bytes())
-            .await
-            .map_err(|e| io_error("sending the request", e))?;
-        io.flush()
-            .await
-            .map_err(|e| io_error("sending the request", e))?;
-        let answer = tokio::time::timeout(timeout, read_head(&mut io))
-            .await
-            .map_err(|_| XapiError::Timeout {
-                addr: addr.clone(),
-                what: METHOD.to_owned(),
-                after: timeout,
-            })?
-            .map_err(|e| io_error("reading the answer", e))?;
-        let (status, task) = parse_head(&answer).map_err(|why| XapiError::protocol(METHOD, why))?;
-        if status != 200 {
-            return Err(XapiError::Http {
-                addr,
-                method: METHOD.to_owned(),
-                status,
-            });
-        }
         io.write_all(archive)
             .await
             .map_err(|e| io_error("sending the archive", e))?;

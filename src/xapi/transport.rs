@@ -424,26 +424,13 @@ impl Transport {
 
     /// TCP, TLS, and the HTTP/1.1 connection task, within the connect timeout.
     async fn connect(&self) -> Result<Sender, XapiError> {
-        let i = &self.inner;
-        tokio::time::timeout(i.opts.connect_timeout, self.connect_inner())
-            .await
-            .map_err(|_| XapiError::Timeout {
-                addr: i.label.clone(),
-                what: "connecting".to_owned(),
-                after: i.opts.connect_timeout,
-            })?
+        self.handler_connection().await
     }
 
-    async fn connect_inner(&self) -> Result<Sender, XapiError> {
-        let io = self.open_stream().await?;
-        self.handshake(TokioIo::new(io)).await
-    }
-
-    /// A fresh connection to the same endpoint with the same TLS trust, for one request to
-    /// a XenServer HTTP handler (`/export_raw_vdi`, `/import_raw_vdi`), within the connect
-    /// timeout. Never pooled: those handlers close the connection when they are done.
-    // Nothing outside the tests uses it yet (`GET /export_raw_vdi` will).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// A fresh connection to the same endpoint with the same TLS trust, within the connect
+    /// timeout (hyper's HTTP/1 handshake does no I/O). XML-RPC keeps one idle; a request to
+    /// a XenServer HTTP handler (`/export_raw_vdi`, ...) takes one of its own, as those
+    /// handlers close the connection when they are done.
     pub(crate) async fn handler_connection<B>(&self) -> Result<SendRequest<B>, XapiError>
     where
         B: hyper::body::Body + Send + 'static,
