@@ -197,6 +197,24 @@ async fn a_vm_with_three_disks_full_then_three_incrementals() {
         let o = ok(e.restore_vm(&dir, &[]).await);
         let new_vm = String::from_utf8_lossy(&o.stdout).trim().to_string();
         assert_ne!(new_vm, e.sim.vm_uuid());
+        // A VM that can start, not a snapshot.
+        let session = login(&e);
+        let vm_ref = e
+            .sim
+            .call_local("VM.get_by_uuid", &[session.clone(), new_vm.as_str().into()])
+            .unwrap();
+        let rec = e
+            .sim
+            .call_local("VM.get_record", &[session, vm_ref])
+            .unwrap();
+        assert_eq!(
+            rec.get("is_a_snapshot").and_then(Value::as_bool),
+            Some(false)
+        );
+        assert_eq!(
+            rec.get("power_state").and_then(Value::as_str),
+            Some("Halted")
+        );
         let restored = e.vm_disks(&new_vm);
         assert_eq!(restored.len(), 3, "{restored:?}");
         for (slot, vdi) in &restored {
@@ -237,6 +255,14 @@ async fn restore_vm_dry_run_and_a_failed_import() {
         "{text}"
     );
     assert_eq!(e.sim.calls("VDI.create"), vdis_before);
+    // --preserve keeps the VM's uuid: refused while that VM is running (XenServer's
+    // VM_BAD_POWER_STATE), and the disks created for it go.
+    let disks_before = login_count_vdis(&e);
+    let o = e.restore_vm(&dir, &["--preserve"]).await;
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("VM_BAD_POWER_STATE"), "{}", stderr(&o));
+    assert_eq!(login_count_vdis(&e), disks_before, "created VDIs were left");
+    let vdis_before = e.sim.calls("VDI.create");
     // A metadata archive the host refuses: the disks created for it go.
     std::fs::write(dir.join("metadata.xva"), b"not a tar").unwrap();
     let disks_before = login_count_vdis(&e);

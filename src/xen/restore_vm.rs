@@ -208,9 +208,7 @@ async fn restore_vm(
                 c.push(vdi);
             }
         }
-        // The archive (the snapshot VM's configuration) names the disk's snapshot VDI, which
-        // is the point id of the disk's last stream; the disk's own id is mapped too.
-        how.vdi_map.push((done.point_id.clone(), done.vdi.clone()));
+        // The archive (the VM's configuration) names the disk by its own id.
         how.vdi_map.push((id.clone(), done.vdi.clone()));
         report.disks.push((slot.clone(), done.vdi));
     }

@@ -4,7 +4,7 @@
 //! lock → login → the VM's disks (VBD type Disk; CD drives and disks without CBT skipped)
 //!   → VM.snapshot (crash-consistent across the disks) → tag each snapshot VDI
 //!   → list_changed_blocks per disk from its base (or the VHD allocation for a full one)
-//!   → GET /export_metadata of the snapshot VM → every disk over NBD, in parallel, sharing
+//!   → GET /export_metadata of the VM → every disk over NBD, in parallel, sharing
 //!     the host's 16 NBD connections → point.json → rename DIR/<point>.partial to DIR/<point>
 //!   → commit: VM.destroy(snapshot VM), state file, data_destroy of each snapshot VDI,
 //!     destroy the bases no longer needed
@@ -313,7 +313,9 @@ async fn backup(
         )
     })?;
     let exported = async {
-        save_metadata(session, &snap_rec.uuid, &partial.file(point::METADATA_FILE)).await?;
+        // The VM's own configuration, not the snapshot VM's: imported, a snapshot's would come
+        // back as a snapshot (xapi keeps `is_a_snapshot`), not as a VM that can start.
+        save_metadata(session, &rec.uuid, &partial.file(point::METADATA_FILE)).await?;
         let summaries = export_disks(session, opts, &disks, reads, &partial).await?;
         let mut entries = Vec::new();
         for d in &disks {
@@ -375,7 +377,7 @@ fn stream_name(slot: &str) -> String {
     format!("disk{slot}.cbts")
 }
 
-/// `GET /export_metadata?uuid=<snapshot VM>&export_snapshots=false` into `path`.
+/// `GET /export_metadata?uuid=<VM>&export_snapshots=false` into `path`.
 async fn save_metadata(session: &XapiSession, vm_uuid: &str, path: &Path) -> Result<(), Failure> {
     let resp = session
         .http_get(

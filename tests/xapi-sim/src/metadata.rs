@@ -178,6 +178,7 @@ pub(crate) async fn import<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(bytes) => {
             let opts = Options {
                 dry_run: head.flag("dry_run"),
+                restore: head.flag("restore"),
                 force: head.flag("force"),
                 vdi_map: head
                     .query
@@ -240,6 +241,10 @@ async fn read_archive<S: AsyncRead + Unpin>(
 struct Options {
     dry_run: bool,
     force: bool,
+    /// `restore=true`: the VM keeps its uuid (xen-api import.ml: `Db.VM.set_uuid`); an
+    /// existing VM with that uuid must be halted (`VM_BAD_POWER_STATE`) and is replaced,
+    /// which the simulator does not do (`IMPORT_ERROR_GENERIC`).
+    restore: bool,
     /// `vdi:<old uuid>=<new uuid>`.
     vdi_map: BTreeMap<String, String>,
 }
@@ -305,10 +310,26 @@ fn import_archive(st: &mut State, archive: &[u8], opts: &Options) -> Result<Stri
             Err(f) => return Err(f),
         };
     }
+    if opts.restore {
+        for o in of_class("VM") {
+            let uuid = o.field("uuid");
+            if let Some((r, vm)) = st.vms.iter().find(|(_, v)| v.uuid == uuid) {
+                return Err(if vm.power_state == "Running" {
+                    Fail::new("VM_BAD_POWER_STATE", [r.as_str(), "halted", "running"])
+                } else {
+                    generic("replacing an existing VM (restore=true) is not simulated")
+                });
+            }
+        }
+    }
     let vms: Vec<(&str, String, Vm)> = of_class("VM")
         .map(|o| {
             let vm = Vm {
-                uuid: new_uuid(),
+                uuid: if opts.restore {
+                    o.field("uuid").to_owned()
+                } else {
+                    new_uuid()
+                },
                 name_label: o.field("name_label").to_owned(),
                 power_state: "Halted",
                 is_a_snapshot: o.rec.get("is_a_snapshot").and_then(Value::as_bool) == Some(true),
