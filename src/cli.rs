@@ -330,6 +330,9 @@ pub struct RestoreVmArgs {
     /// Print what would be created; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print a JSON summary on stderr when done.
+    #[arg(long)]
+    pub json: bool,
     /// The point directory (DIR/<point-id>); the points of its chain are its siblings.
     #[arg(value_name = "POINT_DIR")]
     pub point: PathBuf,
@@ -577,6 +580,8 @@ fn backup(args: BackupArgs) -> Result<(), Failure> {
 }
 
 fn restore_vm(args: RestoreVmArgs) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
+    let json = args.json;
     let opts = crate::xen::restore_vm::RestoreVmOptions {
         login: xapi_login(&args.xapi, &args.xapi_args)?,
         sr: args.sr,
@@ -593,6 +598,18 @@ fn restore_vm(args: RestoreVmArgs) -> Result<(), Failure> {
     }
     if let Some(vm) = &report.vm {
         println!("{vm}");
+    }
+    if json {
+        let disks: Vec<_> = report
+            .disks
+            .iter()
+            .map(|(slot, vdi)| serde_json::json!({"slot": slot, "vdi": vdi}))
+            .collect();
+        let seconds = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+        eprintln!(
+            "{}",
+            serde_json::json!({"vm": report.vm, "disks": disks, "seconds": seconds})
+        );
     }
     Ok(())
 }

@@ -194,8 +194,12 @@ async fn a_vm_with_three_disks_full_then_three_incrementals() {
         dirs.push(dir.clone());
         restore_and_compare(&e, &dirs, &images);
         // Back into the pool as a new VM: its disks equal the source's, in the same slots.
-        let o = ok(e.restore_vm(&dir, &[]).await);
+        let o = ok(e.restore_vm(&dir, &["--json"]).await);
         let new_vm = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let json: serde_json::Value =
+            serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
+        assert_eq!(json["vm"], new_vm.as_str());
+        assert_eq!(json["disks"].as_array().unwrap().len(), 3);
         assert_ne!(new_vm, e.sim.vm_uuid());
         // A VM that can start, not a snapshot.
         let session = login(&e);
