@@ -474,3 +474,38 @@ async fn disks_added_and_removed_between_points() {
         "the removed disk's base stayed"
     );
 }
+
+/// A disk without CBT is skipped (with a warning) and named in point.json; such a point is
+/// not restored as a VM, whose metadata would attach the VM's live disk to the new VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_without_cbt_is_skipped_and_its_point_not_restored_as_a_vm() {
+    let e = env_with(|c| c.disks = 2).await;
+    let out = e.dir.join("points");
+    std::fs::create_dir(&out).unwrap();
+    let off = e.sim.disks()[1].clone();
+    let session = login(&e);
+    let r: Value = e.sim.vdi_ref_of(&off).unwrap().into();
+    e.sim.call_local("VDI.disable_cbt", &[session, r]).unwrap();
+    guest_writes(&e, 0);
+    let o = ok(e.backup(&out, &[]).await);
+    assert!(
+        stderr(&o).contains("changed block tracking is off"),
+        "{}",
+        stderr(&o)
+    );
+    let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    let info = point_json(&dir);
+    assert_eq!(info["disks"].as_array().unwrap().len(), 1);
+    assert_eq!(info["skipped"][0], off.as_str());
+    let creates = e.sim.calls("VDI.create");
+    let o = e.restore_vm(&dir, &[]).await;
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not hold the VM's disks"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(e.sim.calls("VDI.create"), creates);
+    // Every snapshot of this run is gone, the skipped disk's included.
+    assert_eq!(e.disk_snapshots(), vec![]);
+}

@@ -152,8 +152,8 @@ impl XapiSession {
         self.transport.call(method, &all).await
     }
 
-    /// `GET path?query&session_id=<session>` on one of XenServer's HTTP handlers
-    /// (`/export_raw_vdi`, ...), which take the session in the query. The response once it
+    /// `GET path?query` on one of XenServer's HTTP handlers (`/export_raw_vdi`, ...), with
+    /// the session in a `session_id` cookie (they read the query or the cookie). The response once it
     /// is 200, its body still to read.
     pub async fn http_get(
         &self,
@@ -163,18 +163,15 @@ impl XapiSession {
         let what = format!("GET {path}");
         let session = self.session.lock().await.clone();
         let mut target = format!("{path}?");
-        for (k, v) in query
-            .iter()
-            .copied()
-            .chain([("session_id", session.expose())])
-        {
+        for (k, v) in query {
             target.push_str(k);
             target.push('=');
             target.push_str(&query_escape(v));
             target.push('&');
         }
         target.pop();
-        self.transport.get(&what, &target).await
+        // The session in a cookie, as the handlers accept it: URLs end up in access logs.
+        self.transport.get(&what, &target, &session).await
     }
 
     /// Replace the session `stale`, unless another task already did.

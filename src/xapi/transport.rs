@@ -372,19 +372,24 @@ impl Transport {
         Ok(bytes)
     }
 
-    /// `GET target` (a path and query, e.g. `/export_raw_vdi?...`) on a connection of its
-    /// own, as XenServer's HTTP handlers want (each serves one request, then closes): the
-    /// response head once it is 200, with its body still to read. `what` names the request
-    /// in errors; the target may hold the session and is never logged.
+    /// `GET target` (a path and query, e.g. `/export_raw_vdi?...`) with the session in a
+    /// cookie, on a connection of its own, as XenServer's HTTP handlers want (each serves
+    /// one request, then closes): the response head once it is 200, with its body still to
+    /// read. `what` names the request in errors.
     pub(crate) async fn get(
         &self,
         what: &str,
         target: &str,
+        session: &super::Secret,
     ) -> Result<hyper::Response<hyper::body::Incoming>, XapiError> {
         let i = &self.inner;
         let mut sender = self.connect().await?;
         let req = Request::get(target)
             .header(HOST, i.authority.as_str())
+            .header(
+                hyper::header::COOKIE,
+                format!("session_id={}", session.expose()),
+            )
             .header(USER_AGENT, concat!("cbtstream/", env!("CARGO_PKG_VERSION")))
             .body(Full::new(Bytes::new()))
             .map_err(|_| XapiError::protocol(what, "building the request"))?;

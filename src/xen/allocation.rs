@@ -13,8 +13,25 @@ use cbtstream_proto::vhd::{Step, VhdAllocation, VhdAllocationReader};
 use http_body_util::BodyExt;
 
 /// What a full export of `snapshot` reads: its VHD allocation, or the whole disk.
-pub async fn full_export_reads(session: &XapiSession, snapshot: &str) -> What {
-    match vhd_allocation(session, snapshot).await {
+pub async fn full_export_reads(session: &XapiSession, snapshot: &str, size: u64) -> What {
+    let read = tokio::time::timeout(super::vm::READ_TIMEOUT, vhd_allocation(session, snapshot));
+    let alloc = match read.await {
+        Ok(r) => r,
+        Err(_) => Err("the VHD export's head did not arrive in time".to_owned()),
+    };
+    // The VHD's size is rounded up to whole blocks; smaller than the disk, it cannot say
+    // what the rest of the disk holds.
+    let alloc = alloc.and_then(|a| {
+        if a.virtual_size >= size {
+            Ok(a)
+        } else {
+            Err(format!(
+                "the VHD export is {} bytes, the disk {size}",
+                a.virtual_size
+            ))
+        }
+    });
+    match alloc {
         Ok(alloc) => {
             tracing::info!(
                 allocated_bytes = alloc.allocated_bytes(),

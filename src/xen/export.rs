@@ -229,7 +229,7 @@ async fn finish(
     Ok(report)
 }
 
-fn is_chain_broken(e: &XapiError) -> bool {
+pub(super) fn is_chain_broken(e: &XapiError) -> bool {
     e.is("SR_BACKEND_FAILURE_460") || e.is("SR_BACKEND_FAILURE_459") || e.is("VDI_NO_CBT_METADATA")
 }
 
@@ -339,7 +339,7 @@ async fn export(
     // connection: the VHD export attaches the snapshot too).
     let what = match bitmap {
         Some(bm) => What::Changed(bm),
-        None => allocation::full_export_reads(session, &snap_rec.uuid).await,
+        None => allocation::full_export_reads(session, &snap_rec.uuid, snap_rec.virtual_size).await,
     };
 
     let params = NbdParams {

@@ -92,7 +92,10 @@ pub async fn run(opts: GcOptions) -> Result<GcReport, Failure> {
     let result = async {
         let vdis = match &opts.target {
             GcTarget::Vdi(vdi) => vec![vdi.clone()],
-            GcTarget::Vm(vm) => vm_vdis(&session, vm).await?,
+            GcTarget::Vm(vm) => {
+                let vm = session.vm_get_by_uuid(vm).await.map_err(src)?;
+                super::vm::disk_vdis(&session, &vm).await?
+            }
         };
         let mut report = GcReport::default();
         if let GcTarget::Vm(vm) = &opts.target {
@@ -146,19 +149,6 @@ struct Kept {
     vdi: String,
     needed: Vec<String>,
     pending: Option<String>,
-}
-
-/// The VDIs of a VM's disks (VBD type Disk).
-async fn vm_vdis(session: &XapiSession, vm: &str) -> Result<Vec<String>, Failure> {
-    let vm = session.vm_get_by_uuid(vm).await.map_err(src)?;
-    let mut out = Vec::new();
-    for vbd in session.vm_get_record(&vm).await.map_err(src)?.vbds {
-        let r = session.vbd_get_record(&vbd).await.map_err(src)?;
-        if let Some(vdi) = r.vdi.filter(|_| r.vbd_type == "Disk") {
-            out.push(session.vdi_get_uuid(&vdi).await.map_err(src)?);
-        }
-    }
-    Ok(out)
 }
 
 async fn collect(

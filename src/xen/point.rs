@@ -27,6 +27,10 @@ pub struct PointInfo {
     /// The previous point of the chain, or null for a point of full streams only.
     pub base: Option<String>,
     pub disks: Vec<PointDisk>,
+    /// Disks of the VM the point does not hold (changed block tracking off), by id: the
+    /// VM's metadata still lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 /// One disk of a point.
@@ -46,11 +50,24 @@ pub struct PointDisk {
     pub base: Option<String>,
 }
 
-/// A point directory being written.
+/// The VM's metadata is a few hundred KiB; anything this large is not XenServer's.
+pub const MAX_METADATA_BYTES: u64 = 64 << 20;
+
+/// A point directory being written. Dropped before [`PartialPoint::finish`] (a failure, a
+/// signal), it removes what was written.
 #[derive(Debug)]
 pub struct PartialPoint {
     dir: PathBuf,
     done: PathBuf,
+    finished: bool,
+}
+
+impl Drop for PartialPoint {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 impl PartialPoint {
@@ -71,7 +88,11 @@ impl PartialPoint {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        Ok(PartialPoint { dir, done })
+        Ok(PartialPoint {
+            dir,
+            done,
+            finished: false,
+        })
     }
 
     /// Path of a file in the partial directory.
@@ -81,7 +102,7 @@ impl PartialPoint {
 
     /// Write `point.json` last, fsync every file and the directory, and rename it to its
     /// final name (then fsync the parent). The point exists from the rename on.
-    pub fn finish(self, info: &PointInfo) -> std::io::Result<PathBuf> {
+    pub fn finish(mut self, info: &PointInfo) -> std::io::Result<PathBuf> {
         let mut text = serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?;
         text.push(b'\n');
         durable::replace(&self.dir.join(POINT_FILE), &text)?;
@@ -90,13 +111,9 @@ impl PartialPoint {
         }
         std::fs::File::open(&self.dir)?.sync_all()?;
         std::fs::rename(&self.dir, &self.done)?;
+        self.finished = true;
         durable::sync_parent_dir(&self.done)?;
         Ok(self.done.clone())
-    }
-
-    /// Remove what was written (the run failed).
-    pub fn discard(self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -144,6 +161,7 @@ mod tests {
                 sha256: sha256_file(&p.file("0.cbts")).unwrap(),
                 base: None,
             }],
+            skipped: vec![],
         };
         let done = p.finish(&info).unwrap();
         assert_eq!(done, out.path().join("p1"));
@@ -156,8 +174,7 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert!(PartialPoint::create(out.path(), "p1").is_err());
-        let q = PartialPoint::create(out.path(), "p2").unwrap();
-        q.discard();
+        drop(PartialPoint::create(out.path(), "p2").unwrap());
         assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 1);
     }
 }

@@ -357,20 +357,29 @@ pub(super) fn check_sizes(streams: &[OpenStream]) -> Result<(), Failure> {
     Ok(())
 }
 
-/// For a rollback: the 64 KiB blocks to write (changed since the point) and those written.
+/// For a rollback: the 64 KiB blocks to write (changed since the point), those a newer
+/// stream already supplied, and those the stream being read supplies.
 pub(super) struct Wanted {
     changed: Vec<u8>,
+    /// Supplied by the streams read so far (newer than the current one).
     written: Vec<u8>,
+    /// Supplied by the current stream: merged into `written` at its end, because records of
+    /// one stream need not follow 64 KiB blocks (a block may come in several records).
+    this: Vec<u8>,
     size: u64,
 }
+
+const BLOCK: u64 = cbtstream_proto::cbt::CBT_BLOCK;
 
 impl Wanted {
     /// `changed`: a CBT bitmap (most significant bit first) of a disk of `size` bytes.
     pub(super) fn new(changed: Vec<u8>, size: u64) -> Wanted {
         let written = vec![0; changed.len()];
+        let this = written.clone();
         Wanted {
             changed,
             written,
+            this,
             size,
         }
     }
@@ -380,34 +389,76 @@ impl Wanted {
             .is_some_and(|b| b & (0x80 >> (block % 8)) != 0)
     }
 
-    /// The ranges of `[offset, offset + len)` in blocks that changed and are not written
-    /// yet, merged; marks them written.
-    fn take(&mut self, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        const BLOCK: u64 = cbtstream_proto::cbt::CBT_BLOCK;
-        let end = (offset + len).min(self.size);
-        let mut out: Vec<(u64, u64)> = Vec::new();
+    fn set(map: &mut [u8], block: u64) {
+        if let Some(b) = map.get_mut((block / 8) as usize) {
+            *b |= 0x80 >> (block % 8);
+        }
+    }
+
+    /// Hands `emit` the ranges of `[offset, offset + len)` in blocks that changed and no
+    /// newer stream supplied, merged, in order.
+    fn take<E>(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mut emit: impl FnMut(u64, u64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut run: Option<(u64, u64)> = None;
         let mut pos = offset;
         while pos < end {
             let block = pos / BLOCK;
             let next = ((block + 1) * BLOCK).min(end);
             if Self::bit(&self.changed, block) && !Self::bit(&self.written, block) {
-                match out.last_mut() {
-                    Some(last) if last.0 + last.1 == pos => last.1 += next - pos,
-                    _ => out.push((pos, next - pos)),
-                }
+                Self::set(&mut self.this, block);
+                run = match run {
+                    Some((o, l)) if o + l == pos => Some((o, l + next - pos)),
+                    Some((o, l)) => {
+                        emit(o, l)?;
+                        Some((pos, next - pos))
+                    }
+                    None => Some((pos, next - pos)),
+                };
             }
             pos = next;
         }
-        // Marked only once the whole record is looked at: a block a record covers in part is
-        // covered whole by the same record (records follow 64 KiB blocks).
-        for &(o, l) in &out {
-            for block in o / BLOCK..(o + l).div_ceil(BLOCK) {
-                if let Some(b) = self.written.get_mut((block / 8) as usize) {
-                    *b |= 0x80 >> (block % 8);
-                }
-            }
+        match run {
+            Some((o, l)) => emit(o, l),
+            None => Ok(()),
         }
-        out
+    }
+
+    /// The current stream is over: what it supplied is no older stream's to supply.
+    fn end_stream(&mut self) {
+        for (w, t) in self.written.iter_mut().zip(self.this.iter_mut()) {
+            *w |= *t;
+            *t = 0;
+        }
+    }
+
+    /// After every stream: changed blocks none of them holds (where the disk grew after
+    /// they were written) are zero at the point. Hands them to `emit`, merged.
+    fn rest<E>(&mut self, mut emit: impl FnMut(u64, u64) -> Result<(), E>) -> Result<(), E> {
+        let blocks = self.size.div_ceil(BLOCK);
+        let mut run: Option<(u64, u64)> = None;
+        for block in 0..blocks {
+            if !Self::bit(&self.changed, block) || Self::bit(&self.written, block) {
+                continue;
+            }
+            let (pos, next) = (block * BLOCK, ((block + 1) * BLOCK).min(self.size));
+            run = match run {
+                Some((o, l)) if o + l == pos => Some((o, l + next - pos)),
+                Some((o, l)) => {
+                    emit(o, l)?;
+                    Some((pos, next - pos))
+                }
+                None => Some((pos, next - pos)),
+            };
+        }
+        match run {
+            Some((o, l)) => emit(o, l),
+            None => Ok(()),
+        }
     }
 }
 
@@ -497,8 +548,9 @@ fn read_chain(
         // reads as zeroes already.
         let skip_zeros = fresh && i == 0;
         let verified = stream.verify(&mut payloads, |block| {
-            let pieces = match (block, wanted.as_mut()) {
-                (Block::Zero { .. }, None) if skip_zeros => return Ok(()),
+            let send = |piece| tx.blocking_send(piece).map_err(|_| stopped());
+            match (block, wanted.as_mut()) {
+                (Block::Zero { .. }, None) if skip_zeros => Ok(()),
                 (
                     Block::Data {
                         offset,
@@ -506,40 +558,35 @@ fn read_chain(
                         stored,
                     },
                     None,
-                ) => vec![Piece::Data {
+                ) => send(Piece::Data {
                     offset,
                     data: data.to_vec(),
                     stored,
-                }],
-                (Block::Zero { offset, length }, None) => vec![Piece::Zero { offset, length }],
+                }),
+                (Block::Zero { offset, length }, None) => send(Piece::Zero { offset, length }),
                 // A rollback: only the blocks changed since the point, each from the newest
                 // stream that holds it (the streams come newest first).
-                (Block::Data { offset, data, .. }, Some(w)) => w
-                    .take(offset, data.len() as u64)
-                    .into_iter()
-                    .map(|(o, l)| {
+                (Block::Data { offset, data, .. }, Some(w)) => {
+                    w.take(offset, data.len() as u64, |o, l| {
                         let at = (o - offset) as usize;
-                        Piece::Data {
+                        send(Piece::Data {
                             offset: o,
                             data: data[at..at + l as usize].to_vec(),
-                            stored: 0,
-                        }
+                            stored: l,
+                        })
                     })
-                    .collect(),
-                (Block::Zero { offset, length }, Some(w)) => w
-                    .take(offset, length)
-                    .into_iter()
-                    .map(|(o, l)| Piece::Zero {
+                }
+                (Block::Zero { offset, length }, Some(w)) => w.take(offset, length, |o, l| {
+                    send(Piece::Zero {
                         offset: o,
                         length: l,
                     })
-                    .collect(),
-            };
-            for piece in pieces {
-                tx.blocking_send(piece).map_err(|_| stopped())?;
+                }),
             }
-            Ok(())
         });
+        if let (Ok(_), Some(w)) = (&verified, wanted.as_mut()) {
+            w.end_stream();
+        }
         let piece = match verified {
             Ok(v) => Piece::Verified(v),
             Err(e) => Piece::Failed(e),
@@ -548,6 +595,12 @@ fn read_chain(
         if tx.blocking_send(piece).is_err() || failed {
             return;
         }
+    }
+    if let Some(w) = wanted.as_mut() {
+        let _ = w.rest(|offset, length| {
+            tx.blocking_send(Piece::Zero { offset, length })
+                .map_err(|_| stopped())
+        });
     }
 }
 
@@ -568,4 +621,58 @@ pub(super) async fn off_runtime<T: Send + 'static>(
     });
     rx.await
         .map_err(|_| fail(Code::Failure, "reading the stream headers failed"))
+}
+
+#[cfg(test)]
+mod wanted_tests {
+    use super::*;
+
+    fn ranges(w: &mut Wanted, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        w.take(offset, len, |o, l| {
+            out.push((o, l));
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        out
+    }
+
+    /// A changed block that one stream supplies in two records (a ZERO record of its first
+    /// 4 KiB, then data) is written whole; an older stream then supplies nothing of it.
+    #[test]
+    fn a_block_in_several_records_of_one_stream() {
+        // Blocks 0 and 2 changed, of a disk of 3 blocks.
+        let mut w = Wanted::new(vec![0b1010_0000], 3 * BLOCK);
+        assert_eq!(ranges(&mut w, 0, 4096), [(0, 4096)]);
+        assert_eq!(ranges(&mut w, 4096, BLOCK - 4096), [(4096, BLOCK - 4096)]);
+        w.end_stream();
+        // The older (full) stream: only block 2 is still wanted.
+        assert_eq!(ranges(&mut w, 0, 3 * BLOCK), [(2 * BLOCK, BLOCK)]);
+        w.end_stream();
+        let mut rest = Vec::new();
+        w.rest(|o, l| {
+            rest.push((o, l));
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        assert!(rest.is_empty());
+    }
+
+    /// Changed blocks no stream holds (the disk grew after the streams) are zero at the point.
+    #[test]
+    fn changed_blocks_no_stream_holds_are_zeroed() {
+        // A disk of 4 blocks, the last one partial; blocks 1, 2 and 3 changed; the streams
+        // cover blocks 0 and 1 only.
+        let size = 3 * BLOCK + 512;
+        let mut w = Wanted::new(vec![0b0111_0000], size);
+        assert_eq!(ranges(&mut w, 0, 2 * BLOCK), [(BLOCK, BLOCK)]);
+        w.end_stream();
+        let mut rest = Vec::new();
+        w.rest(|o, l| {
+            rest.push((o, l));
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        assert_eq!(rest, [(2 * BLOCK, BLOCK + 512)]);
+    }
 }

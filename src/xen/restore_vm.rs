@@ -5,7 +5,7 @@
 //! configuration and its disks in their slots. If anything fails, the VDIs this run created
 //! are destroyed.
 
-use super::point::{PointInfo, METADATA_FILE, POINT_FILE};
+use super::point::{PointInfo, MAX_METADATA_BYTES, METADATA_FILE, POINT_FILE};
 use super::restore::{restore, PoolRestoreOptions, Target};
 use super::{login, retry_in_use, src, XapiLogin};
 use crate::exit::{fail, Code, Failure};
@@ -18,8 +18,6 @@ use std::sync::{Arc, Mutex};
 
 /// `point.json` is a few KiB; refuse anything absurd.
 const MAX_POINT_JSON: u64 = 1 << 20;
-/// XenServer's metadata archives are small.
-const MAX_METADATA: u64 = 64 << 20;
 
 #[derive(Debug, Clone)]
 pub struct RestoreVmOptions {
@@ -71,7 +69,18 @@ fn disk_chains(
 ) -> Result<Vec<(String, String, Vec<PathBuf>)>, Failure> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     let mut chains = Vec::new();
+    let plain =
+        |name: &str| !name.is_empty() && !name.contains(['/', '\\']) && !name.starts_with('.');
     for disk in &point.disks {
+        if !plain(&disk.stream) {
+            return Err(fail(
+                Code::Integrity,
+                format!(
+                    "point {} names a stream {:?} outside it",
+                    point.id, disk.stream
+                ),
+            ));
+        }
         let mut streams = vec![dir.join(&disk.stream)];
         let mut base = disk.base.clone();
         // A chain longer than the points on disk would loop: bound it.
@@ -97,6 +106,12 @@ fn disk_chains(
                     format!("point {b} has no stream of disk {}", disk.id),
                 ));
             };
+            if !plain(&d.stream) {
+                return Err(fail(
+                    Code::Integrity,
+                    format!("point {b} names a stream {:?} outside it", d.stream),
+                ));
+            }
             streams.push(bdir.join(&d.stream));
             base = d.base.clone();
         }
@@ -124,6 +139,20 @@ pub fn disk_chain(dir: &Path, disk_id: &str) -> Result<Vec<PathBuf>, Failure> {
 
 pub async fn run(opts: RestoreVmOptions) -> Result<RestoreVmReport, Failure> {
     let point = read_point(&opts.point)?;
+    if !point.skipped.is_empty() {
+        // The VM's metadata lists them; unmapped, XenServer would attach the VM's live disks
+        // (found by SR and location) to the new VM.
+        return Err(fail(
+            Code::Usage,
+            format!(
+                "point {} does not hold the VM's disks {} (changed block tracking was off): \
+                 restoring it as a VM would attach those live disks to the new VM; restore \
+                 its disks one by one with `restore --xapi` instead",
+                point.id,
+                point.skipped.join(", ")
+            ),
+        ));
+    }
     let chains = disk_chains(&opts.point, &point)?;
     let metadata = opts.point.join(METADATA_FILE);
     if opts.dry_run {
@@ -153,8 +182,14 @@ pub async fn run(opts: RestoreVmOptions) -> Result<RestoreVmReport, Failure> {
     }
     let mut archive = Vec::new();
     std::fs::File::open(&metadata)
-        .and_then(|f| f.take(MAX_METADATA + 1).read_to_end(&mut archive))
+        .and_then(|f| f.take(MAX_METADATA_BYTES + 1).read_to_end(&mut archive))
         .map_err(|e| fail(Code::Usage, format!("reading {}: {e}", metadata.display())))?;
+    if archive.len() as u64 > MAX_METADATA_BYTES {
+        return Err(fail(
+            Code::Integrity,
+            format!("{} is larger than any VM's metadata", metadata.display()),
+        ));
+    }
     let session = login(&opts.login).await?;
     let created: Arc<Mutex<Vec<Ref>>> = Arc::default();
     let result = tokio::select! {
@@ -165,7 +200,8 @@ pub async fn run(opts: RestoreVmOptions) -> Result<RestoreVmReport, Failure> {
         let vdis = std::mem::take(&mut *created.lock().unwrap_or_else(|p| p.into_inner()));
         for vdi in vdis {
             if let Err(e) = retry_in_use(|| session.vdi_destroy(&vdi)).await {
-                tracing::warn!("could not destroy a VDI this restore created ({vdi}): {e}");
+                let uuid = session.vdi_get_uuid(&vdi).await.unwrap_or_default();
+                tracing::warn!("could not destroy the VDI {uuid} this restore created: {e}");
             }
         }
     }
@@ -241,6 +277,7 @@ mod tests {
             name: "vm".into(),
             time: "2026-11-30T00:00:00Z".into(),
             base: base.map(Into::into),
+            skipped: vec![],
             disks: disks
                 .iter()
                 .enumerate()

@@ -84,6 +84,13 @@ pub(super) async fn rollback(
         .vdi_snapshot(&target.vdi, BTreeMap::new())
         .await
         .map_err(src)?;
+    // Tagged, so that gc finds it if this run is killed before it is gone.
+    if let Err(e) = session
+        .vdi_add_to_other_config(&now, super::TAG_SNAPSHOT, vdi_uuid)
+        .await
+    {
+        tracing::warn!("could not tag the rollback's snapshot: {e}");
+    }
     let changed = session.vdi_list_changed_blocks(&point_ref, &now).await;
     if let Err(e) = retry_in_use(|| session.vdi_destroy(&now)).await {
         tracing::warn!("could not remove the snapshot the rollback took ({e})");

@@ -34,10 +34,10 @@ use std::time::Duration;
 
 /// The name of every snapshot VM `backup` takes (then the time), which `gc --vm` looks for.
 pub const SNAPSHOT_NAME: &str = "cbtstream backup ";
+/// How long the body of an HTTP handler's answer may take.
+pub(super) const READ_TIMEOUT: Duration = Duration::from_secs(600);
 /// XenServer serves at most 16 NBD connections per host: the disks share them.
 const HOST_NBD_CONNECTIONS: usize = 16;
-/// The VM's configuration is a few hundred KiB; refuse anything absurd.
-const MAX_METADATA_BYTES: usize = 64 << 20;
 
 /// `cbtstream backup`, as the CLI gathered it.
 #[derive(Debug, Clone)]
@@ -68,7 +68,18 @@ pub struct BackupReport {
 #[derive(Debug, Clone)]
 struct VmDisk {
     vdi: String,
+    vdi_ref: Ref,
     slot: String,
+    /// CBT was just turned on: its export is a full one, whatever the chain says.
+    full: bool,
+}
+
+/// The VM's disks: those to back up, and the uuids of every disk VBD's VDI (the skipped ones
+/// too), to see whether the VM's disks change during the backup.
+struct VmDisks {
+    backed_up: Vec<VmDisk>,
+    all: Vec<String>,
+    skipped: Vec<String>,
 }
 
 /// A disk being backed up.
@@ -78,6 +89,8 @@ struct Disk {
     slot: String,
     /// Its snapshot, and that snapshot's uuid.
     snapshot: (Ref, String),
+    /// The snapshot's virtual size.
+    size: u64,
     /// The base it continues from (snapshot VDI uuid), when it has one.
     base: Option<(String, Ref)>,
 }
@@ -152,8 +165,12 @@ async fn vm_disks(
     session: &XapiSession,
     vbds: &[Ref],
     enable_cbt: bool,
-) -> Result<Vec<VmDisk>, Failure> {
-    let mut disks = Vec::new();
+) -> Result<VmDisks, Failure> {
+    let mut disks = VmDisks {
+        backed_up: Vec::new(),
+        all: Vec::new(),
+        skipped: Vec::new(),
+    };
     for vbd in vbds {
         let rec = session.vbd_get_record(vbd).await.map_err(src)?;
         let Some(vdi) = rec.vdi.filter(|_| rec.vbd_type == "Disk") else {
@@ -165,6 +182,14 @@ async fn vm_disks(
             continue;
         };
         let v = session.vdi_get_record(&vdi).await.map_err(src)?;
+        if !is_uuid(&v.uuid) || !rec.userdevice.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(fail(
+                Code::Source,
+                "the host named a disk or a slot in an unexpected form",
+            ));
+        }
+        disks.all.push(v.uuid.clone());
+        let mut full = false;
         if !v.cbt_enabled {
             if !enable_cbt {
                 tracing::warn!(
@@ -172,6 +197,7 @@ async fn vm_disks(
                     rec.userdevice,
                     v.uuid
                 );
+                disks.skipped.push(v.uuid);
                 continue;
             }
             tracing::warn!(
@@ -179,14 +205,36 @@ async fn vm_disks(
                 v.uuid
             );
             session.vdi_enable_cbt(&vdi).await.map_err(src)?;
+            full = true;
         }
-        disks.push(VmDisk {
+        disks.backed_up.push(VmDisk {
             vdi: v.uuid,
+            vdi_ref: vdi,
             slot: rec.userdevice,
+            full,
         });
     }
-    disks.sort_by(|a, b| a.slot.cmp(&b.slot));
+    disks.backed_up.sort_by(|a, b| a.slot.cmp(&b.slot));
+    disks.all.sort();
     Ok(disks)
+}
+
+/// The uuids of the VDIs behind a VM's disk VBDs, sorted.
+pub(super) async fn disk_vdis(session: &XapiSession, vm: &Ref) -> Result<Vec<String>, Failure> {
+    let mut out = Vec::new();
+    for vbd in session.vm_get_record(vm).await.map_err(src)?.vbds {
+        let r = session.vbd_get_record(&vbd).await.map_err(src)?;
+        if let Some(vdi) = r.vdi.filter(|_| r.vbd_type == "Disk") {
+            out.push(session.vdi_get_uuid(&vdi).await.map_err(src)?);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A uuid as XenServer writes them (what point ids and file names are made of).
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
 async fn backup(
@@ -204,7 +252,7 @@ async fn backup(
         ));
     }
     let vm_disks = vm_disks(session, &rec.vbds, opts.enable_cbt).await?;
-    if vm_disks.is_empty() {
+    if vm_disks.backed_up.is_empty() {
         return Err(fail(
             Code::Source,
             format!(
@@ -225,53 +273,75 @@ async fn backup(
         .map_err(src)?;
     taken.lock().unwrap_or_else(|p| p.into_inner()).snapshot_vm = Some(snap_vm.clone());
     let snap_rec = session.vm_get_record(&snap_vm).await.map_err(src)?;
-    let mut by_slot = BTreeMap::new();
+    if !is_uuid(&snap_rec.uuid) {
+        return Err(fail(
+            Code::Source,
+            "the host named the snapshot in an unexpected form",
+        ));
+    }
+    // Each snapshot VDI, by the disk it is a snapshot of; every one tagged at once, so that
+    // gc finds them whatever happens next (the skipped disks' too).
+    let mut by_source: BTreeMap<Ref, (Ref, String, u64)> = BTreeMap::new();
     for vbd in &snap_rec.vbds {
         let r = session.vbd_get_record(vbd).await.map_err(src)?;
-        if let Some(vdi) = r.vdi.filter(|_| r.vbd_type == "Disk") {
-            taken
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .vdis
-                .push(vdi.clone());
-            by_slot.insert(r.userdevice, vdi);
-        }
+        let Some(vdi) = r.vdi.filter(|_| r.vbd_type == "Disk") else {
+            continue;
+        };
+        taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .vdis
+            .push(vdi.clone());
+        let v = session.vdi_get_record(&vdi).await.map_err(src)?;
+        let Some(of) = v.snapshot_of else {
+            return Err(fail(
+                Code::Source,
+                "VM.snapshot made a disk that is no snapshot",
+            ));
+        };
+        let source = session.vdi_get_uuid(&of).await.map_err(src)?;
+        session
+            .vdi_add_to_other_config(&vdi, TAG_SNAPSHOT, &source)
+            .await
+            .map_err(src)?;
+        by_source.insert(of, (vdi, v.uuid, v.virtual_size));
     }
+    let (vm_disks_all, skipped) = (vm_disks.all.clone(), vm_disks.skipped.clone());
     let mut disks = Vec::new();
-    for d in vm_disks {
-        let Some(snap) = by_slot.get(&d.slot) else {
+    for d in vm_disks.backed_up {
+        let Some((snap, uuid, size)) = by_source.get(&d.vdi_ref).cloned() else {
             return Err(fail(
                 Code::Source,
                 format!(
-                    "VM.snapshot made no snapshot of the disk in slot {}",
-                    d.slot
+                    "VM.snapshot made no snapshot of VDI {} (slot {}): the VM's disks changed \
+                     during the backup; try again",
+                    d.vdi, d.slot
                 ),
             ));
         };
-        session
-            .vdi_add_to_other_config(snap, TAG_SNAPSHOT, &d.vdi)
-            .await
-            .map_err(src)?;
-        let uuid = session.vdi_get_uuid(snap).await.map_err(src)?;
-        // The disk's base, when the chain has one and it is still there.
+        // The disk's base, when the chain has one, it is still there, and CBT was on.
         let mut base = None;
-        if let Some(b) = state.and_then(|s| s.disks.get(&d.vdi)) {
-            match session.vdi_get_by_uuid(&b.base).await {
+        match state.and_then(|s| s.disks.get(&d.vdi)) {
+            Some(_) if d.full => {}
+            Some(b) => match session.vdi_get_by_uuid(&b.base).await {
                 Ok(r) => base = Some((b.base.clone(), r)),
-                Err(e) if e.is("UUID_INVALID") => tracing::warn!(
+                Err(e) if e.is("UUID_INVALID") || e.is("HANDLE_INVALID") => tracing::warn!(
                     "the base {} of VDI {} is gone: its export is a full one",
                     b.base,
                     d.vdi
                 ),
                 Err(e) => return Err(src(e)),
+            },
+            None if state.is_some() => {
+                tracing::info!("VDI {} is new in the VM: its export is a full one", d.vdi)
             }
-        } else if state.is_some() {
-            tracing::info!("VDI {} is new in the VM: its export is a full one", d.vdi);
+            None => {}
         }
         disks.push(Disk {
             vdi: d.vdi,
             slot: d.slot,
-            snapshot: (snap.clone(), uuid),
+            snapshot: (snap, uuid),
+            size,
             base,
         });
     }
@@ -285,20 +355,17 @@ async fn backup(
             Some((base_uuid, base)) => match session.vdi_list_changed_blocks(base, &snap).await {
                 Ok(b64) => {
                     let bm = cbt::decode_base64(b64.as_bytes()).code(Code::Source)?;
+                    cbt::validate(&bm, d.size).code(Code::Source)?;
                     What::Changed(bm)
                 }
-                Err(e)
-                    if e.is("SR_BACKEND_FAILURE_460")
-                        || e.is("SR_BACKEND_FAILURE_459")
-                        || e.is("VDI_NO_CBT_METADATA") =>
-                {
+                Err(e) if super::export::is_chain_broken(&e) => {
                     tracing::warn!("the chain of VDI {} from {base_uuid} is broken ({e}): its export is a full one", d.vdi);
                     d.base = None;
-                    allocation::full_export_reads(session, &snap_uuid).await
+                    allocation::full_export_reads(session, &snap_uuid, d.size).await
                 }
                 Err(e) => return Err(src(e)),
             },
-            None => allocation::full_export_reads(session, &snap_uuid).await,
+            None => allocation::full_export_reads(session, &snap_uuid, d.size).await,
         };
         reads.push(what);
     }
@@ -316,6 +383,17 @@ async fn backup(
         // The VM's own configuration, not the snapshot VM's: imported, a snapshot's would come
         // back as a snapshot (xapi keeps `is_a_snapshot`), not as a VM that can start.
         save_metadata(session, &rec.uuid, &partial.file(point::METADATA_FILE)).await?;
+        // The metadata must describe the disks that were snapshotted: a disk plugged or
+        // unplugged meanwhile would come back wrong (or as the VM's live disk).
+        if disk_vdis(session, &vm).await? != vm_disks_all {
+            return Err(fail(
+                Code::Source,
+                format!(
+                    "VM {}'s disks changed during the backup; try again",
+                    opts.vm
+                ),
+            ));
+        }
         let summaries = export_disks(session, opts, &disks, reads, &partial).await?;
         let mut entries = Vec::new();
         for d in &disks {
@@ -325,11 +403,7 @@ async fn backup(
                 .await
                 .map_err(|e| fail(Code::Failure, e))?
                 .map_err(|e| fail(Code::Output, format!("reading back {stream}: {e}")))?;
-            let size = session
-                .vdi_get_record(&d.snapshot.0)
-                .await
-                .map_err(src)?
-                .virtual_size;
+            let size = d.size;
             entries.push(PointDisk {
                 id: d.vdi.clone(),
                 slot: d.slot.clone(),
@@ -345,13 +419,8 @@ async fn backup(
         Ok::<_, Failure>((summaries, entries))
     }
     .await;
-    let (summaries, entries) = match exported {
-        Ok(x) => x,
-        Err(e) => {
-            partial.discard();
-            return Err(e);
-        }
-    };
+    // (On failure, dropping `partial` removes it.)
+    let (summaries, entries) = exported?;
     let info = PointInfo {
         id: snap_rec.uuid.clone(),
         vm: rec.uuid.clone(),
@@ -359,6 +428,7 @@ async fn backup(
         time: crate::restore::report::rfc3339(now),
         base: entries.iter().find_map(|d| d.base.clone()),
         disks: entries,
+        skipped,
     };
     let dir = partial
         .finish(&info)
@@ -386,9 +456,12 @@ async fn save_metadata(session: &XapiSession, vm_uuid: &str, path: &Path) -> Res
         )
         .await
         .map_err(src)?;
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_METADATA_BYTES)
-        .collect()
+    let limit = point::MAX_METADATA_BYTES as usize;
+    let read = http_body_util::Limited::new(resp.into_body(), limit).collect();
+    // XAPI answers 200 before it reads anything: the body has a time limit of its own.
+    let body = tokio::time::timeout(READ_TIMEOUT, read)
         .await
+        .map_err(|_| fail(Code::Source, "reading the VM's metadata timed out"))?
         .map_err(|e| fail(Code::Source, format!("reading the VM's metadata: {e}")))?
         .to_bytes();
     crate::durable::replace(path, &body)
