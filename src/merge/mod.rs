@@ -341,7 +341,7 @@ impl Output<'_> {
     /// was (and it gets smaller), else raw.
     fn piece(&mut self, offset: u64, bytes: &[u8], codec: Codec) -> Result<(), MergeError> {
         let length = bytes.len() as u64;
-        if bytes.iter().all(|&b| b == 0) {
+        if crate::engine::encode::is_zero(bytes) {
             return self.zero(offset, length);
         }
         let sum = checksum(bytes);
