@@ -316,3 +316,31 @@ fn a_broken_chain_fails_with_exit_4_before_writing() {
     assert_eq!(code(&o), 4);
     assert_nothing_written(&out);
 }
+
+#[test]
+fn a_record_newer_ones_cover_whole_is_still_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let write = |name: &str, header: &Header, bad_checksum: bool| {
+        let bytes = vec![7u8; MIB as usize];
+        let payload = zstd::bulk::compress(&bytes, 1).unwrap();
+        let sum = checksum(&bytes) ^ u64::from(bad_checksum);
+        let (mut enc, mut out) = Encoder::new(header).unwrap();
+        out.extend(enc.data(0, MIB, Codec::Zstd, sum, &payload).unwrap());
+        out.extend(payload);
+        out.extend(enc.finish());
+        let path = dir.join(name);
+        fs::write(&path, out).unwrap();
+        path
+    };
+    // The full stream's only record has a wrong checksum (its digest is right: it was
+    // written that way); the incremental replaces all of it, so nothing of it is written.
+    let streams = [
+        write("p0.cbts", &header(MIB, 0), true),
+        write("p1.cbts", &header(MIB, 1), false),
+    ];
+    let out = dir.join("merged.cbts");
+    let o = merge(&streams, &out);
+    assert_fails(&o, 4, "p0.cbts: record 0");
+    assert_nothing_written(&out);
+}
