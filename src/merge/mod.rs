@@ -8,21 +8,21 @@
 //! one covered whole is decompressed and checked, then dropped. Memory: one current record
 //! (stored and decompressed) per input, whatever the disk size.
 
+mod output;
 mod sweep;
 
 use crate::exit::Code;
 use crate::restore::verified::{open_chain, OpenStream, Payloads};
 use crate::restore::RestoreError;
 use bytes::Bytes;
-use cbtstream_proto::stream::{checksum, Codec, Encoder, Header, Item, StreamError};
+use cbtstream_proto::stream::{Codec, Encoder, Header, Item};
+use output::{Piece, Pipeline};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use sweep::{next_step, Span, Step};
-
-/// Level of the zstd frames written for the pieces of cut records (export's default).
-const ZSTD_LEVEL: i32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
@@ -108,8 +108,7 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<MergeReport, MergeErro
     let started = Instant::now();
     let streams = open_merge_chain(inputs)?;
     let mut report = if output.as_os_str() == "-" {
-        let stdout = io::stdout().lock();
-        let mut out = io::BufWriter::with_capacity(1 << 20, stdout);
+        let mut out = io::BufWriter::with_capacity(1 << 20, io::stdout());
         let report = write_merged(streams, &mut out, "<stdout>")?;
         out.flush()
             .map_err(|error| output_error("<stdout>", error))?;
@@ -189,6 +188,8 @@ fn open_merge_chain(inputs: &[PathBuf]) -> Result<Vec<OpenStream>, MergeError> {
 
 /// One input and its current record: the first one that ends after the sweep position.
 struct Cursor {
+    /// The input's name, for the errors of checks on worker threads.
+    input: Arc<str>,
     stream: OpenStream,
     current: Option<Record>,
     /// The current record's uncompressed bytes, once they were needed.
@@ -274,9 +275,14 @@ impl Cursor {
         if r.decoded {
             return Ok(());
         }
-        let name = self.stream.name().to_owned();
         let data = payloads.decode(
-            &name, r.index, r.offset, r.length, d.codec, d.checksum, &d.payload,
+            &self.input,
+            r.index,
+            r.offset,
+            r.length,
+            d.codec,
+            d.checksum,
+            &d.payload,
         )?;
         self.plain.clear();
         self.plain.extend_from_slice(data);
@@ -284,88 +290,30 @@ impl Cursor {
         Ok(())
     }
 
-    /// Leaves the current record (counted as dropped if nothing of it was written, and
-    /// checked first) and moves to the next.
+    /// Leaves the current record (if nothing of it was written: counted as dropped, and a
+    /// DATA record handed over to be checked) and moves to the next.
     fn finish_current(
         &mut self,
-        payloads: &mut Payloads,
+        pipeline: &mut Pipeline<'_>,
         report: &mut MergeReport,
     ) -> Result<(), MergeError> {
-        if let Some(r) = &self.current {
+        if let Some(r) = self.current.take() {
             if !r.written {
                 report.dropped += 1;
-                self.decode(payloads)?;
+                if let Some(d) = r.data {
+                    pipeline.send(Piece::Check {
+                        input: self.input.clone(),
+                        index: r.index,
+                        offset: r.offset,
+                        length: r.length,
+                        codec: d.codec,
+                        checksum: d.checksum,
+                        payload: d.payload,
+                    })?;
+                }
             }
         }
         self.advance()
-    }
-}
-
-/// The merged stream's encoder and where its bytes go.
-struct Output<'a> {
-    encoder: Encoder,
-    out: &'a mut dyn Write,
-    name: &'a str,
-    compressor: zstd::bulk::Compressor<'static>,
-    compressed: Vec<u8>,
-}
-
-impl Output<'_> {
-    fn write(&mut self, parts: &[&[u8]]) -> Result<(), MergeError> {
-        for p in parts {
-            self.out
-                .write_all(p)
-                .map_err(|e| output_error(self.name, e))?;
-        }
-        Ok(())
-    }
-
-    fn encoded<T>(r: Result<T, StreamError>) -> Result<T, MergeError> {
-        r.map_err(|e| MergeError::Internal(format!("the merged stream was refused: {e}")))
-    }
-
-    fn zero(&mut self, offset: u64, length: u64) -> Result<(), MergeError> {
-        let h = Self::encoded(self.encoder.zero(offset, length))?;
-        self.write(&[&h])
-    }
-
-    fn stored(&mut self, offset: u64, length: u64, d: &StoredData) -> Result<(), MergeError> {
-        let h = Self::encoded(
-            self.encoder
-                .data(offset, length, d.codec, d.checksum, &d.payload),
-        )?;
-        self.write(&[&h, &d.payload])
-    }
-
-    /// Writes a piece of a cut record: ZERO if it is all zeroes, else zstd when the record
-    /// was (and it gets smaller), else raw.
-    fn piece(&mut self, offset: u64, bytes: &[u8], codec: Codec) -> Result<(), MergeError> {
-        let length = bytes.len() as u64;
-        if crate::engine::encode::is_zero(bytes) {
-            return self.zero(offset, length);
-        }
-        let sum = checksum(bytes);
-        if codec == Codec::Zstd {
-            self.compressed.clear();
-            self.compressed
-                .reserve(zstd::zstd_safe::compress_bound(bytes.len()));
-            self.compressor
-                .compress_to_buffer(bytes, &mut self.compressed)
-                .map_err(|e| MergeError::Internal(format!("zstd compression failed: {e}")))?;
-            if self.compressed.len() < bytes.len() {
-                let payload = std::mem::take(&mut self.compressed);
-                let h =
-                    Self::encoded(
-                        self.encoder
-                            .data(offset, length, Codec::Zstd, sum, &payload),
-                    );
-                let written = h.and_then(|h| self.write(&[&h, &payload]));
-                self.compressed = payload;
-                return written;
-            }
-        }
-        let h = Self::encoded(self.encoder.data(offset, length, Codec::None, sum, bytes))?;
-        self.write(&[&h, bytes])
     }
 }
 
@@ -391,130 +339,137 @@ fn merged_header(streams: &[OpenStream]) -> Result<Header, MergeError> {
 
 fn write_merged(
     streams: Vec<OpenStream>,
-    out: &mut dyn Write,
+    out: &mut (dyn Write + Send),
     name: &str,
 ) -> Result<MergeReport, MergeError> {
     let header = merged_header(&streams)?;
     let limit = header.virtual_size;
-    let (encoder, header_bytes) = Output::encoded(Encoder::new(&header))?;
-    let compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL)
-        .map_err(|e| MergeError::Internal(format!("cannot create a zstd compressor: {e}")))?;
-    let mut output = Output {
-        encoder,
-        out,
-        name,
-        compressor,
-        compressed: Vec::new(),
-    };
-    output.write(&[&header_bytes])?;
-    let mut payloads = Payloads::new()?;
+    let (encoder, header_bytes) = Encoder::new(&header)
+        .map_err(|e| MergeError::Internal(format!("the merged stream was refused: {e}")))?;
     let mut report = MergeReport {
         point_id: header.point_id.clone(),
         ..MergeReport::default()
     };
     let mut cursors = Vec::with_capacity(streams.len());
     for stream in streams {
-        let mut c = Cursor {
+        cursors.push(Cursor {
+            input: stream.name().into(),
             stream,
             current: None,
             plain: Vec::new(),
-        };
-        c.advance()?;
-        cursors.push(c);
+        });
     }
+    let written = std::thread::scope(|scope| {
+        let mut pipeline = Pipeline::start(scope, encoder, header_bytes, out, name)?;
+        let swept = sweep(&mut cursors, limit, &mut pipeline, &mut report);
+        pipeline.finish(swept)
+    })?;
+    report.bytes_in = cursors.iter().map(|c| c.stream.bytes_read()).sum();
+    report.records_out = written.records;
+    report.bytes_out = written.bytes;
+    Ok(report)
+}
 
+/// Hands the merged stream's pieces over in disk order, reading every input to its verified
+/// trailer.
+fn sweep(
+    cursors: &mut [Cursor],
+    limit: u64,
+    pipeline: &mut Pipeline<'_>,
+    report: &mut MergeReport,
+) -> Result<(), MergeError> {
+    let mut payloads = Payloads::new()?;
+    for c in cursors.iter_mut() {
+        c.advance()?;
+    }
     let mut position = 0u64;
     let mut spans = Vec::with_capacity(cursors.len());
     loop {
-        for c in &mut cursors {
+        for c in cursors.iter_mut() {
             while c.current.as_ref().is_some_and(|r| r.span().end <= position) {
-                c.finish_current(&mut payloads, &mut report)?;
+                c.finish_current(pipeline, report)?;
             }
         }
         spans.clear();
         spans.extend(cursors.iter().map(|c| c.current.as_ref().map(Record::span)));
-        let (input, end) = match next_step(position, limit, &spans) {
+        match next_step(position, limit, &spans) {
             None => break,
-            Some(Step::Gap { until }) => {
-                position = until;
-                continue;
+            Some(Step::Gap { until }) => position = until,
+            Some(Step::Take { input, end }) => {
+                take(
+                    &mut cursors[input],
+                    position,
+                    end,
+                    pipeline,
+                    &mut payloads,
+                    report,
+                )?;
+                position = end;
             }
-            Some(Step::Take { input, end }) => (input, end),
-        };
-        take(
-            &mut cursors[input],
-            position,
-            end,
-            &mut output,
-            &mut payloads,
-            &mut report,
-        )?;
-        position = end;
+        }
     }
     // What lies past the last input's size (a disk that shrank) is dropped, but checked, and
     // every input is read to its verified trailer.
-    for c in &mut cursors {
+    for c in cursors.iter_mut() {
         while c.current.is_some() {
-            c.finish_current(&mut payloads, &mut report)?;
+            c.finish_current(pipeline, report)?;
         }
-        report.bytes_in += c.stream.bytes_read();
     }
-    report.records_out = output.encoder.records();
-    let before_trailer = output.encoder.bytes_written();
-    let Output { encoder, out, .. } = output;
-    let trailer = encoder.finish();
-    out.write_all(&trailer).map_err(|e| output_error(name, e))?;
-    report.bytes_out = before_trailer + trailer.len() as u64;
-    Ok(report)
+    Ok(())
 }
 
-/// Writes `[position, end)` of the cursor's current record: the record as stored when that
-/// is all of it and nothing of it was written yet, else a piece of it.
+/// Hands over `[position, end)` of the cursor's current record: the record as stored when
+/// that is all of it and nothing of it was written yet, else a piece of it.
 fn take(
     cursor: &mut Cursor,
     position: u64,
     end: u64,
-    output: &mut Output<'_>,
+    pipeline: &mut Pipeline<'_>,
     payloads: &mut Payloads,
     report: &mut MergeReport,
 ) -> Result<(), MergeError> {
-    let Some(r) = &cursor.current else {
+    let Some(r) = &mut cursor.current else {
         return Err(MergeError::Internal("no record to take".into()));
     };
-    let whole = !r.written && position == r.offset && end == r.span().end;
     let first_use = !r.written;
-    let (offset, codec) = (r.offset, r.data.as_ref().map(|d| d.codec));
-    match (&r.data, whole) {
-        (None, true) => {
-            output.zero(position, end - position)?;
-            report.copied += 1;
-        }
-        (Some(d), true) => {
-            output.stored(position, end - position, d)?;
-            report.copied += 1;
-        }
-        (None, false) => {
-            output.zero(position, end - position)?;
-            if first_use {
+    let whole = first_use && position == r.offset && end == r.span().end;
+    r.written = true;
+    let length = end - position;
+    let piece = match (&r.data, whole) {
+        (None, _) => {
+            if whole {
+                report.copied += 1;
+            } else if first_use {
                 report.zero_cut += 1;
             }
+            Piece::Zero {
+                offset: position,
+                length,
+            }
         }
-        (Some(_), false) => {
-            cursor.decode(payloads)?;
+        (Some(d), true) => {
+            report.copied += 1;
+            Piece::Stored {
+                offset: position,
+                length,
+                codec: d.codec,
+                checksum: d.checksum,
+                payload: d.payload.clone(),
+            }
+        }
+        (Some(d), false) => {
             if first_use {
                 report.recompressed += 1;
             }
+            let (offset, compress) = (r.offset, d.codec == Codec::Zstd);
+            cursor.decode(payloads)?;
             let from = (position - offset) as usize;
-            let to = (end - offset) as usize;
-            output.piece(
-                position,
-                &cursor.plain[from..to],
-                codec.unwrap_or(Codec::None),
-            )?;
+            Piece::Cut {
+                offset: position,
+                bytes: cursor.plain[from..from + length as usize].to_vec(),
+                compress,
+            }
         }
-    }
-    if let Some(r) = &mut cursor.current {
-        r.written = true;
-    }
-    Ok(())
+    };
+    pipeline.send(piece)
 }
