@@ -7,7 +7,8 @@
 #   MERGE_SIZE=256M bench/merge.sh        # a quick run
 #   BIN=target/debug/cbtstream ...        # a given binary instead of a release build
 #
-# Prints MB/s of output (the merged or recompressed stream; the image for restore) and CPU
+# Prints MB/s of output (the merged or recompressed stream; the image for restore), MB/s of
+# the disk's virtual size (the same work measured the same way for all three) and CPU
 # seconds per GB of output. Target (issue 11): merge at least 2x restore's throughput.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,12 +76,13 @@ measure() { # name, output file, command...
         || { echo "FAILED: $name"; cat "$DIR/err.txt"; exit 1; }
     read -r wall user sys < "$DIR/time.txt"
     python3 -c 'import sys
-name, wall, cpu, size = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]) + float(sys.argv[4]), int(sys.argv[5])
-print(f"| {name} | {wall:.2f} | {size / 1e6 / max(wall, 1e-9):.0f} | {cpu / (size / 1e9):.2f} |")' \
-        "$name" "$wall" "$user" "$sys" "$(stat -c %s "$out")"
+name, wall, cpu, size, disk = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]) + float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+wall = max(wall, 1e-9)
+print(f"| {name} | {wall:.2f} | {size / 1e6 / wall:.0f} | {disk / 1e6 / wall:.0f} | {cpu / (size / 1e9):.2f} |")' \
+        "$name" "$wall" "$user" "$sys" "$(stat -c %s "$out")" "$BYTES"
 }
-echo "| case ($SIZE disk, full + $POINTS incrementals) | wall s | MB/s of output | CPU s/GB of output |"
-echo "|---|---|---|---|"
+echo "| case ($SIZE disk, full + $POINTS incrementals) | wall s | MB/s of output | MB/s of disk | CPU s/GB of output |"
+echo "|---|---|---|---|---|"
 measure "merge" "$DIR/merged.cbts" "$BIN" merge "${STREAMS[@]}" -o "$DIR/merged.cbts"
 measure "restore to a file" "$DIR/restored.raw" "$BIN" restore --to "$DIR/restored.raw" "${STREAMS[@]}"
 measure "recompress (restore, then zstd -1)" "$DIR/recompressed.zst" bash -c \

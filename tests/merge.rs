@@ -344,3 +344,12 @@ fn a_record_newer_ones_cover_whole_is_still_checked() {
     assert_fails(&o, 4, "p0.cbts: record 0");
     assert_nothing_written(&out);
 }
+
+#[test]
+fn an_output_that_cannot_be_created_fails_with_exit_5() {
+    let c = chain(15);
+    let out = c.dir.join("no-such-dir").join("merged.cbts");
+    let o = merge(&c.streams, &out);
+    assert_fails(&o, 5, "no-such-dir");
+    assert_nothing_written(&out);
+}

@@ -5,8 +5,10 @@
 //! the newest input's record wins. A record no newer record overlaps is copied as stored (its
 //! frame and checksum unchanged: the input's digest vouches for those bytes); one that newer
 //! records cover in part is decompressed, checked, and only its visible pieces written again;
-//! one covered whole is decompressed and checked, then dropped. Memory: one current record
-//! (stored and decompressed) per input, whatever the disk size.
+//! one covered whole is decompressed and checked, then dropped. The inputs are read and the
+//! range decisions made on the caller's thread; compressing and checking run on workers and
+//! one thread writes (see [`output`]). Memory: one current record (stored and decompressed)
+//! per input plus a few records in flight per worker, whatever the disk size.
 
 mod output;
 mod sweep;
