@@ -353,3 +353,39 @@ fn an_output_that_cannot_be_created_fails_with_exit_5() {
     assert_fails(&o, 5, "no-such-dir");
     assert_nothing_written(&out);
 }
+
+#[test]
+fn a_disk_that_shrank_and_grew_again_reads_as_zeroes_where_it_was_cut_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = Prng::new(16);
+    let mut image = Vec::new();
+    let rec = |offset, length| Rec {
+        offset,
+        length,
+        kind: Kind::Zstd,
+    };
+    let points: [(u64, Vec<Rec>); 3] = [
+        (4 * MIB, (0..4).map(|i| rec(i * MIB, MIB)).collect()),
+        // Shrinks into the middle of record 2 of the full stream.
+        (2 * MIB + 777, vec![rec(1000, 5000)]),
+        // Grows again; one record where the full stream's data was.
+        (5 * MIB, vec![rec(3 * MIB + 10, 1000)]),
+    ];
+    let mut streams = Vec::new();
+    for (point, (size, recs)) in points.iter().enumerate() {
+        let path = dir.join(format!("p{point}.cbts"));
+        write_stream(&path, &header(*size, point), recs, &mut image, &mut rng);
+        streams.push(path);
+    }
+    let merged = dir.join("merged.cbts");
+    let summary = json_summary(&ok(merge(&streams, &merged)));
+    let from_chain = dir.join("chain.img");
+    ok(run(&args("restore", &streams, &["--to", p(&from_chain)])));
+    let from_merged = dir.join("merged.img");
+    ok(run(&["restore", "--to", p(&from_merged), p(&merged)]));
+    assert_same(&from_chain, &from_merged);
+    // Full records 0 and 2 are cut (by p1's record and by the shrink), 3 is cut off whole.
+    assert_eq!(summary["records_recompressed"], 2, "{summary}");
+    assert_eq!(summary["records_dropped"], 1, "{summary}");
+}

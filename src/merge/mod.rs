@@ -24,7 +24,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use sweep::{next_step, Span, Step};
+use sweep::{clip, next_step, visible_bounds, Span, Step};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
@@ -381,6 +381,11 @@ fn sweep(
     report: &mut MergeReport,
 ) -> Result<(), MergeError> {
     let mut payloads = Payloads::new()?;
+    let sizes: Vec<u64> = cursors
+        .iter()
+        .map(|c| c.stream.header.virtual_size)
+        .collect();
+    let bounds = visible_bounds(&sizes);
     for c in cursors.iter_mut() {
         c.advance()?;
     }
@@ -393,7 +398,11 @@ fn sweep(
             }
         }
         spans.clear();
-        spans.extend(cursors.iter().map(|c| c.current.as_ref().map(Record::span)));
+        spans.extend(cursors.iter().zip(&bounds).map(|(c, &bound)| {
+            c.current
+                .as_ref()
+                .and_then(|r| clip(r.span(), bound, position))
+        }));
         match next_step(position, limit, &spans) {
             None => break,
             Some(Step::Gap { until }) => position = until,
@@ -410,8 +419,8 @@ fn sweep(
             }
         }
     }
-    // What lies past the last input's size (a disk that shrank) is dropped, but checked, and
-    // every input is read to its verified trailer.
+    // What a shrink of the disk cut off is dropped, but checked, and every input is read to
+    // its verified trailer.
     for c in cursors.iter_mut() {
         while c.current.is_some() {
             c.finish_current(pipeline, report)?;

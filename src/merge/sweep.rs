@@ -53,6 +53,27 @@ pub fn next_step(position: u64, limit: u64, current: &[Option<Span>]) -> Option<
     }
 }
 
+/// How far each input's records can show, oldest input first: a disk that shrank at some
+/// point lost what lay past its new end, so an input's records show only below the smallest
+/// size of it and every newer input (restore truncates the image the same way).
+pub fn visible_bounds(sizes: &[u64]) -> Vec<u64> {
+    let mut bounds = sizes.to_vec();
+    for i in (0..bounds.len().saturating_sub(1)).rev() {
+        bounds[i] = bounds[i].min(bounds[i + 1]);
+    }
+    bounds
+}
+
+/// The part of `span` below `bound` still ahead of `position`, as [`next_step`] takes it:
+/// `None` when nothing of it is left to show.
+pub fn clip(span: Span, bound: u64, position: u64) -> Option<Span> {
+    let end = span.end.min(bound);
+    (end > position && end > span.start).then_some(Span {
+        start: span.start,
+        end,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +127,18 @@ mod tests {
             next_step(0, 20, &cur),
             Some(Step::Take { input: 0, end: 10 })
         );
+    }
+
+    #[test]
+    fn a_shrink_hides_older_records_past_it_even_after_the_disk_grew_again() {
+        assert_eq!(visible_bounds(&[100, 50, 80, 120]), [50, 50, 80, 120]);
+        assert_eq!(visible_bounds(&[]), Vec::<u64>::new());
+        let s = Span { start: 40, end: 70 };
+        assert_eq!(clip(s, 50, 40), Some(Span { start: 40, end: 50 }));
+        // Its visible part was taken: the rest no longer takes part in the sweep.
+        assert_eq!(clip(s, 50, 50), None);
+        assert_eq!(clip(Span { start: 60, end: 70 }, 50, 0), None);
+        assert_eq!(clip(s, 100, 45), Some(s));
     }
 
     #[test]
