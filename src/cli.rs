@@ -40,6 +40,9 @@ enum Command {
     Restore(RestoreArgs),
     /// Check a stream (every checksum and the trailer) and print what it holds.
     Inspect(InspectArgs),
+    /// Merge a full stream and the incrementals that follow it into one full stream of the
+    /// last point (a synthetic full).
+    Merge(MergeArgs),
     /// Commit a point whose stream went to a pipe, once its reader stored it.
     Commit(CommitArgs),
     /// Remove snapshots that cbtstream took but did not commit (left by a killed run).
@@ -422,6 +425,19 @@ struct InspectArgs {
     stream: PathBuf,
 }
 
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// The merged stream; "-" writes stdout. A file is written as OUT.partial and renamed.
+    #[arg(short, long, value_name = "OUT")]
+    output: PathBuf,
+    /// Print a JSON summary on stderr when done.
+    #[arg(long)]
+    json: bool,
+    /// The full stream, then its incrementals in order; "-" reads stdin.
+    #[arg(required = true, value_name = "STREAM")]
+    streams: Vec<PathBuf>,
+}
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -454,6 +470,7 @@ pub fn main() -> ExitCode {
         Command::RestoreVm(args) => restore_vm(*args),
         Command::Restore(args) => restore(args),
         Command::Inspect(args) => inspect(args),
+        Command::Merge(args) => merge(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -726,6 +743,23 @@ fn inspect(args: InspectArgs) -> Result<(), Failure> {
     match crate::restore::inspect(&args.stream) {
         Ok(report) => {
             println!("{report}");
+            Ok(())
+        }
+        Err(e) => Err(Failure {
+            code: e.exit_code(),
+            error: e.into(),
+        }),
+    }
+}
+
+fn merge(args: MergeArgs) -> Result<(), Failure> {
+    match crate::merge::merge(&args.streams, &args.output) {
+        Ok(report) => {
+            if args.json {
+                eprintln!("{}", report.json_value());
+            } else {
+                eprintln!("{report}");
+            }
             Ok(())
         }
         Err(e) => Err(Failure {

@@ -8,6 +8,7 @@ mod engine;
 mod exit;
 mod export;
 mod lock;
+mod merge;
 mod nbd;
 mod progress;
 mod restore;

@@ -4,7 +4,10 @@
 
 use super::input::{pipelined, Input};
 use super::{check_chain, open_inputs, PayloadDecoder, RestoreError, StartingPoint};
-use cbtstream_proto::stream::{Header, Item, StreamError, Trailer};
+use cbtstream_proto::stream::{Codec, Header, Item, StreamError, Trailer};
+
+/// Size of each read by [`OpenStream::next_item`].
+const RECORD_READ_CHUNK: usize = 1 << 20;
 use std::path::PathBuf;
 
 /// One verified piece of a stream, in stream order.
@@ -60,11 +63,43 @@ impl Payloads {
             .map(Payloads)
             .map_err(|e| RestoreError::Internal(format!("cannot create a zstd decompressor: {e}")))
     }
+
+    /// Decompresses (if needed) one DATA record of `input` and checks its checksum.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode<'a>(
+        &'a mut self,
+        input: &str,
+        index: u64,
+        offset: u64,
+        length: u64,
+        codec: Codec,
+        checksum: u64,
+        payload: &'a [u8],
+    ) -> Result<&'a [u8], RestoreError> {
+        self.0
+            .decode(index, offset, length, codec, checksum, payload)
+            .map_err(|error| RestoreError::Damaged {
+                input: input.to_owned(),
+                error,
+            })
+    }
 }
 
 impl OpenStream {
     pub fn name(&self) -> &str {
         &self.input.name
+    }
+
+    /// The next item, its structure and order checked, its payload as stored (not yet
+    /// checked against its checksum: see [`Payloads::decode`]); `None` once the trailer and
+    /// digest verified and the input ended right after them. Read on the caller's thread.
+    pub fn next_item(&mut self) -> Result<Option<Item>, RestoreError> {
+        self.input.next_item(RECORD_READ_CHUNK)
+    }
+
+    /// Stream bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.input.bytes_read
     }
 
     /// Hands every record to `each` as a verified block, in order; `Ok` only once the
