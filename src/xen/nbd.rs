@@ -212,3 +212,70 @@ pub async fn keepalive<T>(
     pinger.abort();
     result
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xapi::Secret;
+    use cbtstream_testkit::xen_nbd::{file_resolver, XenNbdConfig, XenNbdServer};
+    use cbtstream_testkit::{make_image, xapi_style_self_signed, Pattern};
+
+    fn record(port: u16, cert_pem: &str, subject: &str) -> NbdInfo {
+        NbdInfo {
+            address: "127.0.0.1".into(),
+            port,
+            cert_pem: cert_pem.into(),
+            subject: subject.into(),
+            exportname: Secret::new("/disk"),
+        }
+    }
+
+    /// One bad record (a certificate that does not parse, a subject the certificate does not
+    /// name, a server that is down) does not stop the loop: the good record after it is used.
+    #[tokio::test]
+    async fn a_bad_record_falls_through_to_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("disk.raw");
+        make_image(&img, 1 << 20, 1, Pattern::Mixed).unwrap();
+        let cert = xapi_style_self_signed(&tmp.path().join("xapi")).unwrap();
+        let server = XenNbdServer::start(XenNbdConfig::new(
+            &cert.cert_pem_path,
+            &cert.key_pem_path,
+            file_resolver(None, &img),
+        ))
+        .await
+        .unwrap();
+        let pem = std::fs::read_to_string(&cert.cert_pem_path).unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let params = NbdParams {
+            connect_timeout: Duration::from_secs(10),
+            extended_headers: true,
+        };
+        let records = [
+            record(server.port, "not a certificate", "localhost"),
+            record(server.port, &pem, "some-other-host"),
+            record(closed, &pem, "localhost"),
+            record(server.port, &pem, "localhost"),
+        ];
+        let (conn, opts) = connect_first(&records, params).await.unwrap();
+        assert_eq!(conn.negotiated.size, 1 << 20);
+        assert_eq!(opts.address_label(), format!("127.0.0.1:{}", server.port));
+
+        // Every record bad: one error naming each server's problem.
+        let Err(err) = connect_first(&records[..3], params).await else {
+            panic!("three bad records connected");
+        };
+        let text = err.to_string();
+        assert!(text.contains("certificate"), "{text}");
+        assert!(text.contains("some-other-host"), "{text}");
+        assert!(text.contains(&format!("127.0.0.1:{closed}")), "{text}");
+        assert!(!text.contains("/disk"), "the export name leaked: {text}");
+        assert!(matches!(
+            connect_first(&[], params).await,
+            Err(NoServer::Empty)
+        ));
+    }
+}
