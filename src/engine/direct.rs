@@ -271,9 +271,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         let size = 3 * WINDOW + 5000;
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
+        let file = crate::durable::private_options()
             .truncate(true)
             .open(&path)
             .unwrap();

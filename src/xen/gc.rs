@@ -11,7 +11,9 @@
 //! with their time, and never removes them. (Only those taken after the chain's base would
 //! miss one left before the next successful export moved the base past it.)
 
-use super::{load_state, lock_chain, login, retry_in_use, src, XapiLogin, TAG_SNAPSHOT};
+use super::{
+    load_state, load_vm_state, lock_chain, login, retry_in_use, src, XapiLogin, TAG_SNAPSHOT,
+};
 use crate::exit::{fail, Code, Failure};
 use crate::xapi::XapiSession;
 use std::path::PathBuf;
@@ -68,18 +70,7 @@ pub async fn run(opts: GcOptions) -> Result<GcReport, Failure> {
             });
         }
         (GcTarget::Vm(vm), Some(p)) => {
-            let s = crate::chain::load_vm(p)
-                .map_err(|e| Failure {
-                    code: Code::Usage,
-                    error: e.into(),
-                })?
-                .ok_or_else(|| missing(p))?;
-            if &s.vm != vm {
-                return Err(fail(
-                    Code::Usage,
-                    format!("the state file is for VM {}, not {vm}", s.vm),
-                ));
-            }
+            let s = load_vm_state(p, vm)?.ok_or_else(|| missing(p))?;
             kept.extend(s.disks.into_iter().map(|(vdi, b)| Kept {
                 vdi,
                 needed: vec![b.base],

@@ -170,6 +170,22 @@ fn load_state(path: &Path) -> Result<Option<crate::chain::ChainState>, Failure> 
     })
 }
 
+/// The chain state of `backup --vm` for `vm`, or `None` when there is none yet; a state of
+/// another VM is refused.
+fn load_vm_state(path: &Path, vm: &str) -> Result<Option<crate::chain::VmState>, Failure> {
+    let state = crate::chain::load_vm(path).map_err(|e| Failure {
+        code: state_code(&e),
+        error: e.into(),
+    })?;
+    if let Some(s) = state.as_ref().filter(|s| s.vm != vm) {
+        return Err(fail(
+            Code::Usage,
+            format!("the state file is for VM {}, not {vm}", s.vm),
+        ));
+    }
+    Ok(state)
+}
+
 fn save_state(path: &Path, state: &crate::chain::ChainState) -> Result<(), Failure> {
     crate::chain::save(path, state).map_err(|e| Failure {
         code: state_code(&e),

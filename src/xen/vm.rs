@@ -17,7 +17,9 @@
 use super::allocation;
 use super::nbd::{keepalive, NbdParams, XenNbd};
 use super::point::{self, PartialPoint, PointDisk, PointInfo};
-use super::{destroy_if_ours, lock_chain, login, retry_in_use, src, XapiLogin, TAG_SNAPSHOT};
+use super::{
+    destroy_if_ours, load_vm_state, lock_chain, login, retry_in_use, src, XapiLogin, TAG_SNAPSHOT,
+};
 use crate::chain::{self, DiskBase, VmState};
 use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
@@ -110,20 +112,9 @@ pub async fn run(opts: BackupOptions) -> Result<BackupReport, Failure> {
         None => None,
     };
     let state = match &opts.state {
-        Some(p) => chain::load_vm(p).map_err(|e| Failure {
-            code: Code::Usage,
-            error: e.into(),
-        })?,
+        Some(p) => load_vm_state(p, &opts.vm)?,
         None => None,
     };
-    if let Some(s) = &state {
-        if s.vm != opts.vm {
-            return Err(fail(
-                Code::Usage,
-                format!("the state file is for VM {}, not {}", s.vm, opts.vm),
-            ));
-        }
-    }
     let session = Arc::new(login(&opts.login).await?);
     let taken: Arc<Mutex<Taken>> = Arc::default();
     let result = tokio::select! {
