@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// is read too.
 pub const STATE_VERSION: u32 = 2;
 /// A state file is a few hundred bytes; refuse anything absurd before reading it.
-const MAX_STATE_BYTES: u64 = 1 << 20;
+pub const MAX_STATE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainState {
@@ -147,7 +147,18 @@ pub fn load_vm(path: &Path) -> Result<Option<VmState>, ChainError> {
     let Some(text) = read_small(path)? else {
         return Ok(None);
     };
-    let state: VmState = serde_json::from_str(&text).map_err(|e| ChainError::Damaged {
+    parse_vm(&text, path).map(Some)
+}
+
+/// A VM chain state from its text (`path` names it in errors).
+pub fn parse_vm(text: &str, path: &Path) -> Result<VmState, ChainError> {
+    if text.len() as u64 > MAX_STATE_BYTES {
+        return Err(ChainError::Damaged {
+            path: path.to_path_buf(),
+            why: "larger than 1 MiB".into(),
+        });
+    }
+    let state: VmState = serde_json::from_str(text).map_err(|e| ChainError::Damaged {
         path: path.to_path_buf(),
         why: e.to_string(),
     })?;
@@ -157,16 +168,19 @@ pub fn load_vm(path: &Path) -> Result<Option<VmState>, ChainError> {
             found: state.version,
         });
     }
-    Ok(Some(state))
+    Ok(state)
+}
+
+/// The text of a VM chain state.
+pub fn vm_text(state: &VmState) -> String {
+    let mut text = serde_json::to_string_pretty(state).expect("a VmState serializes");
+    text.push('\n');
+    text
 }
 
 /// Replace a VM chain state atomically and durably.
 pub fn save_vm(path: &Path, state: &VmState) -> Result<(), ChainError> {
-    let mut text = serde_json::to_string_pretty(state).map_err(|e| ChainError::Write {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e),
-    })?;
-    text.push('\n');
+    let text = vm_text(state);
     crate::durable::replace(path, text.as_bytes()).map_err(|source| ChainError::Write {
         path: path.to_path_buf(),
         source,

@@ -47,6 +47,11 @@ enum Command {
     Commit(CommitArgs),
     /// Remove snapshots that cbtstream took but did not commit (left by a killed run).
     Gc(GcArgs),
+    /// Manage a repository (a directory or S3) that keeps points.
+    #[command(subcommand)]
+    Repo(crate::repo_cli::RepoCommand),
+    /// List the points in a repository.
+    List(crate::repo_cli::ListArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -300,8 +305,15 @@ pub struct BackupArgs {
     #[arg(long, value_name = "UUID")]
     pub vm: String,
     /// Where the point directories go (DIR/<point-id>/).
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "location",
+        conflicts_with = "location"
+    )]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub repo: crate::repo_cli::RepoTarget,
     /// The VM's chain state (each disk's base); without it every backup is full.
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
@@ -471,6 +483,8 @@ pub fn main() -> ExitCode {
         Command::Restore(args) => restore(args),
         Command::Inspect(args) => inspect(args),
         Command::Merge(args) => merge(args),
+        Command::Repo(cmd) => run_async(crate::repo_cli::repo_command(cmd)),
+        Command::List(args) => run_async(crate::repo_cli::list(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -570,22 +584,53 @@ fn commit(args: CommitArgs) -> Result<(), Failure> {
 
 fn backup(args: BackupArgs) -> Result<(), Failure> {
     let json = args.dp.json;
+    use crate::repo::point_writer::PointTarget;
+    use crate::repo::state::StateHome;
+    let login = xapi_login(&args.xapi, &args.xapi_args)?;
+    let target = match (&args.out, &args.repo.location) {
+        (Some(out), _) => PointTarget::Dir(out.clone()),
+        (None, Some(location)) => {
+            let opts = crate::repo::RepoOptions {
+                location: location.clone(),
+                s3_endpoint: args.repo.s3_endpoint.clone(),
+            };
+            PointTarget::Repo(run_async(async {
+                crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
+            })?)
+        }
+        (None, None) => return Err(fail(Code::Usage, "give --out DIR or --repo LOCATION")),
+    };
+    if !crate::repo::store::valid_name(&args.vm) {
+        return Err(fail(
+            Code::Usage,
+            format!("--vm {:?} is not a VM uuid", args.vm),
+        ));
+    }
+    let state = match (args.state, &target) {
+        (Some(p), _) => Some(StateHome::File(p)),
+        (None, PointTarget::Repo(repo)) => Some(StateHome::Repo {
+            repo: repo.clone(),
+            vm: args.vm.clone(),
+        }),
+        (None, PointTarget::Dir(_)) => None,
+    };
     let opts = crate::xen::vm::BackupOptions {
-        login: xapi_login(&args.xapi, &args.xapi_args)?,
+        login,
         vm: args.vm,
-        out: args.out,
-        state: args.state,
+        target,
+        state,
+        break_lock: args.repo.break_lock,
         enable_cbt: args.enable_cbt,
         keepalive: std::time::Duration::from_secs(args.xapi_keepalive),
         dp: args.dp.options(),
     };
     let report = run_async(crate::xen::vm::run(opts))?;
-    println!("{}", report.dir.display());
+    println!("{}", report.location);
     if json {
         let v = serde_json::json!({
             "point": report.point.id,
             "base": report.point.base,
-            "dir": report.dir,
+            "location": report.location,
             "disks": report.point.disks.len(),
             "bytes_read": report.bytes_read,
             "bytes_written": report.bytes_written,

@@ -245,6 +245,8 @@ pub enum Destination {
     Output(std::path::PathBuf),
     /// `--to-command CMD`: `sh -c CMD` reads the stream on its stdin.
     Command(String),
+    /// An upload into a repository.
+    Upload(crate::engine::sink::SharedFinishing),
 }
 
 /// [`run_data_plane`] into `destination`; for `--to-command`, also wait for the command and
@@ -264,6 +266,10 @@ pub async fn send_stream(
             return run_data_plane(first, connector, what, ids, dp, output, progress).await;
         }
         Destination::Command(cmd) => cmd,
+        Destination::Upload(writer) => {
+            let output = Output::Finishing(writer.clone());
+            return run_data_plane(first, connector, what, ids, dp, output, progress).await;
+        }
     };
     let (child, stdin) = crate::command::StreamCommand::spawn(cmd).code(Code::Output)?;
     // The engine drops its copies of the pipe when it returns: the command's EOF.

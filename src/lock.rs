@@ -40,7 +40,11 @@ pub fn lock_path(state: &Path) -> PathBuf {
 impl ChainLock {
     /// Take the chain's lock without waiting.
     pub fn acquire(state: &Path) -> Result<ChainLock, LockError> {
-        let path = lock_path(state);
+        ChainLock::acquire_file(lock_path(state))
+    }
+
+    /// Take the lock on `path` itself without waiting.
+    pub fn acquire_file(path: PathBuf) -> Result<ChainLock, LockError> {
         let io = |source| LockError::Io {
             path: path.clone(),
             source,

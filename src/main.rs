@@ -11,6 +11,8 @@ mod lock;
 mod merge;
 mod nbd;
 mod progress;
+mod repo;
+mod repo_cli;
 mod restore;
 mod tls;
 mod xapi;

@@ -7,6 +7,7 @@
 //! out, which keeps every parser easy to test and to fuzz.
 #![forbid(unsafe_code)]
 
+pub mod aws_config;
 pub mod cbt;
 pub mod nbd;
 pub mod reader;

@@ -272,14 +272,14 @@ async fn run_stages(
 }
 
 /// The written output (to commit) and what was written.
-type Written = (Box<dyn std::io::Write + Send>, SinkStats);
+type Written = (sink::SinkFile, SinkStats);
 type SinkResult = Result<Written, SinkError>;
 type Encoders = Vec<std::thread::JoinHandle<std::io::Result<()>>>;
 
 /// The order and sink stages, on a thread of their own. When writing fails, the budget is
 /// closed, which stops the planner.
 fn spawn_sink(
-    out: Box<dyn std::io::Write + Send>,
+    out: sink::SinkFile,
     header: Header,
     input: std::sync::mpsc::Receiver<ToSink>,
     pools: Arc<Pools>,

@@ -21,6 +21,58 @@ pub enum Output {
     Special(PathBuf),
     /// The write end of a pipe to a command (`--to-command`).
     Pipe(std::sync::Arc<std::os::fd::OwnedFd>),
+    /// A writer that must be told when the stream is whole (an upload to object storage).
+    /// Taken by the first [`open`].
+    Finishing(SharedFinishing),
+}
+
+/// A target that must be told the stream is whole: `finish` runs on the sink's thread once
+/// the trailer is written. Dropped without it, the target discards what it got.
+pub trait FinishingWriter: Write + Send {
+    fn finish(self: Box<Self>) -> std::io::Result<()>;
+}
+
+/// An [`Output::Finishing`] writer, until the sink takes it.
+#[derive(Clone)]
+pub struct SharedFinishing(std::sync::Arc<std::sync::Mutex<Option<Box<dyn FinishingWriter>>>>);
+
+impl SharedFinishing {
+    pub fn new(writer: Box<dyn FinishingWriter>) -> SharedFinishing {
+        SharedFinishing(std::sync::Arc::new(std::sync::Mutex::new(Some(writer))))
+    }
+}
+
+impl std::fmt::Debug for SharedFinishing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedFinishing")
+    }
+}
+
+/// The open output: written, then finished (for a [`FinishingWriter`]) by [`run`].
+pub enum SinkFile {
+    Plain(Box<dyn Write + Send>),
+    Finishing(Box<dyn FinishingWriter>),
+}
+
+impl Write for SinkFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            SinkFile::Plain(w) => w.write(buf),
+            SinkFile::Finishing(w) => w.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            SinkFile::Plain(w) => w.write_vectored(bufs),
+            SinkFile::Finishing(w) => w.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            SinkFile::Plain(w) => w.flush(),
+            SinkFile::Finishing(w) => w.flush(),
+        }
+    }
 }
 
 impl Output {
@@ -61,8 +113,15 @@ pub fn partial_path(path: &Path) -> PathBuf {
 }
 
 /// Open the output (for files, the `.partial` file).
-pub fn open(output: &Output) -> Result<Box<dyn Write + Send>, SinkError> {
-    Ok(match output {
+pub fn open(output: &Output) -> Result<SinkFile, SinkError> {
+    if let Output::Finishing(shared) = output {
+        let taken = shared.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        return taken
+            .map(SinkFile::Finishing)
+            .ok_or_else(|| SinkError::Internal("the output was opened twice".into()));
+    }
+    Ok(SinkFile::Plain(match output {
+        Output::Finishing(_) => unreachable!("handled above"),
         Output::Stdout => Box::new(std::io::stdout()),
         Output::File(path) => {
             let p = partial_path(path);
@@ -90,7 +149,7 @@ pub fn open(output: &Output) -> Result<Box<dyn Write + Send>, SinkError> {
                 })?;
             Box::new(f)
         }
-    })
+    }))
 }
 
 /// Buffers small writes (record headers, small payloads) and sends large payloads with one
@@ -153,12 +212,12 @@ impl<W: Write> RecordWriter<W> {
 /// Write the items in the order `items` yields them, then the trailer. Fails unless every
 /// item of the plan came. `progress` is told the bytes of disk each item covers.
 pub fn run(
-    out: Box<dyn Write + Send>,
+    out: SinkFile,
     header: &Header,
     items: &mut InOrder,
     pools: &Pools,
     progress: &dyn Progress,
-) -> Result<(Box<dyn Write + Send>, SinkStats), SinkError> {
+) -> Result<(SinkFile, SinkStats), SinkError> {
     let what = "stream".to_string();
     let io = |source| SinkError::Io {
         what: what.clone(),
@@ -214,7 +273,13 @@ pub fn run(
     let before_trailer = enc.bytes_written();
     let trailer = enc.finish();
     w.small(&trailer).map_err(io)?;
-    let inner = w.finish().map_err(io)?;
+    let inner = match w.finish().map_err(io)? {
+        SinkFile::Finishing(f) => {
+            f.finish().map_err(io)?;
+            SinkFile::Plain(Box::new(std::io::sink()))
+        }
+        plain => plain,
+    };
     stats.bytes_written = before_trailer + trailer.len() as u64;
     Ok((inner, stats))
 }
@@ -243,9 +308,9 @@ fn recycle(item: Encoded, pools: &Pools) {
 }
 
 /// Make a finished file output durable and give it its final name.
-pub fn commit(output: &Output, file: Box<dyn Write + Send>) -> Result<(), SinkError> {
+pub fn commit(output: &Output, file: SinkFile) -> Result<(), SinkError> {
     match output {
-        Output::Special(_) | Output::Pipe(_) => Ok(()),
+        Output::Special(_) | Output::Pipe(_) | Output::Finishing(_) => Ok(()),
         Output::Stdout => {
             // stdout redirected to a file (`-o - > FILE`): make that durable too.
             use std::os::fd::AsFd;

@@ -69,6 +69,7 @@ enum CommitWhen {
 fn commit_when(opts: &ExportOptions) -> Result<CommitWhen, Failure> {
     let path = match &opts.destination {
         Destination::Command(_) => return Ok(CommitWhen::CommandSucceeded),
+        Destination::Upload(_) => return Ok(CommitWhen::Written),
         Destination::Output(path) => path,
     };
     if matches!(Output::from_arg(path), Output::File(_)) || opts.commit_on_eof {

@@ -70,7 +70,9 @@ pub async fn run(opts: GcOptions) -> Result<GcReport, Failure> {
             });
         }
         (GcTarget::Vm(vm), Some(p)) => {
-            let s = load_vm_state(p, vm)?.ok_or_else(|| missing(p))?;
+            let s = load_vm_state(&crate::repo::state::StateHome::File(p.clone()), vm)
+                .await?
+                .ok_or_else(|| missing(p))?;
             kept.extend(s.disks.into_iter().map(|(vdi, b)| Kept {
                 vdi,
                 needed: vec![b.base],

@@ -172,8 +172,11 @@ fn load_state(path: &Path) -> Result<Option<crate::chain::ChainState>, Failure> 
 
 /// The chain state of `backup --vm` for `vm`, or `None` when there is none yet; a state of
 /// another VM is refused.
-fn load_vm_state(path: &Path, vm: &str) -> Result<Option<crate::chain::VmState>, Failure> {
-    let state = crate::chain::load_vm(path).map_err(|e| Failure {
+async fn load_vm_state(
+    home: &crate::repo::state::StateHome,
+    vm: &str,
+) -> Result<Option<crate::chain::VmState>, Failure> {
+    let state = home.load().await.map_err(|e| Failure {
         code: state_code(&e),
         error: e.into(),
     })?;
@@ -184,6 +187,35 @@ fn load_vm_state(path: &Path, vm: &str) -> Result<Option<crate::chain::VmState>,
         ));
     }
     Ok(state)
+}
+
+/// Takes the repository's lock of `vm`, then clears what an earlier run of it left: S3
+/// uploads it could not abort, and point directories without point.json.
+async fn lock_repo_vm(
+    repo: &crate::repo::Repo,
+    vm: &str,
+    operation: &str,
+    break_lock: bool,
+) -> Result<crate::repo::lock::RepoLock, Failure> {
+    use crate::repo::lock::{RepoLock, RepoLockError};
+    let lock = RepoLock::acquire(repo, vm, operation, break_lock)
+        .await
+        .map_err(|e| {
+            let code = match &e {
+                RepoLockError::Held { .. }
+                | RepoLockError::Stale { .. }
+                | RepoLockError::Local(crate::lock::LockError::Held { .. }) => Code::Locked,
+                _ => Code::Output,
+            };
+            Failure {
+                code,
+                error: e.into(),
+            }
+        })?;
+    crate::repo::clean_leftovers(repo, vm)
+        .await
+        .map_err(|e| fail(Code::Output, e))?;
+    Ok(lock)
 }
 
 fn save_state(path: &Path, state: &crate::chain::ChainState) -> Result<(), Failure> {

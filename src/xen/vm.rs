@@ -16,21 +16,21 @@
 
 use super::allocation;
 use super::nbd::{keepalive, NbdParams, XenNbd};
-use super::point::{self, PartialPoint, PointDisk, PointInfo};
+use super::point::{self, PointDisk, PointInfo};
 use super::{
-    destroy_if_ours, load_vm_state, lock_chain, login, retry_in_use, src, XapiLogin, TAG_SNAPSHOT,
+    destroy_if_ours, load_vm_state, lock_chain, lock_repo_vm, login, retry_in_use, src, XapiLogin,
+    TAG_SNAPSHOT,
 };
-use crate::chain::{self, DiskBase, VmState};
+use crate::chain::{DiskBase, VmState};
 use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
-use crate::export::{
-    created_now, send_stream, shutdown_signal, DataPlaneOptions, Destination, StreamIds, What,
-};
+use crate::export::{created_now, send_stream, shutdown_signal, DataPlaneOptions, StreamIds, What};
+use crate::repo::point_writer::{PointTarget, PointWriter};
+use crate::repo::state::StateHome;
 use crate::xapi::{Ref, XapiSession};
 use cbtstream_proto::cbt;
 use http_body_util::BodyExt;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,10 +46,13 @@ const HOST_NBD_CONNECTIONS: usize = 16;
 pub struct BackupOptions {
     pub login: XapiLogin,
     pub vm: String,
-    /// Where point directories go.
-    pub out: PathBuf,
-    /// The VM's chain; without it every backup is full and keeps no base.
-    pub state: Option<PathBuf>,
+    /// Where points go: a directory, or a repository.
+    pub target: PointTarget,
+    /// The VM's chain (a file, or the repository); without it every backup is full and
+    /// keeps no base.
+    pub state: Option<StateHome>,
+    /// `--break-lock`: take the repository's lock of the VM when it is stale.
+    pub break_lock: bool,
     /// Turn CBT on for disks that have it off (their export is a full one).
     pub enable_cbt: bool,
     pub keepalive: Duration,
@@ -60,7 +63,8 @@ pub struct BackupOptions {
 #[derive(Debug, Clone)]
 pub struct BackupReport {
     pub point: PointInfo,
-    pub dir: PathBuf,
+    /// Where the point is (its directory, or its place in the repository).
+    pub location: String,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub seconds: f64,
@@ -108,11 +112,17 @@ struct Taken {
 pub async fn run(opts: BackupOptions) -> Result<BackupReport, Failure> {
     let started = std::time::Instant::now();
     let _lock = match &opts.state {
-        Some(p) => Some(lock_chain(p)?),
-        None => None,
+        Some(StateHome::File(p)) => Some(lock_chain(p)?),
+        _ => None,
+    };
+    let repo_lock = match &opts.target {
+        PointTarget::Repo(repo) => {
+            Some(lock_repo_vm(repo, &opts.vm, "backup", opts.break_lock).await?)
+        }
+        PointTarget::Dir(_) => None,
     };
     let state = match &opts.state {
-        Some(p) => load_vm_state(p, &opts.vm)?,
+        Some(home) => load_vm_state(home, &opts.vm).await?,
         None => None,
     };
     let session = Arc::new(login(&opts.login).await?);
@@ -130,6 +140,9 @@ pub async fn run(opts: BackupOptions) -> Result<BackupReport, Failure> {
     };
     clean_up(&session, &taken).await;
     session.logout().await;
+    if let Some(lock) = repo_lock {
+        lock.release().await;
+    }
     result.map(|mut r| {
         r.seconds = started.elapsed().as_secs_f64();
         r
@@ -361,19 +374,17 @@ async fn backup(
         reads.push(what);
     }
 
-    let partial = PartialPoint::create(&opts.out, &snap_rec.uuid).map_err(|e| {
-        fail(
-            Code::Output,
-            format!(
-                "creating the point directory in {}: {e}",
-                opts.out.display()
-            ),
-        )
-    })?;
+    let mut partial = PointWriter::create(&opts.target, &rec.uuid, &snap_rec.uuid)
+        .await
+        .code(Code::Output)?;
     let exported = async {
         // The VM's own configuration, not the snapshot VM's: imported, a snapshot's would come
         // back as a snapshot (xapi keeps `is_a_snapshot`), not as a VM that can start.
-        save_metadata(session, &rec.uuid, &partial.file(point::METADATA_FILE)).await?;
+        let metadata = read_metadata(session, &rec.uuid).await?;
+        partial
+            .put(point::METADATA_FILE, metadata)
+            .await
+            .code(Code::Output)?;
         // The metadata must describe the disks that were snapshotted: a disk plugged or
         // unplugged meanwhile would come back wrong (or as the VM's live disk).
         if disk_vdis(session, &vm).await? != vm_disks_all {
@@ -385,15 +396,11 @@ async fn backup(
                 ),
             ));
         }
-        let summaries = export_disks(session, opts, &disks, reads, &partial).await?;
+        let summaries = export_disks(session, opts, &disks, reads, &mut partial).await?;
         let mut entries = Vec::new();
         for d in &disks {
             let stream = stream_name(&d.slot);
-            let path = partial.file(&stream);
-            let sha256 = tokio::task::spawn_blocking(move || point::sha256_file(&path))
-                .await
-                .map_err(|e| fail(Code::Failure, e))?
-                .map_err(|e| fail(Code::Output, format!("reading back {stream}: {e}")))?;
+            let sha256 = partial.sha256(&stream).await.code(Code::Output)?;
             let size = d.size;
             entries.push(PointDisk {
                 id: d.vdi.clone(),
@@ -410,8 +417,13 @@ async fn backup(
         Ok::<_, Failure>((summaries, entries))
     }
     .await;
-    // (On failure, dropping `partial` removes it.)
-    let (summaries, entries) = exported?;
+    let (summaries, entries) = match exported {
+        Ok(done) => done,
+        Err(e) => {
+            partial.discard().await;
+            return Err(e);
+        }
+    };
     let info = PointInfo {
         id: snap_rec.uuid.clone(),
         vm: rec.uuid.clone(),
@@ -421,12 +433,10 @@ async fn backup(
         disks: entries,
         skipped,
     };
-    let dir = partial
-        .finish(&info)
-        .map_err(|e| fail(Code::Output, format!("finishing the point directory: {e}")))?;
+    let location = partial.finish(&info).await.code(Code::Output)?;
     let report = BackupReport {
         point: info,
-        dir,
+        location,
         bytes_read: summaries.iter().map(|s| s.bytes_read).sum(),
         bytes_written: summaries.iter().map(|s| s.bytes_written).sum(),
         seconds: 0.0,
@@ -438,8 +448,8 @@ fn stream_name(slot: &str) -> String {
     format!("disk{slot}.cbts")
 }
 
-/// `GET /export_metadata?uuid=<VM>&export_snapshots=false` into `path`.
-async fn save_metadata(session: &XapiSession, vm_uuid: &str, path: &Path) -> Result<(), Failure> {
+/// `GET /export_metadata?uuid=<VM>&export_snapshots=false`.
+async fn read_metadata(session: &XapiSession, vm_uuid: &str) -> Result<Vec<u8>, Failure> {
     let resp = session
         .http_get(
             "/export_metadata",
@@ -455,8 +465,7 @@ async fn save_metadata(session: &XapiSession, vm_uuid: &str, path: &Path) -> Res
         .map_err(|_| fail(Code::Source, "reading the VM's metadata timed out"))?
         .map_err(|e| fail(Code::Source, format!("reading the VM's metadata: {e}")))?
         .to_bytes();
-    crate::durable::replace(path, &body)
-        .map_err(|e| fail(Code::Output, format!("writing {}: {e}", path.display())))
+    Ok(body.to_vec())
 }
 
 /// Every disk over NBD at once, sharing the host's connections.
@@ -465,7 +474,7 @@ async fn export_disks(
     opts: &BackupOptions,
     disks: &[Disk],
     reads: Vec<What>,
-    partial: &PartialPoint,
+    partial: &mut PointWriter,
 ) -> Result<Vec<ExportSummary>, Failure> {
     let mut dp = opts.dp.clone();
     dp.connections = dp
@@ -485,7 +494,10 @@ async fn export_disks(
             point_id: snap_uuid,
             base_id: d.base.as_ref().map(|(u, _)| u.clone()),
         };
-        let destination = Destination::Output(partial.file(&stream_name(&d.slot)));
+        let destination = partial
+            .stream(&stream_name(&d.slot), d.size + d.size / 64 + (1 << 20))
+            .await
+            .code(Code::Output)?;
         let (session, dp, progress) = (session.clone(), dp.clone(), progress.clone());
         tasks.spawn(async move {
             let (nbd, first) = XenNbd::open(session, snap, params).await?;
@@ -528,7 +540,7 @@ async fn commit(
             tracing::warn!("could not destroy the snapshot VM: {e}");
         }
     }
-    let Some(path) = &opts.state else {
+    let Some(home) = &opts.state else {
         // No chain: nothing builds on these snapshots; clean_up destroys them.
         return Ok(());
     };
@@ -551,7 +563,7 @@ async fn commit(
             .collect(),
         updated_unix_secs: created_now(),
     };
-    chain::save_vm(path, &state).code(Code::Output)?;
+    home.save(&state).await.code(Code::Output)?;
     // These are the chain's now; the snapshots of skipped disks stay for clean_up.
     taken
         .lock()
@@ -571,7 +583,7 @@ async fn commit(
             ),
         }
     }
-    chain::save_vm(path, &state).code(Code::Output)?;
+    home.save(&state).await.code(Code::Output)?;
     // The old bases, and the bases of disks no longer in the VM.
     for (vdi, b) in old.map(|s| s.disks).unwrap_or_default() {
         destroy_if_ours(session, &vdi, &b.base, "previous base").await;

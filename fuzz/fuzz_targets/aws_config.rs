@@ -1,0 +1,9 @@
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let name = text.lines().next().unwrap_or("default");
+        let _ = cbtstream_proto::aws_config::section(text, name);
+    }
+});

@@ -1,0 +1,82 @@
+//! The repository (`repo init`, `backup --repo`, `list`) on a local directory: points stored
+//! under their VM, point.json last, the chain state kept in the repository.
+
+mod common;
+#[path = "xapi_env/mod.rs"]
+mod xapi_env;
+
+use common::*;
+use std::path::Path;
+use xapi_env::*;
+
+impl Env {
+    async fn backup_repo(&self, repo: &str, extra: &[&str]) -> std::process::Output {
+        let mut args = vec!["--vm", self.sim.vm_uuid(), "--repo", repo];
+        args.extend_from_slice(extra);
+        self.command(&["backup", "--xapi", &self.sim.url()], false, &args)
+            .await
+    }
+}
+
+fn list_json(repo: &str) -> Vec<serde_json::Value> {
+    let o = ok(run(&["list", "--repo", repo, "--json"]));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_into_a_local_repository_chain_and_list() {
+    let e = env_with(|c| c.disks = 2).await;
+    let repo = e.dir.join("repo");
+    let repo_s = p(&repo).to_string();
+    // Not a repository yet: refused, exit 2, nothing taken on the host.
+    let o = e.backup_repo(&repo_s, &[]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("repo init"), "{}", stderr(&o));
+    assert!(e.sim.calls("VM.snapshot") == 0);
+    ok(run(&["repo", "init", &repo_s]));
+    let again = run(&["repo", "init", &repo_s]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(list_json(&repo_s).is_empty());
+
+    let mut ids: Vec<String> = Vec::new();
+    for round in 0..3u8 {
+        e.guest_writes(round);
+        ok(e.backup_repo(&repo_s, &[]).await);
+        let points = list_json(&repo_s);
+        assert_eq!(points.len(), usize::from(round) + 1, "{points:?}");
+        let last = points.last().unwrap();
+        assert_eq!(last["vm"], e.sim.vm_uuid());
+        assert_eq!(last["disks"], 2);
+        assert!(last["bytes"].as_u64().unwrap() > 0);
+        if round == 0 {
+            assert_eq!(last["kind"], "full");
+            assert!(last["base"].is_null());
+        } else {
+            assert_eq!(last["kind"], "incremental");
+            assert_eq!(last["base"].as_str(), ids.last().map(String::as_str));
+        }
+        ids.push(last["id"].as_str().unwrap().to_string());
+    }
+    // The layout: the state in the repository, every file private.
+    let vm_dir = repo.join("vms").join(e.sim.vm_uuid());
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vm_dir.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["point"].as_str(), ids.last().map(String::as_str));
+    for id in &ids {
+        let dir = vm_dir.join("points").join(id);
+        for f in ["point.json", "metadata.xva", "disk0.cbts", "disk1.cbts"] {
+            assert_private(&dir.join(f));
+        }
+    }
+    let table = String::from_utf8(ok(run(&["list", "--repo", &repo_s])).stdout).unwrap();
+    assert!(
+        table.contains(&ids[2]) && table.contains("incremental"),
+        "{table}"
+    );
+}
+
+fn assert_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+}
