@@ -15,7 +15,7 @@ mod sweep;
 
 use crate::exit::Code;
 use crate::restore::verified::{open_chain, OpenStream, Payloads};
-use crate::restore::RestoreError;
+use crate::restore::{RestoreError, StreamInput};
 use bytes::Bytes;
 use cbtstream_proto::stream::{Codec, Encoder, Header, Item};
 use output::{Piece, Pipeline};
@@ -103,12 +103,28 @@ impl std::fmt::Display for MergeReport {
     }
 }
 
+/// [`merge`] from any inputs (files, or objects of a repository) into any writer, which is
+/// left to the caller to make durable. `name` names the output in errors.
+#[allow(dead_code)] // prune (the repository) is its first caller
+pub fn merge_into(
+    inputs: Vec<StreamInput>,
+    out: &mut (dyn Write + Send),
+    name: &str,
+) -> Result<MergeReport, MergeError> {
+    let started = Instant::now();
+    let streams = open_merge_chain(inputs)?;
+    let mut report = write_merged(streams, out, name)?;
+    out.flush().map_err(|e| output_error(name, e))?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
 /// Merges `inputs` (a full stream, then incrementals, each onto the previous point) into one
 /// full stream written to `output` (`-`: stdout). A file is written as `OUTPUT.partial`,
 /// fsynced and renamed; on any failure it is removed.
 pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<MergeReport, MergeError> {
     let started = Instant::now();
-    let streams = open_merge_chain(inputs)?;
+    let streams = open_merge_chain(StreamInput::paths(inputs))?;
     let mut report = if output.as_os_str() == "-" {
         let mut out = io::BufWriter::with_capacity(1 << 20, io::stdout());
         let report = write_merged(streams, &mut out, "<stdout>")?;
@@ -165,7 +181,7 @@ fn write_file(
 
 /// Opens every input and checks, before anything is written, that they form one chain
 /// starting with a full stream.
-fn open_merge_chain(inputs: &[PathBuf]) -> Result<Vec<OpenStream>, MergeError> {
+fn open_merge_chain(inputs: Vec<StreamInput>) -> Result<Vec<OpenStream>, MergeError> {
     let streams = open_chain(inputs, &|input| {
         Err(RestoreError::ChainMismatch {
             input: input.to_owned(),

@@ -27,7 +27,41 @@ pub(super) struct Input {
     pub(super) bytes_read: u64,
 }
 
+/// A stream to read: a file (`-` for stdin), or any reader with a name for messages (an
+/// object in a repository).
+#[allow(dead_code)] // Reader: restore --repo and prune are its callers
+pub enum StreamInput {
+    Path(std::path::PathBuf),
+    Reader {
+        name: String,
+        reader: Box<dyn Read + Send>,
+    },
+}
+
+impl From<std::path::PathBuf> for StreamInput {
+    fn from(p: std::path::PathBuf) -> Self {
+        StreamInput::Path(p)
+    }
+}
+
+impl StreamInput {
+    pub fn paths(paths: &[std::path::PathBuf]) -> Vec<StreamInput> {
+        paths.iter().cloned().map(StreamInput::Path).collect()
+    }
+
+    pub(super) fn is_stdin(&self) -> bool {
+        matches!(self, StreamInput::Path(p) if p.as_os_str() == "-")
+    }
+}
+
 impl Input {
+    pub(super) fn open_input(input: StreamInput) -> Result<Input, RestoreError> {
+        match input {
+            StreamInput::Path(p) => Input::open(&p),
+            StreamInput::Reader { name, reader } => Ok(Input::from_reader(name, reader)),
+        }
+    }
+
     pub(super) fn open(path: &Path) -> Result<Input, RestoreError> {
         if path.as_os_str() == "-" {
             return Ok(Input::from_reader(

@@ -43,6 +43,7 @@ use apply::Applier;
 use cbtstream_proto::stream::{Header, StreamError, Trailer};
 use decode::PayloadDecoder;
 use input::Input;
+pub use input::StreamInput;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -94,8 +95,13 @@ impl RestoreError {
 
 /// Applies `inputs` in order to the raw image `to`. See the module documentation.
 pub fn restore(to: &Path, inputs: &[PathBuf]) -> Result<RestoreReport, RestoreError> {
+    restore_inputs(to, StreamInput::paths(inputs))
+}
+
+/// [`restore`] from any inputs (files, or objects of a repository).
+pub fn restore_inputs(to: &Path, inputs: Vec<StreamInput>) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    check_inputs(inputs)?;
+    check_inputs(&inputs)?;
     match fs::symlink_metadata(to) {
         // A full restore replaces the file at `to`: it would replace the link, not its target.
         Ok(m) if m.file_type().is_symlink() => {
@@ -181,11 +187,11 @@ fn discard(partial: &Path, error: RestoreError) -> RestoreError {
 }
 
 /// At least one input, and stdin at most once.
-fn check_inputs(inputs: &[PathBuf]) -> Result<(), RestoreError> {
+fn check_inputs(inputs: &[StreamInput]) -> Result<(), RestoreError> {
     if inputs.is_empty() {
         return Err(RestoreError::Usage("no input streams".into()));
     }
-    if inputs.iter().filter(|p| p.as_os_str() == "-").count() > 1 {
+    if inputs.iter().filter(|i| i.is_stdin()).count() > 1 {
         return Err(RestoreError::Usage(
             "standard input (-) can be given only once".into(),
         ));
@@ -194,11 +200,11 @@ fn check_inputs(inputs: &[PathBuf]) -> Result<(), RestoreError> {
 }
 
 /// Opens every input and reads its header.
-fn open_inputs(inputs: &[PathBuf]) -> Result<Vec<(Input, Header)>, RestoreError> {
-    check_inputs(inputs)?;
+fn open_inputs(inputs: Vec<StreamInput>) -> Result<Vec<(Input, Header)>, RestoreError> {
+    check_inputs(&inputs)?;
     let mut streams = Vec::with_capacity(inputs.len());
-    for path in inputs {
-        let mut input = Input::open(path)?;
+    for i in inputs {
+        let mut input = Input::open_input(i)?;
         let header = input.read_header()?;
         streams.push((input, header));
     }

@@ -2,13 +2,12 @@
 //! image (`restore --xapi`): the same opening, chain rules, decoding and checks as
 //! [`super::restore`], with the writing left to the caller.
 
-use super::input::{pipelined, Input};
+use super::input::{pipelined, Input, StreamInput};
 use super::{check_chain, open_inputs, PayloadDecoder, RestoreError, StartingPoint};
 use cbtstream_proto::stream::{Codec, Header, Item, StreamError, Trailer};
 
 /// Size of each read by [`OpenStream::next_item`].
 const RECORD_READ_CHUNK: usize = 1 << 20;
-use std::path::PathBuf;
 
 /// One verified piece of a stream, in stream order.
 pub enum Block<'a> {
@@ -43,7 +42,7 @@ pub struct OpenStream {
 /// (point, source, how to name the target), which fails when the target is not known to be
 /// complete.
 pub fn open_chain(
-    inputs: &[PathBuf],
+    inputs: Vec<StreamInput>,
     start: StartingPoint<'_>,
 ) -> Result<Vec<OpenStream>, RestoreError> {
     let streams = open_inputs(inputs)?;

@@ -20,7 +20,7 @@ use crate::engine::Progress;
 use crate::exit::{fail, Code, Failure};
 use crate::export::shutdown_signal;
 use crate::restore::verified::{open_chain, Block, OpenStream, Payloads, Verified};
-use crate::restore::RestoreError;
+use crate::restore::{RestoreError, StreamInput};
 use crate::xapi::import::RawUpload;
 use crate::xapi::{Ref, XapiSession};
 use std::collections::BTreeMap;
@@ -160,7 +160,7 @@ pub(super) async fn restore(
     };
     let inputs = opts.streams.clone();
     let streams = off_runtime(move || {
-        open_chain(&inputs, &|input| match &start {
+        open_chain(StreamInput::paths(&inputs), &|input| match &start {
             Some(Ok(s)) => Ok(s.clone()),
             Some(Err(reason)) => Err(RestoreError::ChainMismatch {
                 input: input.to_owned(),

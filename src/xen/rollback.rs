@@ -17,7 +17,7 @@ use super::{retry_in_use, src};
 use crate::engine::Progress;
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::restore::verified::open_chain;
-use crate::restore::RestoreError;
+use crate::restore::{RestoreError, StreamInput};
 use crate::xapi::XapiSession;
 use cbtstream_proto::cbt;
 use std::collections::BTreeMap;
@@ -33,7 +33,7 @@ pub(super) async fn rollback(
     let target = existing_vdi(session, vdi_uuid).await?;
     let owned = inputs.to_vec();
     let streams = off_runtime(move || {
-        open_chain(&owned, &|input| {
+        open_chain(StreamInput::paths(&owned), &|input| {
             Err(RestoreError::Usage(format!(
                 "{input} is an incremental stream: a rollback needs the point's whole chain, \
                  from its full stream"
