@@ -80,3 +80,52 @@ fn assert_private(path: &Path) {
     let mode = std::fs::metadata(path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", path.display());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_of_one_disk_are_points_under_the_vdi() {
+    let e = env().await;
+    let repo = e.dir.join("repo");
+    let repo_s = p(&repo).to_string();
+    ok(run(&["repo", "init", &repo_s]));
+    let images = e.dir.join("img.raw");
+    let mut streams = Vec::new();
+    for round in 0..2u8 {
+        e.guest_writes(round);
+        ok(e.export_to(&["--repo", &repo_s]).await);
+        let points = list_json(&repo_s);
+        assert_eq!(points.len(), usize::from(round) + 1, "{points:?}");
+        let last = points.last().unwrap();
+        assert_eq!(last["vm"], e.sim.vdi_uuid());
+        assert_eq!(
+            last["kind"],
+            if round == 0 { "full" } else { "incremental" }
+        );
+        let stream = repo
+            .join("vms")
+            .join(e.sim.vdi_uuid())
+            .join("points")
+            .join(last["id"].as_str().unwrap())
+            .join("disk0.cbts");
+        streams.push(stream.clone());
+        ok(run(&["restore", "--to", p(&images), p(&stream)]));
+        assert_same(&images, &e.live_image());
+    }
+    // The chain state of the disk lives in the repository; the host keeps one base.
+    let chain = repo.join("vms").join(e.sim.vdi_uuid()).join("chain.json");
+    assert_eq!(
+        state_base(&chain),
+        list_json(&repo_s)[1]["id"].as_str().unwrap()
+    );
+    // --repo is for --xapi exports; an export to a repository cannot also go to a file.
+    let o = run(&[
+        "export",
+        "--nbd",
+        "nbd://127.0.0.1/x",
+        "--full",
+        "--repo",
+        &repo_s,
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = e.export_to(&["--repo", &repo_s, "-o", "x.cbts"]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
