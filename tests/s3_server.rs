@@ -85,13 +85,14 @@ async fn put_get_head_delete_and_list_by_prefix() {
         return;
     };
     let store = client(&server);
-    for key in [
+    let keys = [
         "vm1/chain-a/0001",
         "vm1/chain-a/0002",
         "vm1/chain-b/0001",
         "vm1/lock",
-        "vm2/x",
-    ] {
+        "vm2/2026-11-30T03:24:48Z=a b+c",
+    ];
+    for key in keys {
         store
             .put(&Path::from(key), PutPayload::from(key.as_bytes().to_vec()))
             .await
@@ -103,11 +104,14 @@ async fn put_get_head_delete_and_list_by_prefix() {
         b"vm1/chain-a/0002"
     );
     assert_eq!(store.head(&Path::from("vm1/lock")).await.unwrap().size, 8);
-    // The server really stored the object where S3Server::object_path says.
+    // The server really stored the objects where S3Server::object_path says, names as given.
+    assert_eq!(server.keys().unwrap(), keys);
+    let odd = "vm2/2026-11-30T03:24:48Z=a b+c";
     assert_eq!(
-        std::fs::read(server.object_path("vm2/x")).unwrap(),
-        b"vm2/x"
+        std::fs::read(server.object_path(odd)).unwrap(),
+        odd.as_bytes()
     );
+    assert_eq!(read_all(&store, odd).await, odd.as_bytes());
 
     let listed = store
         .list_with_delimiter(Some(&Path::from("vm1")))
@@ -485,4 +489,78 @@ async fn upload_in_flight_when_the_server_is_killed_fails_fast() {
     eprintln!("put_part in flight when the server was killed failed after {took:?}: {err}");
     assert!(matches!(err, Error::Generic { store: "S3", .. }), "{err:?}");
     assert!(took < FAIL_WITHIN, "{took:?}");
+
+    // After a restart the upload is still open, without the part that was cut off, and its
+    // abort is what cleans it up.
+    let mut server = Arc::into_inner(server).unwrap().into_inner().unwrap();
+    server.restart().unwrap();
+    assert_eq!(server.orphan_parts().unwrap(), 0);
+    assert_eq!(server.open_uploads().unwrap(), 1);
+    upload.abort().await.unwrap();
+    assert_eq!(server.open_uploads().unwrap(), 0);
+    assert_eq!(server.keys().unwrap(), Vec::<String>::new());
+}
+
+/// More objects than one ListObjectsV2 page (1,000) under a prefix: the client pages through
+/// all of them. The objects are made as files in the bucket directory, which s3s-fs serves.
+#[tokio::test]
+async fn listing_pages_past_a_thousand_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(server) = server("listing_pages_past_a_thousand_objects", &dir) else {
+        return;
+    };
+    let store = client(&server);
+    std::fs::create_dir_all(server.object_path("vm1/chain-a")).unwrap();
+    let mut want: Vec<String> = (0..1234).map(|i| format!("vm1/chain-a/{i:05}")).collect();
+    for key in &want {
+        std::fs::write(server.object_path(key), key).unwrap();
+    }
+    std::fs::write(server.object_path("vm1/other"), "x").unwrap();
+
+    let mut listed: Vec<String> = store
+        .list(Some(&Path::from("vm1/chain-a")))
+        .map_ok(|o| o.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    listed.sort();
+    assert_eq!(listed, want);
+    assert_eq!(
+        read_all(&store, "vm1/chain-a/01233").await,
+        b"vm1/chain-a/01233"
+    );
+    want.push("vm1/other".to_string());
+    assert_eq!(server.keys().unwrap(), want);
+}
+
+/// A server that accepts connections but never answers (SIGSTOP): requests fail once the
+/// client's timeout is up, and work again once the server goes on.
+#[tokio::test]
+async fn hung_server_fails_requests_at_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(server) = server("hung_server_fails_requests_at_the_timeout", &dir) else {
+        return;
+    };
+    let store = builder(&server)
+        .with_client_options(ClientOptions::new().with_timeout(Duration::from_secs(1)))
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    server.pause().unwrap();
+    let started = Instant::now();
+    let err = store
+        .put(&Path::from("x"), PutPayload::from_static(b"x"))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("put to a hung server failed after {took:?}: {err}");
+    assert!(matches!(err, Error::Generic { store: "S3", .. }), "{err:?}");
+    assert!(took < FAIL_WITHIN, "{took:?}");
+
+    server.resume().unwrap();
+    store
+        .put(&Path::from("x"), PutPayload::from_static(b"after"))
+        .await
+        .unwrap();
+    assert_eq!(read_all(&store, "x").await, b"after");
 }

@@ -129,6 +129,28 @@ impl S3Server {
         Ok(())
     }
 
+    /// Freezes the server (SIGSTOP): connections are still accepted by the kernel but no
+    /// request is answered, as with a server that hangs. [`S3Server::resume`] undoes it.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let child = self.child.as_ref().context("s3s-fs is not running")?;
+        let pid = libc::pid_t::try_from(child.id())?;
+        // SAFETY: kill(2) takes plain integers; the pid is our unreaped child's, so it is not
+        // reused by another process.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("signalling s3s-fs");
+        }
+        Ok(())
+    }
+
     /// Starts the server again on the same port and root (stopping it first if it runs).
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
@@ -144,6 +166,32 @@ impl S3Server {
     /// including those that have no part yet.
     pub fn open_uploads(&self) -> Result<usize> {
         self.count_root_files(|name| name.starts_with(".upload-") && name.ends_with(".json"))
+    }
+
+    /// The keys of the objects in the bucket, sorted, read from the root directory (what is
+    /// left behind, without asking the server).
+    pub fn keys(&self) -> Result<Vec<String>> {
+        let bucket = self.root.join(BUCKET);
+        let mut keys = Vec::new();
+        let mut dirs = vec![bucket.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in
+                std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+            {
+                let path = entry?.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    let key = path
+                        .strip_prefix(&bucket)?
+                        .to_str()
+                        .context("non-UTF-8 key")?;
+                    keys.push(key.to_string());
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
     }
 
     /// What s3s-fs logged so far (for failure messages).
