@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cbtstream_testkit::{require_tools, S3Server};
 use futures_util::TryStreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3CopyIfNotExists};
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, Error, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
@@ -349,13 +349,45 @@ async fn copy_makes_an_identical_object() {
     assert!(read_all(&store, "a/full").await == data);
 }
 
+/// Create-only copy: S3 has no native one, object_store refuses it unless configured; with
+/// `S3CopyIfNotExists::Multipart` it is an UploadPartCopy completed with If-None-Match: *.
 #[tokio::test]
-async fn wrong_secret_is_refused_and_missing_bucket_is_not_found() {
+async fn copy_if_not_exists_needs_the_multipart_setting() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(server) = server(
-        "wrong_secret_is_refused_and_missing_bucket_is_not_found",
-        &dir,
-    ) else {
+    let Some(server) = server("copy_if_not_exists_needs_the_multipart_setting", &dir) else {
+        return;
+    };
+    let (from, to) = (Path::from("staging/full"), Path::from("vm1/full"));
+    let plain = client(&server);
+    plain
+        .put(&from, PutPayload::from_static(b"new"))
+        .await
+        .unwrap();
+    let err = plain.copy_if_not_exists(&from, &to).await.unwrap_err();
+    assert!(matches!(err, Error::NotSupported { .. }), "{err:?}");
+
+    let store = builder(&server)
+        .with_copy_if_not_exists(S3CopyIfNotExists::Multipart)
+        .build()
+        .unwrap();
+    store.copy_if_not_exists(&from, &to).await.unwrap();
+    assert_eq!(read_all(&store, "vm1/full").await, b"new");
+    store
+        .put(&from, PutPayload::from_static(b"newer"))
+        .await
+        .unwrap();
+    let err = store.copy_if_not_exists(&from, &to).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
+    assert_eq!(read_all(&store, "vm1/full").await, b"new");
+    // The refused copy's upload was aborted.
+    assert_eq!(server.open_uploads().unwrap(), 0);
+    assert_eq!(server.orphan_parts().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn bad_secret_and_missing_bucket_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(server) = server("bad_secret_and_missing_bucket_give_clear_errors", &dir) else {
         return;
     };
     let wrong = builder(&server)
@@ -367,7 +399,16 @@ async fn wrong_secret_is_refused_and_missing_bucket_is_not_found() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
+    assert!(err.to_string().contains("SignatureDoesNotMatch"), "{err}");
     assert!(!server.object_path("x").exists());
+    // Neither the error nor the built store shows a secret. (AmazonS3Builder's derived
+    // Debug does: it must never be logged.)
+    assert!(
+        !format!("{err} {err:?}").contains("not-the-secret"),
+        "{err:?}"
+    );
+    assert!(!format!("{wrong:?}").contains("not-the-secret"));
+    assert!(!format!("{:?}", client(&server)).contains(server.secret_key()));
 
     let other = builder(&server)
         .with_bucket_name("no-such-bucket")
@@ -398,6 +439,40 @@ async fn env_variables_configure_a_working_client() {
         std::fs::read(server.object_path("from-env")).unwrap(),
         b"ok"
     );
+}
+
+#[test]
+fn apply_env_leaves_a_child_only_the_servers_aws_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(server) = server(
+        "apply_env_leaves_a_child_only_the_servers_aws_variables",
+        &dir,
+    ) else {
+        return;
+    };
+    let mut cmd = std::process::Command::new("env");
+    cmd.env("AWS_SESSION_TOKEN", "someone-elses")
+        .env("KEPT", "1");
+    server.apply_env(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success());
+    let mut aws: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("AWS_") || l.starts_with("KEPT="))
+        .map(str::to_string)
+        .collect();
+    aws.sort();
+    let endpoint = format!("AWS_ENDPOINT_URL={}", server.endpoint());
+    let want = [
+        "AWS_ACCESS_KEY_ID=cbtstream-test-access",
+        "AWS_ALLOW_HTTP=true",
+        &endpoint,
+        "AWS_REGION=us-east-1",
+        "AWS_SECRET_ACCESS_KEY=cbtstream-test-secret",
+        "KEPT=1",
+    ];
+    assert_eq!(aws, want);
 }
 
 #[tokio::test]

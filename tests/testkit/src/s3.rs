@@ -119,6 +119,19 @@ impl S3Server {
         .collect()
     }
 
+    /// Gives `cmd` the variables of [`S3Server::env`] and no other `AWS_*` variable, set on
+    /// it before or inherited (a developer's session token or profile must not reach the test).
+    pub fn apply_env(&self, cmd: &mut Command) {
+        let inherited = std::env::vars_os().map(|(key, _)| key);
+        let set: Vec<_> = cmd.get_envs().map(|(key, _)| key.to_owned()).collect();
+        for key in inherited.chain(set) {
+            if key.to_str().is_some_and(|k| k.starts_with("AWS_")) {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.envs(self.env());
+    }
+
     /// Kills the server (SIGKILL: connections drop mid-request, nothing is flushed) and
     /// reaps it. The data stays in the root directory.
     pub fn stop(&mut self) -> Result<()> {
