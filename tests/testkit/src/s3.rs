@@ -25,7 +25,7 @@ pub const BUCKET: &str = "cbtstream-test";
 /// Test credentials: not secrets, the server exists only for the test.
 pub const ACCESS_KEY: &str = "cbtstream-test-access";
 pub const SECRET_KEY: &str = "cbtstream-test-secret";
-/// s3s-fs accepts any region in the signature; object_store needs one to sign with.
+/// object_store needs a region to sign requests with; us-east-1 is S3's default.
 pub const REGION: &str = "us-east-1";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,8 +104,8 @@ impl S3Server {
 
     /// The variables with which `AmazonS3Builder::from_env()` in a child process reaches
     /// this server. from_env reads every `AWS_*` variable whose lower-cased name is a config
-    /// key: these five, and others (AWS_SESSION_TOKEN, AWS_BUCKET, ...) the caller may want
-    /// to remove from the child's environment.
+    /// key, so inherited ones (AWS_SESSION_TOKEN, AWS_BUCKET, ...) would count too:
+    /// [`S3Server::apply_env`] removes them.
     pub fn env(&self) -> Vec<(String, String)> {
         [
             ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
