@@ -373,12 +373,14 @@ pub struct GcArgs {
     /// The chain's state file (of `export --vdi` or `backup --vm`): its bases are kept.
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
+    #[command(flatten)]
+    pub repo: crate::repo_cli::RepoTarget,
     /// List what would be removed, remove nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Without --state: remove every snapshot cbtstream tagged that is not cbt_metadata
     /// (one may be a base kept after data_destroy failed, or belong to a running export).
-    #[arg(long, conflicts_with = "state")]
+    #[arg(long, conflicts_with_all = ["state", "location"])]
     pub force: bool,
     #[command(flatten)]
     pub xapi_args: XapiArgs,
@@ -731,6 +733,21 @@ fn gc(args: GcArgs) -> Result<(), Failure> {
             (vdi, None) => crate::xen::gc::GcTarget::Vdi(vdi.unwrap_or_default()),
         },
         state: args.state,
+        repo: match &args.repo.location {
+            Some(location) => {
+                let opts = crate::repo::RepoOptions {
+                    location: location.clone(),
+                    s3_endpoint: args.repo.s3_endpoint.clone(),
+                };
+                Some(crate::xen::gc::RepoGc {
+                    repo: run_async(async {
+                        crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
+                    })?,
+                    break_lock: args.repo.break_lock,
+                })
+            }
+            None => None,
+        },
         dry_run: args.dry_run,
         force: args.force,
     };
