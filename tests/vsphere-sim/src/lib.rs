@@ -378,6 +378,30 @@ impl Simulator {
         self.shared.lock().unupdatable_files.push(file.into());
     }
 
+    /// Takes a snapshot of `vm` at once, outside any task (a user's older snapshot, say).
+    pub fn take_snapshot(&self, vm: &str, name: &str) -> Result<String> {
+        vim::take_snapshot(
+            &mut self.shared.lock(),
+            vm,
+            name.into(),
+            String::new(),
+            false,
+        )
+        .map_err(|f| anyhow::anyhow!("{}: {}", f.type_name, f.message))
+    }
+
+    /// Removes snapshot `snap` at once, consolidating its delta.
+    pub fn remove_snapshot(&self, snap: &str) -> Result<()> {
+        let mut st = self.shared.lock();
+        let vm = st
+            .snapshots
+            .get(snap)
+            .map(|s| s.vm.clone())
+            .context("no such snapshot")?;
+        vim::consolidate(&mut st, &vm, snap)
+            .map_err(|f| anyhow::anyhow!("{}: {}", f.type_name, f.message))
+    }
+
     /// The VM's snapshots, oldest first (moids).
     pub fn snapshots(&self, vm: &str) -> Vec<String> {
         self.shared

@@ -108,7 +108,7 @@ pub struct FailNext {
     pub fault: String,
 }
 
-#[derive(Debug)]
+/// No `Debug`: it holds the password, session tokens and tickets.
 pub struct State {
     pub user: String,
     pub password: String,
@@ -169,7 +169,6 @@ impl State {
     }
 }
 
-#[derive(Debug)]
 pub struct Shared {
     pub state: Mutex<State>,
 }

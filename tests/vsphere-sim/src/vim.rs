@@ -466,51 +466,62 @@ fn create_snapshot(
         moref("VirtualMachine", moid),
         &vm_name,
         Box::new(move |st| {
-            let snap_moid = st.new_moid("snapshot");
-            let delta_dir = st.delta_dir.clone();
-            let vm = st
-                .vm_mut(&vm_id)
-                .ok_or_else(|| Fault::object_not_found("VirtualMachine", &vm_id))?;
-            stun(vm);
-            vm.next_delta += 1;
-            let n = vm.next_delta;
-            let mut disks = Vec::new();
-            for d in &mut vm.disks {
-                let change = d.cbt.active.then(|| {
-                    let point = d.cbt.seq;
-                    d.cbt.seq += 1;
-                    (format!("{}/{point}", d.cbt.uuid), point)
-                });
-                let base = d.layers[0].descriptor.trim_end_matches(".vmdk").to_owned();
-                let delta = delta_dir.join(format!("{}-{}-{n:06}.raw", vm.name, d.key));
-                d.push_delta(delta.clone(), format!("{base}-{n:06}.vmdk"))
-                    .map_err(|e| {
-                        Fault::new("FileFault", format!("creating the delta disk: {e:#}"))
-                    })?;
-                disks.push(SnapDisk {
-                    key: d.key,
-                    change,
-                    delta,
-                });
-            }
-            vm.snapshots.push(snap_moid.clone());
-            let id = n;
-            st.snapshots.insert(
-                snap_moid.clone(),
-                Snapshot {
-                    moid: snap_moid.clone(),
-                    vm: vm_id.clone(),
-                    id,
-                    name,
-                    description,
-                    create_time: now(),
-                    quiesced,
-                    disks,
-                },
-            );
-            Ok(Some(moref_any("VirtualMachineSnapshot", &snap_moid)))
+            let snap = take_snapshot(st, &vm_id, name, description, quiesced)?;
+            Ok(Some(moref_any("VirtualMachineSnapshot", &snap)))
         }),
     )
+}
+
+/// Takes a snapshot now (the stun applies a pending tracking change first): a delta on top
+/// of every disk, the tracking point frozen. Returns the snapshot's moid.
+pub fn take_snapshot(
+    st: &mut State,
+    vm_id: &str,
+    name: String,
+    description: String,
+    quiesced: bool,
+) -> Result<String, Fault> {
+    let snap_moid = st.new_moid("snapshot");
+    let delta_dir = st.delta_dir.clone();
+    let vm = st
+        .vm_mut(vm_id)
+        .ok_or_else(|| Fault::object_not_found("VirtualMachine", vm_id))?;
+    stun(vm);
+    vm.next_delta += 1;
+    let n = vm.next_delta;
+    let mut disks = Vec::new();
+    for d in &mut vm.disks {
+        let change = d.cbt.active.then(|| {
+            let point = d.cbt.seq;
+            d.cbt.seq += 1;
+            (format!("{}/{point}", d.cbt.uuid), point)
+        });
+        let base = d.layers[0].descriptor.trim_end_matches(".vmdk").to_owned();
+        let delta = delta_dir.join(format!("{}-{}-{n:06}.raw", vm.name, d.key));
+        d.push_delta(delta.clone(), format!("{base}-{n:06}.vmdk"))
+            .map_err(|e| Fault::new("FileFault", format!("creating the delta disk: {e:#}")))?;
+        disks.push(SnapDisk {
+            key: d.key,
+            change,
+            delta,
+        });
+    }
+    vm.snapshots.push(snap_moid.clone());
+    let id = n;
+    st.snapshots.insert(
+        snap_moid.clone(),
+        Snapshot {
+            moid: snap_moid.clone(),
+            vm: vm_id.to_owned(),
+            id,
+            name,
+            description,
+            create_time: now(),
+            quiesced,
+            disks,
+        },
+    );
+    Ok(snap_moid)
 }
 
 /// A stun applies a pending `changeTrackingEnabled` change to the disks.
