@@ -35,6 +35,7 @@ mod http;
 mod json;
 mod props;
 mod simapi;
+mod snapshots;
 mod state;
 mod vim;
 
@@ -380,7 +381,7 @@ impl Simulator {
 
     /// Takes a snapshot of `vm` at once, outside any task (a user's older snapshot, say).
     pub fn take_snapshot(&self, vm: &str, name: &str) -> Result<String> {
-        vim::take_snapshot(
+        snapshots::take_snapshot(
             &mut self.shared.lock(),
             vm,
             name.into(),
@@ -398,7 +399,7 @@ impl Simulator {
             .get(snap)
             .map(|s| s.vm.clone())
             .context("no such snapshot")?;
-        vim::consolidate(&mut st, &vm, snap)
+        snapshots::consolidate(&mut st, &vm, snap)
             .map_err(|f| anyhow::anyhow!("{}: {}", f.type_name, f.message))
     }
 

@@ -509,3 +509,43 @@ fn base64_encode(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(data)
 }
+
+#[tokio::test]
+async fn a_snapshot_that_cannot_create_its_deltas_leaves_the_disks_as_they_were() {
+    let (_dir, sim, c, token) = start().await;
+    let before = c
+        .get(Some(&token), "VirtualMachine/vm-42/config")
+        .await
+        .json();
+    // The second disk's delta file exists already: creating it fails.
+    let deltas = sim.data_dir().join(".sim/deltas");
+    std::fs::write(deltas.join("testvm-2001-000001.raw"), b"in the way").unwrap();
+    let r = c
+        .post(
+            Some(&token),
+            "VirtualMachine/vm-42/CreateSnapshotEx_Task",
+            json!({"name": "s", "memory": false}),
+        )
+        .await;
+    let (info, _) = c.wait_task(&token, &r.json()).await;
+    assert_eq!(info["state"], "error");
+    assert_eq!(info["error"]["fault"]["_typeName"], "FileFault");
+    assert!(sim.snapshots("vm-42").is_empty());
+    assert_eq!(
+        c.get(Some(&token), "VirtualMachine/vm-42/config")
+            .await
+            .json(),
+        before
+    );
+    let left: Vec<_> = std::fs::read_dir(&deltas)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("testvm-2001-000001.raw")]
+    );
+    // The next snapshot works.
+    let snap = c.snapshot(&token, "vm-42", "s").await;
+    assert_eq!(c.remove_snapshot(&token, &snap).await["state"], "success");
+}
