@@ -216,6 +216,14 @@ impl Disk {
         Ok(())
     }
 
+    /// Grows the disk (only without deltas): the flat extent gets longer, sparse.
+    pub fn grow(&mut self, size: u64) -> Result<()> {
+        anyhow::ensure!(self.layers.len() == 1, "the disk has deltas");
+        open_rw(&self.layers[0].path)?.set_len(size)?;
+        self.capacity = size;
+        Ok(())
+    }
+
     /// Puts a new delta on top (a snapshot was taken): `path` is created sparse.
     pub fn push_delta(&mut self, path: PathBuf, descriptor: String) -> Result<()> {
         create_sparse(&path, self.capacity)?;

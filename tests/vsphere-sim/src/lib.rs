@@ -359,6 +359,11 @@ impl Simulator {
         simapi::reset_cbt(&mut self.shared.lock(), vm, key).map_err(|(_, m)| anyhow::anyhow!(m))
     }
 
+    /// Grows disk `key` to `size` bytes (what `POST /sim/resize` does).
+    pub fn resize(&self, vm: &str, key: i32, size: u64) -> Result<()> {
+        simapi::resize(&mut self.shared.lock(), vm, key, size).map_err(|(_, m)| anyhow::anyhow!(m))
+    }
+
     /// The next call of `method` fails with fault `fault` (a task: ends in error).
     pub fn fail_next(&self, method: &str, fault: &str) {
         self.shared.lock().fail_next.push(state::FailNext {

@@ -65,6 +65,28 @@ pub fn reset_cbt(st: &mut State, vm: &str, key: i32) -> Result<(), SimError> {
     Ok(())
 }
 
+/// Grows a disk (the guest sees zeroes past the old end); change tracking goes on, as VMware's
+/// does, so clients must notice the capacity change themselves.
+pub fn resize(st: &mut State, vm: &str, key: i32, size: u64) -> Result<(), SimError> {
+    let vm = st.vm_mut(vm).ok_or_else(|| bad(format!("no VM {vm}")))?;
+    if !vm.snapshots.is_empty() {
+        return Err(bad("the simulator resizes only disks without snapshots"));
+    }
+    let disk = vm
+        .disks
+        .iter_mut()
+        .find(|d| d.key == key)
+        .ok_or_else(|| bad(format!("no disk {key}")))?;
+    if size <= disk.capacity || size % 1024 != 0 || size > crate::MAX_DISK_SIZE {
+        return Err(bad(format!(
+            "a disk grows to a multiple of 1024 up to 2 TiB, from {} not to {size}",
+            disk.capacity
+        )));
+    }
+    disk.grow(size)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))
+}
+
 fn disk_key(body: &Value) -> Result<i32, SimError> {
     i32::try_from(int_arg(body, "disk")?).map_err(|_| bad("`disk` is not a device key"))
 }
@@ -81,6 +103,10 @@ fn dispatch(st: &mut State, name: &str, body: &Value) -> Result<(), SimError> {
         "reset_cbt" => {
             let vm = str_arg(body, "vm")?.to_owned();
             reset_cbt(st, &vm, disk_key(body)?)
+        }
+        "resize" => {
+            let vm = str_arg(body, "vm")?.to_owned();
+            resize(st, &vm, disk_key(body)?, int_arg(body, "size")?)
         }
         "fail_next" => {
             let method = str_arg(body, "method")?.to_owned();

@@ -221,3 +221,65 @@ async fn a_change_id_from_before_a_cbt_reset_is_refused_with_a_file_fault() {
         .unwrap();
     assert_eq!(areas, vec![(0, GRAIN)]);
 }
+
+#[tokio::test]
+async fn a_grown_disk_reports_its_new_capacity_and_tracking_goes_on() {
+    let (_dir, sim, c, token) = start().await;
+    let (key, capacity) = sim.disks()[0];
+    let snap = c.snapshot(&token, "vm-42", "full").await;
+    let base = change_id(&c, &token, &snap, key).await;
+    let r = c
+        .sim(
+            &token,
+            "resize",
+            json!({"vm": "vm-42", "disk": key, "size": capacity * 2}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "not with a snapshot: {}", r.text());
+    c.remove_snapshot(&token, &snap).await;
+    let r = c
+        .sim(
+            &token,
+            "resize",
+            json!({"vm": "vm-42", "disk": key, "size": capacity / 2}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "never shrinks");
+    let r = c
+        .sim(
+            &token,
+            "resize",
+            json!({"vm": "vm-42", "disk": key, "size": capacity + 1024}),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    sim.write("vm-42", key, capacity, b"past the old end")
+        .unwrap();
+    let snap = c.snapshot(&token, "vm-42", "incr").await;
+    let sc = c
+        .get(
+            Some(&token),
+            &format!("VirtualMachineSnapshot/{snap}/config"),
+        )
+        .await
+        .json();
+    let disk = sc["hardware"]["device"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["key"] == key)
+        .unwrap()
+        .clone();
+    assert_eq!(disk["capacityInBytes"].as_u64(), Some(capacity + 1024));
+    let (areas, _) = c
+        .changed_areas(&token, "vm-42", &snap, key, &base, capacity + 1024)
+        .await
+        .unwrap();
+    assert!(covered(&areas, capacity, 16));
+    assert_eq!(
+        std::fs::metadata(sim.data_dir().join("testvm/testvm-flat.vmdk"))
+            .unwrap()
+            .len(),
+        capacity + 1024
+    );
+}
