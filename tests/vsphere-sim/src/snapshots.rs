@@ -120,7 +120,7 @@ pub(crate) fn start_task(
         moid.clone(),
         Task {
             moid: moid.clone(),
-            name: method.trim_end_matches("_Task").to_owned(),
+            name: method.to_owned(),
             description_id: description_id.to_owned(),
             entity,
             entity_name: entity_name.to_owned(),
