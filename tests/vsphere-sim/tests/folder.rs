@@ -200,3 +200,53 @@ async fn a_generic_service_ticket_opens_its_own_url_once() {
     assert_eq!(r.status, 401);
     c.remove_snapshot(&token, &snap).await;
 }
+
+#[tokio::test]
+async fn many_ranges_in_flight_over_several_connections_read_the_frozen_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig::for_tests(dir.path()))
+        .await
+        .unwrap();
+    let (key, capacity) = sim.disks()[1];
+    let pattern: Vec<u8> = (0..capacity).map(|i| (i * 7 % 251) as u8).collect();
+    sim.write("vm-42", key, 0, &pattern).unwrap();
+    let c0 = Client::new(&sim);
+    let token = c0.login(sim.user(), sim.password()).await;
+    let snap = c0.snapshot(&token, "vm-42", "backup").await;
+    sim.write("vm-42", key, 0, &vec![0xee; capacity as usize])
+        .unwrap();
+    let cookie = format!("vmware_soap_session={token}");
+    let mut tasks = Vec::new();
+    for conn in 0..4u64 {
+        let client = Client::new(&sim);
+        let cookie = cookie.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..16u64 {
+                // Odd sizes and offsets spread over the disk, up to its last byte.
+                let start = (conn * 16 + i) * (capacity / 64) + conn * 13;
+                let end = (start + 40_000 + i * 997).min(capacity - 1);
+                let range = format!("bytes={start}-{end}");
+                let h = [("cookie", cookie.as_str()), ("range", range.as_str())];
+                let r = client.request("GET", FLAT, &h, None).await.unwrap();
+                assert_eq!(r.status, 206);
+                got.push((start, r.body));
+            }
+            assert_eq!(
+                client.connections.load(std::sync::atomic::Ordering::SeqCst),
+                1
+            );
+            got
+        }));
+    }
+    for t in tasks {
+        for (start, body) in t.await.unwrap() {
+            let s = start as usize;
+            assert!(
+                body == pattern[s..s + body.len()],
+                "range at {start} differs"
+            );
+        }
+    }
+    c0.remove_snapshot(&token, &snap).await;
+}
