@@ -9,12 +9,16 @@ use std::time::Duration;
 use cbtstream_vsphere_sim::{SimConfig, Simulator, GRAIN};
 use vim_rs::core::client::{Client, Error};
 use vim_rs::core::ClientBuilder;
-use vim_rs::mo::{SearchIndex, SessionManager, Task, VirtualMachine, VirtualMachineSnapshot};
+use vim_rs::mo::{
+    Datacenter, Datastore, Folder, SearchIndex, SessionManager, Task, VirtualMachine,
+    VirtualMachineSnapshot,
+};
 use vim_rs::types::enums::{MoTypesEnum, TaskInfoStateEnum};
 use vim_rs::types::struct_enum::StructType;
 use vim_rs::types::structs::{
-    ManagedObjectReference, MethodFault, TaskInfo, VirtualDisk, VirtualDiskFlatVer2BackingInfo,
-    VirtualMachineConfigInfo, VirtualMachineGuestQuiesceSpec,
+    ManagedObjectReference, MethodFault, SessionManagerHttpServiceRequestSpec, TaskInfo,
+    VirtualDisk, VirtualDiskFlatVer2BackingInfo, VirtualMachineConfigInfo,
+    VirtualMachineGuestQuiesceSpec,
 };
 use vim_rs::types::vim_any::VimAny;
 
@@ -92,6 +96,7 @@ struct DiskView {
     key: i32,
     capacity: u64,
     file_name: String,
+    datastore: Option<String>,
     change_id: Option<String>,
     parent_file_name: Option<String>,
 }
@@ -118,6 +123,7 @@ fn disks(config: &VirtualMachineConfigInfo) -> Vec<DiskView> {
             key: disk.key,
             capacity: u64::try_from(capacity).unwrap(),
             file_name: backing.file_name.clone(),
+            datastore: backing.datastore.as_ref().map(|d| d.value.clone()),
             change_id: backing.change_id.clone(),
             parent_file_name: backing.parent.as_ref().map(|p| p.file_name.clone()),
         });
@@ -178,6 +184,58 @@ fn covers(areas: &[(u64, u64)], offset: u64, len: u64) -> bool {
 /// The 64 KiB grains `[offset, offset + len)` touches.
 fn grains(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
     offset / GRAIN..=(offset + len - 1) / GRAIN
+}
+
+/// The first `len` bytes of a datastore file through the file service (`/folder`) with a
+/// generic service ticket; the datacenter and datastore names come from the inventory.
+async fn read_with_ticket(
+    client: &Arc<Client>,
+    sim: &Simulator,
+    vm: &VirtualMachine,
+    datastore: &str,
+    path: &str,
+    len: usize,
+) -> Vec<u8> {
+    let folder = vm.parent().await.unwrap().expect("the VM's folder");
+    let dc = Folder::new(client.clone(), &folder.value)
+        .parent()
+        .await
+        .unwrap()
+        .expect("the folder's datacenter");
+    assert!(matches!(dc.r#type, MoTypesEnum::Datacenter), "{dc:?}");
+    let dc_name = Datacenter::new(client.clone(), &dc.value)
+        .name()
+        .await
+        .unwrap();
+    let ds = Datastore::new(client.clone(), datastore);
+    let ds_name = ds.name().await.unwrap();
+    let summary = ds.summary().await.expect("DatastoreSummary");
+    assert!(
+        summary.url.starts_with("ds:///vmfs/volumes/"),
+        "{summary:?}"
+    );
+    let url = format!(
+        "https://{}/folder/{path}?dcPath={dc_name}&dsName={ds_name}",
+        sim.addr()
+    );
+    let spec = SessionManagerHttpServiceRequestSpec {
+        method: Some("httpGet".into()),
+        url: url.clone(),
+    };
+    let sm = client.service_content().session_manager.clone().unwrap();
+    let ticket = SessionManager::new(client.clone(), &sm.value)
+        .acquire_generic_service_ticket(&spec)
+        .await
+        .expect("AcquireGenericServiceTicket");
+    let resp = http_client(sim)
+        .get(&url)
+        .header("Cookie", format!("vmware_cgi_ticket={}", ticket.id))
+        .header("Range", format!("bytes=0-{}", len - 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    resp.bytes().await.unwrap().to_vec()
 }
 
 async fn create_snapshot(
@@ -275,6 +333,13 @@ async fn a_backup_cycle_through_vim_rs() {
         .expect("the snapshot's config");
     let frozen = disks(&base_config);
     assert_eq!(frozen[0].file_name, "[ds1] testvm/testvm.vmdk");
+    // The frozen flat extent, read as a backup's data plane does.
+    let ds = frozen[0]
+        .datastore
+        .as_deref()
+        .expect("the disk's datastore");
+    let data = read_with_ticket(&client, &sim, &vm, ds, "testvm/testvm-flat.vmdk", 4096).await;
+    assert!(data == [0xa5; 4096], "the frozen extent differs");
     let live = disks(&vm.config().await.unwrap().unwrap());
     assert_eq!(live[0].file_name, "[ds1] testvm/testvm-000001.vmdk");
     assert_eq!(
