@@ -1,5 +1,6 @@
-//! The HTTPS front: VI/JSON under `/sdk/vim25/{release}/`, the datastore file service under
-//! `/folder/`, the test API under `/sim/`. HTTP/1.1 with keep-alive; other paths 404.
+//! The HTTPS front: VI/JSON under `/sdk/vim25/{release}/` (its release negotiated with
+//! `/api/vcenter/system?action=hello`), the datastore file service under `/folder/`, the test
+//! API under `/sim/`. HTTP/1.1 with keep-alive; other paths 404.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
@@ -135,6 +136,8 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
     let method = req.method().clone();
     let resp = if let Some(rest) = path.strip_prefix("/sdk/vim25/") {
         vi_json(req, &shared, rest).await
+    } else if path == "/api/vcenter/system" {
+        hello(req).await
     } else if path.starts_with("/folder/") {
         folder::serve(req, &shared).await
     } else if let Some(name) = path.strip_prefix("/sim/") {
@@ -156,6 +159,40 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
         );
     }
     Ok(resp)
+}
+
+/// `POST /api/vcenter/system?action=hello` `{"api_releases":[...]}` (vSphere Automation API,
+/// since 8.0.2.0; no session): the first of the client's releases the simulator serves, or ""
+/// when none is; an empty list, more than 128 ids or an id over 64 characters is a 400.
+async fn hello(req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::POST || req.uri().query() != Some("action=hello") {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    let body = match read_json(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let releases: Option<Vec<&str>> = body
+        .get("api_releases")
+        .and_then(Value::as_array)
+        .filter(|list| (1..=128).contains(&list.len()))
+        .and_then(|list| list.iter().map(Value::as_str).collect())
+        .filter(|list: &Vec<&str>| list.iter().all(|r| r.len() <= 64));
+    let Some(releases) = releases else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &json!({"error_type": "INVALID_ARGUMENT", "messages": [{
+                "id": "vcenter.system.hello.invalid_argument",
+                "default_message": "api_releases must list 1 to 128 release ids of at most 64 characters",
+                "args": []
+            }]}),
+        );
+    };
+    let chosen = releases
+        .into_iter()
+        .find(|r| RELEASES.contains(r))
+        .unwrap_or("");
+    json(StatusCode::OK, &json!({ "api_release": chosen }))
 }
 
 async fn vi_json(req: Request<Incoming>, shared: &Arc<Shared>, rest: &str) -> Response<Body> {

@@ -10,12 +10,6 @@ pub fn moref(typ: &str, value: &str) -> Value {
     json!({"_typeName": "ManagedObjectReference", "type": typ, "value": value})
 }
 
-/// A MoRef in an anyType slot (`TaskInfo.result`), wrapped in `_value` as the polymorphic
-/// types guide's example shows.
-pub fn moref_any(typ: &str, value: &str) -> Value {
-    json!({"_typeName": "ManagedObjectReference", "_value": {"type": typ, "value": value}})
-}
-
 /// A fault the way VI/JSON sends it: the fault data object with `_typeName`, MethodFault's
 /// `faultMessage` list, plus the fault's own fields.
 #[derive(Debug, Clone)]
@@ -59,7 +53,8 @@ impl Fault {
         .with("obj", moref(typ, value))
     }
 
-    /// The HTTP 500 body.
+    /// The HTTP 500 body, and the fault wherever VI/JSON carries one (`TaskInfo.error`,
+    /// `faultCause`, ...): VI/JSON has MethodFault where SOAP has a LocalizedMethodFault.
     pub fn to_json(&self) -> Value {
         let mut m = serde_json::Map::new();
         m.insert("_typeName".into(), json!(self.type_name));
@@ -75,15 +70,6 @@ impl Fault {
             m.insert(k.clone(), v.clone());
         }
         Value::Object(m)
-    }
-
-    /// `TaskInfo.error`: a LocalizedMethodFault wrapping the fault.
-    pub fn to_localized(&self) -> Value {
-        json!({
-            "_typeName": "LocalizedMethodFault",
-            "fault": self.to_json(),
-            "localizedMessage": self.message,
-        })
     }
 }
 

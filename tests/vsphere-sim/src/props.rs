@@ -207,7 +207,7 @@ pub fn task_info(t: &Task) -> Value {
         TaskState::Queued => ("queued", None, None, None),
         TaskState::Running => ("running", None, None, Some(json!(50))),
         TaskState::Success(r) => ("success", r.clone(), None, None),
-        TaskState::Error(f) => ("error", None, Some(f.to_localized()), None),
+        TaskState::Error(f) => ("error", None, Some(f.to_json()), None),
     };
     let mut v = json!({
         "_typeName": "TaskInfo",

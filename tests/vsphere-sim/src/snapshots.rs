@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::disk::ChangeIdError;
-use crate::json::{moref, moref_any, now, Fault};
+use crate::json::{moref, now, Fault};
 use crate::state::{Shared, SnapDisk, Snapshot, State, Task, TaskState, Vm};
 use crate::vim::{field, moref_value, str_field, CallResult, Reply};
 
@@ -251,7 +251,8 @@ pub(crate) fn create_snapshot(
         &vm_name,
         Box::new(move |st| {
             let snap = take_snapshot(st, &vm_id, name, description, quiesced)?;
-            Ok(Some(moref_any("VirtualMachineSnapshot", &snap)))
+            // A reference in an anyType slot is the plain object with its `_typeName`.
+            Ok(Some(moref("VirtualMachineSnapshot", &snap)))
         }),
     )
 }

@@ -294,7 +294,7 @@ fn update_vm_files(
                         "vmFile": f,
                         "fault": Fault::new("FileFault", format!("Cannot update {f}"))
                             .with("file", json!(f))
-                            .to_localized()
+                            .to_json()
                     })
                 })
                 .collect();

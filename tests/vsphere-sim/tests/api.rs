@@ -27,6 +27,46 @@ fn disks(config: &Value) -> Vec<Value> {
 }
 
 #[tokio::test]
+async fn hello_negotiates_the_first_release_of_the_clients_list_that_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig::for_tests(dir.path()))
+        .await
+        .unwrap();
+    let c = Client::new(&sim);
+    let hello = |releases: Value| {
+        let body = json!({ "api_releases": releases }).to_string().into_bytes();
+        let c = &c;
+        async move {
+            c.request("POST", "/api/vcenter/system?action=hello", &[], Some(body))
+                .await
+                .unwrap()
+        }
+    };
+    // No session needed; the client's order of preference decides.
+    let r = hello(json!(["9.1.0.0", "8.0.3.0", "8.0.2.0", "8.0.1.0"])).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"api_release": "8.0.2.0"}));
+    let r = hello(json!(["8.0.1.0", "8.0.2.0"])).await;
+    assert_eq!(r.json(), json!({"api_release": "8.0.1.0"}));
+    let r = hello(json!(["7.0.3.0"])).await;
+    assert_eq!(r.json(), json!({"api_release": ""}));
+    for bad in [
+        json!([]),
+        json!(["x".repeat(65)]),
+        json!(vec!["8.0.2.0"; 129]),
+    ] {
+        let r = hello(bad).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["error_type"], "INVALID_ARGUMENT");
+    }
+    let r = c
+        .request("POST", "/api/vcenter/system?action=other", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
 async fn content_is_public_and_every_other_call_needs_the_session_header() {
     let dir = tempfile::tempdir().unwrap();
     let sim = Simulator::start(SimConfig::for_tests(dir.path()))
@@ -217,10 +257,7 @@ async fn a_snapshot_freezes_the_disk_until_it_is_removed() {
     assert_eq!(seen.last().unwrap(), "success");
     assert_eq!(info["descriptionId"], "VirtualMachine.createSnapshot");
     assert_eq!(info["entity"]["value"], "vm-42");
-    let snap = info["result"]["_value"]["value"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let snap = info["result"]["value"].as_str().unwrap().to_owned();
     assert_eq!(sim.snapshots("vm-42"), vec![snap.clone()]);
 
     // Guest writes after the snapshot (through the test API over HTTPS).
@@ -323,7 +360,7 @@ async fn an_older_snapshot_stays_consistent_when_a_newer_one_comes_and_goes() {
 #[tokio::test]
 async fn fault_switches_fail_tasks_and_calls() {
     let (_dir, sim, c, token) = start().await;
-    // A failed snapshot task: state error, a LocalizedMethodFault, no snapshot.
+    // A failed snapshot task: state error, the fault (VI/JSON's MethodFault), no snapshot.
     let r = c
         .sim(
             &token,
@@ -341,8 +378,8 @@ async fn fault_switches_fail_tasks_and_calls() {
         .await;
     let (info, _) = c.wait_task(&token, &r.json()).await;
     assert_eq!(info["state"], "error");
-    assert_eq!(info["error"]["_typeName"], "LocalizedMethodFault");
-    assert_eq!(info["error"]["fault"]["_typeName"], "FileFault");
+    assert_eq!(info["error"]["_typeName"], "FileFault");
+    assert!(info["error"]["faultMessage"][0]["message"].is_string());
     assert!(sim.snapshots("vm-42").is_empty());
 
     // A failed removal leaves the snapshot.
@@ -502,7 +539,7 @@ async fn update_virtual_machine_files_reports_the_files_it_could_not_update() {
         "UpdateVirtualMachineFilesResultFailedVmFileInfo"
     );
     assert_eq!(failed[0]["vmFile"], "[ds2] old/old.vmx");
-    assert_eq!(failed[0]["fault"]["fault"]["_typeName"], "FileFault");
+    assert_eq!(failed[0]["fault"]["_typeName"], "FileFault");
 }
 
 fn base64_encode(data: &[u8]) -> String {
@@ -529,7 +566,7 @@ async fn a_snapshot_that_cannot_create_its_deltas_leaves_the_disks_as_they_were(
         .await;
     let (info, _) = c.wait_task(&token, &r.json()).await;
     assert_eq!(info["state"], "error");
-    assert_eq!(info["error"]["fault"]["_typeName"], "FileFault");
+    assert_eq!(info["error"]["_typeName"], "FileFault");
     assert!(sim.snapshots("vm-42").is_empty());
     assert_eq!(
         c.get(Some(&token), "VirtualMachine/vm-42/config")

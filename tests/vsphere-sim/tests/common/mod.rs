@@ -219,8 +219,8 @@ impl Client {
         assert_eq!(info["state"], "success", "{info}");
         let result = &info["result"];
         assert_eq!(result["_typeName"], "ManagedObjectReference");
-        assert_eq!(result["_value"]["type"], "VirtualMachineSnapshot");
-        result["_value"]["value"].as_str().unwrap().to_owned()
+        assert_eq!(result["type"], "VirtualMachineSnapshot");
+        result["value"].as_str().unwrap().to_owned()
     }
 
     pub async fn remove_snapshot(&self, token: &str, snap: &str) -> Value {
