@@ -18,9 +18,11 @@ pub mod location;
 pub mod lock;
 pub mod point_writer;
 pub mod reader;
+pub mod restore;
 pub mod state;
 pub mod store;
 pub mod upload;
+pub mod verify;
 
 use crate::xen::point::{PointInfo, POINT_FILE};
 use location::{Location, LocationError};
@@ -230,11 +232,32 @@ impl Repo {
             }
             points.points.push(StoredPoint { info, files });
         }
-        points
-            .points
-            .sort_by(|a, b| (&a.info.time, &a.info.id).cmp(&(&b.info.time, &b.info.id)));
+        sort_oldest_first(&mut points.points);
         Ok(points)
     }
+}
+
+/// Oldest first: by time, a point after its base when both have the same time (points
+/// taken within one second, or with SOURCE_DATE_EPOCH set), then by id.
+pub fn sort_oldest_first(points: &mut [StoredPoint]) {
+    let bases: std::collections::HashMap<String, Option<String>> = points
+        .iter()
+        .map(|p| (p.info.id.clone(), p.info.base.clone()))
+        .collect();
+    // How many of its bases are there (bounded: the bases may form a loop).
+    let depth = |id: &str| {
+        let mut n = 0;
+        let mut next = bases.get(id).cloned().flatten();
+        while let Some(b) = next {
+            if n > bases.len() {
+                break;
+            }
+            n += 1;
+            next = bases.get(&b).cloned().flatten();
+        }
+        n
+    };
+    points.sort_by_cached_key(|p| (p.info.time.clone(), depth(&p.info.id), p.info.id.clone()));
 }
 
 /// What [`Repo::points`] found.

@@ -42,6 +42,11 @@ impl ObjectReader {
         Ok(r)
     }
 
+    /// The object's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     fn prefetch(&mut self) {
         if self.next_offset >= self.size {
             return;
