@@ -247,7 +247,12 @@ async fn verify_point(
             }
             (Err(e), bytes) => {
                 report.bytes += bytes;
-                report.problem(vm, id, &d.stream, e.to_string());
+                // The problem names the file already.
+                let problem = match e {
+                    RestoreError::Damaged { error, .. } => error.to_string(),
+                    other => other.to_string(),
+                };
+                report.problem(vm, id, &d.stream, problem);
                 continue;
             }
         };
