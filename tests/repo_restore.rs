@@ -128,6 +128,7 @@ async fn every_point_restores_into_images() {
     let (repo, ids, saved) = three_points(&e).await;
     let vm = e.sim.vm_uuid();
     let disks = e.sim.disks();
+    let moving = e.dir.join("moving.raw");
     for (round, id) in ids.iter().enumerate() {
         let want = saved.join(round.to_string());
         // Every disk into DIR/disk<slot>.raw.
@@ -155,8 +156,33 @@ async fn every_point_restores_into_images() {
             &["--disk", &disks[0], "--to", p(&other)],
         ));
         assert_same(&other, &want.join("disk0.raw"));
+        // One image brought forward point by point: only the newest stream is applied.
+        let o = ok(restore_repo(
+            &repo,
+            vm,
+            id,
+            &["--disk", "0", "--to", p(&moving)],
+        ));
+        let applied = if round == 0 {
+            "from 1 stream (1 full, 0 incremental)"
+        } else {
+            "from 1 stream (0 full, 1 incremental)"
+        };
+        assert!(stderr(&o).contains(applied), "{}", stderr(&o));
+        assert_same(&moving, &want.join("disk0.raw"));
     }
-    // `latest` is the newest point.
+    // `latest` is the newest point, which the moving image holds already.
+    let o = ok(restore_repo(
+        &repo,
+        vm,
+        "latest",
+        &["--disk", "0", "--to", p(&moving)],
+    ));
+    assert!(
+        stderr(&o).contains(&format!("holds point {} already", ids[2])),
+        "{}",
+        stderr(&o)
+    );
     let latest = e.dir.join("latest.raw");
     ok(restore_repo(
         &repo,
@@ -165,6 +191,19 @@ async fn every_point_restores_into_images() {
         &["--disk", "0", "--to", p(&latest)],
     ));
     assert_same(&latest, &saved.join("2/disk0.raw"));
+    // Back to the first point: its full stream replaces the image.
+    let o = ok(restore_repo(
+        &repo,
+        vm,
+        &ids[0],
+        &["--disk", "0", "--to", p(&moving)],
+    ));
+    assert!(
+        stderr(&o).contains("(1 full, 0 incremental)"),
+        "{}",
+        stderr(&o)
+    );
+    assert_same(&moving, &saved.join("0/disk0.raw"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

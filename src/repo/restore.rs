@@ -7,7 +7,7 @@ use super::reader::ObjectReader;
 use super::store::{valid_name, Store};
 use super::{point_dir, Points, Repo, RepoError, StoredPoint};
 use crate::exit::{fail, Code, Failure};
-use crate::restore::{RestoreReport, StreamInput};
+use crate::restore::StreamInput;
 use crate::xen::point::PointDisk;
 use std::path::{Path, PathBuf};
 
@@ -193,16 +193,38 @@ pub fn disk_inputs(
     point: &str,
     disk_id: &str,
 ) -> Result<Vec<InputSpec>, Failure> {
+    Ok(present_links(repo, points, vm, point, disk_id)?
+        .into_iter()
+        .map(|(link, _)| object(repo, link))
+        .collect())
+}
+
+fn object(repo: &Repo, link: Link) -> InputSpec {
+    InputSpec::Object {
+        store: repo.store.clone(),
+        key: link.key,
+    }
+}
+
+/// [`disk_links`], each object checked to be there, with its size.
+fn present_links(
+    repo: &Repo,
+    points: &Points,
+    vm: &str,
+    point: &str,
+    disk_id: &str,
+) -> Result<Vec<(Link, u64)>, Failure> {
     let links = disk_links(points, vm, point, disk_id)
         .map_err(|e| fail(Code::Integrity, format!("VM {vm}: {e}")))?;
     links
         .into_iter()
         .map(|link| {
-            let present = points
+            let listed = points
                 .get(&link.point)
-                .is_some_and(|p| p.files.iter().any(|f| f.key == link.key));
-            if !present {
-                return Err(fail(
+                .and_then(|p| p.files.iter().find(|f| f.key == link.key));
+            match listed {
+                Some(o) => Ok((link, o.size)),
+                None => Err(fail(
                     Code::Integrity,
                     format!(
                         "point {} of VM {vm}: its stream {} is missing ({})",
@@ -210,14 +232,54 @@ pub fn disk_inputs(
                         link.stream,
                         repo.store.describe(&link.key)
                     ),
-                ));
+                )),
             }
-            Ok(InputSpec::Object {
-                store: repo.store.clone(),
-                key: link.key,
-            })
         })
         .collect()
+}
+
+/// The streams still to apply to `image`: when its sidecar says it holds a point of this
+/// chain completely, only those after it (none when it holds the last one); else all of
+/// them (restore then checks the image, or replaces it from the full stream). Headers are
+/// read newest first, so an image one point behind costs two small reads.
+async fn still_to_apply(
+    repo: &Repo,
+    image: &Path,
+    links: Vec<(Link, u64)>,
+) -> Result<Vec<(Link, u64)>, Failure> {
+    let state = match crate::restore::image_state(image) {
+        Ok(Some(s)) if s.status == crate::restore::ImageStatus::Complete => s,
+        _ => return Ok(links),
+    };
+    for i in (0..links.len()).rev() {
+        let (link, size) = &links[i];
+        let Some(h) = read_header(&repo.store, &link.key, *size).await? else {
+            break;
+        };
+        if h.point_id == state.point_id && h.source_id == state.source_id {
+            return Ok(links[i + 1..].to_vec());
+        }
+    }
+    Ok(links)
+}
+
+/// The header of a stream object; `None` when it does not decode (restore reports that).
+async fn read_header(
+    store: &Store,
+    key: &str,
+    size: u64,
+) -> Result<Option<cbtstream_proto::stream::Header>, Failure> {
+    use cbtstream_proto::stream::{Decoder, Item, MAX_HEADER_LEN};
+    let end = size.min(MAX_HEADER_LEN as u64);
+    let bytes = store
+        .get_range(key, 0..end)
+        .await
+        .map_err(|e| read_failure(RepoError::Store(e)))?;
+    let mut buf = bytes::BytesMut::from(&bytes[..]);
+    Ok(match Decoder::new().decode(&mut buf) {
+        Ok(Some(Item::Header(h))) => Some(h),
+        _ => None,
+    })
 }
 
 /// The stream objects of one disk of a point, for a restore into the pool: `disk` names
@@ -245,14 +307,15 @@ pub fn found<'a>(points: &'a Points, id: &str) -> Result<&'a StoredPoint, Failur
 }
 
 /// `restore --repo --to`: with `disk`, that disk into the image `to`; without, every disk
-/// of the point into `to/disk<slot>.raw` (`to` an existing directory).
+/// of the point into `to/disk<slot>.raw` (`to` an existing directory). An image that holds
+/// an earlier point of the chain gets only the streams after it. A line per image.
 pub async fn restore_images(
     repo: &Repo,
     vm: &str,
     point: &str,
     disk: Option<&str>,
     to: &Path,
-) -> Result<Vec<RestoreReport>, Failure> {
+) -> Result<Vec<String>, Failure> {
     let (points, id) = find_point(repo, vm, point).await?;
     let stored = found(&points, &id)?;
     let targets: Vec<(&PointDisk, PathBuf)> = match disk {
@@ -286,10 +349,19 @@ pub async fn restore_images(
     // Every chain checked before any image is touched.
     let mut work = Vec::with_capacity(targets.len());
     for (d, image) in targets {
-        work.push((disk_inputs(repo, &points, vm, &id, &d.id)?, image));
+        work.push((present_links(repo, &points, vm, &id, &d.id)?, image));
     }
     let mut reports = Vec::with_capacity(work.len());
-    for (specs, image) in work {
+    for (links, image) in work {
+        let links = still_to_apply(repo, &image, links).await?;
+        if links.is_empty() {
+            reports.push(format!(
+                "{} holds point {id} already: nothing to apply",
+                image.display()
+            ));
+            continue;
+        }
+        let specs: Vec<InputSpec> = links.into_iter().map(|(l, _)| object(repo, l)).collect();
         let (inputs, _) = InputSpec::open_all(&specs).await?;
         let report =
             tokio::task::spawn_blocking(move || crate::restore::restore_inputs(&image, inputs))
@@ -299,7 +371,7 @@ pub async fn restore_images(
                     code: e.exit_code(),
                     error: e.into(),
                 })?;
-        reports.push(report);
+        reports.push(report.to_string());
     }
     Ok(reports)
 }
