@@ -172,8 +172,13 @@ pub async fn list(args: ListArgs) -> Result<(), Failure> {
 pub async fn verify(args: VerifyArgs) -> Result<(), Failure> {
     let repo = with_repo_code(Repo::open(&args.repo.options()).await)?;
     if let Some(vm) = &args.vm {
-        let known = with_repo_code(repo.vms().await)?;
-        if !known.contains(vm) {
+        let objects = if crate::repo::store::valid_name(vm) {
+            let listed = repo.store.list(&crate::repo::vm_dir(vm)).await;
+            with_repo_code(listed.map_err(RepoError::from))?
+        } else {
+            Vec::new()
+        };
+        if objects.is_empty() {
             return Err(crate::exit::fail(
                 Code::Usage,
                 format!("the repository {} has no VM {vm:?}", repo.location),
