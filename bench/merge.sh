@@ -6,6 +6,8 @@
 #   bench/merge.sh                        # 4 GiB disk
 #   MERGE_SIZE=256M bench/merge.sh        # a quick run
 #   BIN=target/debug/cbtstream ...        # a given binary instead of a release build
+#   MERGE_CHANGES=areas bench/merge.sh    # changes in areas of 64 KiB-1 MiB (as guests write)
+#                                         # instead of single 64 KiB blocks (the worst case)
 #
 # Prints MB/s of output (the merged or recompressed stream; the image for restore), MB/s of
 # the disk's virtual size (the same work measured the same way for all three) and CPU
@@ -13,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${MERGE_SIZE:-4G}
+CHANGES=${MERGE_CHANGES:-blocks}
 POINTS=10
 DIR=${BENCH_DIR:-/var/tmp/cbtstream-bench}/merge
 rm -rf "$DIR" && mkdir -p "$DIR"
@@ -31,11 +34,21 @@ BYTES=$(stat -c %s "$IMG")
 # FRACTION of the 64 KiB blocks (random, seeded) and prints their changed-block bitmap.
 cat > "$DIR/mutate.py" <<'PY'
 import base64, random, sys
-path, size, seed, fraction = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+path, size, seed, fraction, changes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 block = 65536
 blocks = (size + block - 1) // block
 rng = random.Random(seed)
-chosen = range(blocks) if fraction >= 1 else sorted(rng.sample(range(blocks), int(blocks * fraction)))
+if fraction >= 1:
+    chosen = range(blocks)
+elif changes == "areas":
+    # Areas of 1 to 16 blocks (64 KiB to 1 MiB) at random places, until FRACTION is covered.
+    picked, want = set(), int(blocks * fraction)
+    while len(picked) < want:
+        start, n = rng.randrange(blocks), rng.randint(1, 16)
+        picked.update(range(start, min(start + n, blocks)))
+    chosen = sorted(picked)
+else:
+    chosen = sorted(rng.sample(range(blocks), int(blocks * fraction)))
 bm = bytearray((blocks + 7) // 8)
 with open(path, "r+b") as f:
     for b in chosen:
@@ -45,7 +58,7 @@ with open(path, "r+b") as f:
         bm[b // 8] |= 0x80 >> (b % 8)
 sys.stdout.write(base64.b64encode(bm).decode())
 PY
-python3 "$DIR/mutate.py" "$IMG" "$BYTES" 0 1 >/dev/null
+python3 "$DIR/mutate.py" "$IMG" "$BYTES" 0 1 "$CHANGES" >/dev/null
 SOCK=$DIR/nbd.sock
 serve() {
     qemu-nbd -f raw -k "$SOCK" -r -t "$IMG" &
@@ -61,7 +74,7 @@ serve
 stop
 STREAMS=("$DIR/p0.cbts")
 for i in $(seq "$POINTS"); do
-    python3 "$DIR/mutate.py" "$IMG" "$BYTES" "$i" 0.1 > "$DIR/bm$i.b64"
+    python3 "$DIR/mutate.py" "$IMG" "$BYTES" "$i" 0.1 "$CHANGES" > "$DIR/bm$i.b64"
     serve
     "$BIN" export --nbd "$URI" --changed-blocks "$DIR/bm$i.b64" --base-id "p$((i - 1))" \
         --point-id "p$i" --source-id bench -o "$DIR/p$i.cbts"
@@ -81,7 +94,7 @@ wall = max(wall, 1e-9)
 print(f"| {name} | {wall:.2f} | {size / 1e6 / wall:.0f} | {disk / 1e6 / wall:.0f} | {cpu / (size / 1e9):.2f} |")' \
         "$name" "$wall" "$user" "$sys" "$(stat -c %s "$out")" "$BYTES"
 }
-echo "| case ($SIZE disk, full + $POINTS incrementals) | wall s | MB/s of output | MB/s of disk | CPU s/GB of output |"
+echo "| case ($SIZE disk, full + $POINTS incrementals, changes: $CHANGES) | wall s | MB/s of output | MB/s of disk | CPU s/GB of output |"
 echo "|---|---|---|---|---|"
 measure "merge" "$DIR/merged.cbts" "$BIN" merge "${STREAMS[@]}" -o "$DIR/merged.cbts"
 measure "restore to a file" "$DIR/restored.raw" "$BIN" restore --to "$DIR/restored.raw" "${STREAMS[@]}"

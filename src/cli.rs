@@ -5,7 +5,7 @@
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::export::Destination;
 use crate::xen::commit::CommitOptions;
-use crate::xen::export::ExportOptions;
+use crate::xen::export::{ExportOptions, ExportTarget};
 use crate::xen::gc::GcOptions;
 use crate::xen::XapiLogin;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -217,7 +217,7 @@ impl ExportArgs {
 
 #[derive(Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["nbd", "xapi"])))]
-#[command(group(clap::ArgGroup::new("destination").required(true).args(["output", "to_command"])))]
+#[command(group(clap::ArgGroup::new("destination").required(true).args(["output", "to_command", "location"])))]
 pub struct ExportArgs {
     /// NBD URI of the disk: nbds://host[:port]/export, nbd://, nbd+unix:///export?socket=PATH.
     #[arg(long, value_name = "URI")]
@@ -240,6 +240,8 @@ pub struct ExportArgs {
     /// when CMD exits 0.
     #[arg(long, value_name = "CMD", group = "destination")]
     pub to_command: Option<String>,
+    #[command(flatten)]
+    pub repo: crate::repo_cli::RepoTarget,
     /// With --xapi and a stream to stdout: commit as soon as the pipe took the last byte,
     /// trusting its reader to have stored it.
     #[arg(long, requires = "xapi", conflicts_with = "to_command")]
@@ -380,12 +382,14 @@ pub struct GcArgs {
     /// The chain's state file (of `export --vdi` or `backup --vm`): its bases are kept.
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
+    #[command(flatten)]
+    pub repo: crate::repo_cli::RepoTarget,
     /// List what would be removed, remove nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Without --state: remove every snapshot cbtstream tagged that is not cbt_metadata
     /// (one may be a base kept after data_destroy failed, or belong to a running export).
-    #[arg(long, conflicts_with = "state")]
+    #[arg(long, conflicts_with_all = ["state", "location"])]
     pub force: bool,
     #[command(flatten)]
     pub xapi_args: XapiArgs,
@@ -536,7 +540,7 @@ fn xapi_login(url: &str, a: &XapiArgs) -> Result<XapiLogin, Failure> {
 }
 
 fn xen_export_options(args: ExportArgs, url: &str) -> Result<ExportOptions, Failure> {
-    if args.state.is_none() && args.base.is_none() && !args.full {
+    if args.state.is_none() && args.base.is_none() && !args.full && args.repo.location.is_none() {
         return Err(fail(
             Code::Usage,
             "give --state FILE (the chain), --base SNAPSHOT_UUID, or --full",
@@ -544,17 +548,59 @@ fn xen_export_options(args: ExportArgs, url: &str) -> Result<ExportOptions, Fail
     }
     let destination = args.destination();
     if args.commit_on_eof
-        && matches!(&destination, Destination::Output(p) if matches!(crate::engine::sink::Output::from_arg(p), crate::engine::sink::Output::File(_)))
+        && (args.repo.location.is_some()
+            || matches!(&destination, Destination::Output(p) if matches!(crate::engine::sink::Output::from_arg(p), crate::engine::sink::Output::File(_))))
     {
         return Err(fail(
             Code::Usage,
             "--commit-on-eof is for a stream to stdout or a FIFO; a file is committed once it is complete",
         ));
     }
+    let vdi = args.vdi.unwrap_or_default();
+    let mut state = args.state;
+    let destination = match &args.repo.location {
+        None => ExportTarget::Stream(destination),
+        Some(location) => {
+            let opts = crate::repo::RepoOptions {
+                location: location.clone(),
+                s3_endpoint: args.repo.s3_endpoint.clone(),
+            };
+            if !crate::repo::store::valid_name(&vdi) {
+                return Err(fail(
+                    Code::Usage,
+                    format!("--vdi {vdi:?} is not a VDI uuid"),
+                ));
+            }
+            let repo = run_async(async {
+                crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
+            })?;
+            if state.is_none() {
+                // The chain state of one disk lives beside its points in a local repository.
+                match &repo.store {
+                    crate::repo::store::Store::Local(root) => {
+                        let dir = root.join(crate::repo::vm_dir(&vdi));
+                        crate::repo::store::create_parents(&dir.join("chain.json"))
+                            .code(Code::Output)?;
+                        state = Some(dir.join("chain.json"));
+                    }
+                    crate::repo::store::Store::S3 { .. } => {
+                        return Err(fail(
+                            Code::Usage,
+                            "export --repo s3://... keeps the disk's chain state in a file: give --state FILE",
+                        ))
+                    }
+                }
+            }
+            ExportTarget::Repo {
+                repo,
+                break_lock: args.repo.break_lock,
+            }
+        }
+    };
     Ok(ExportOptions {
         login: xapi_login(url, &args.xapi_args)?,
-        vdi: args.vdi.unwrap_or_default(),
-        state: args.state,
+        vdi,
+        state,
         base: args.base,
         full: args.full,
         enable_cbt: args.enable_cbt,
@@ -570,6 +616,9 @@ fn xen_export_options(args: ExportArgs, url: &str) -> Result<ExportOptions, Fail
 fn export(args: ExportArgs) -> Result<(), Failure> {
     let json = args.dp.json;
     let Some(url) = args.xapi.clone() else {
+        if args.repo.location.is_some() {
+            return Err(fail(Code::Usage, "--repo is for --xapi exports"));
+        }
         let progress = std::sync::Arc::new(crate::progress::Bar::stderr());
         let summary = run_async(crate::export::export_nbd(args.nbd_options(), progress))?;
         if json {
@@ -720,6 +769,21 @@ fn gc(args: GcArgs) -> Result<(), Failure> {
             (vdi, None) => crate::xen::gc::GcTarget::Vdi(vdi.unwrap_or_default()),
         },
         state: args.state,
+        repo: match &args.repo.location {
+            Some(location) => {
+                let opts = crate::repo::RepoOptions {
+                    location: location.clone(),
+                    s3_endpoint: args.repo.s3_endpoint.clone(),
+                };
+                Some(crate::xen::gc::RepoGc {
+                    repo: run_async(async {
+                        crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
+                    })?,
+                    break_lock: args.repo.break_lock,
+                })
+            }
+            None => None,
+        },
         dry_run: args.dry_run,
         force: args.force,
     };

@@ -80,3 +80,127 @@ fn assert_private(path: &Path) {
     let mode = std::fs::metadata(path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", path.display());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_of_one_disk_are_points_under_the_vdi() {
+    let e = env().await;
+    let repo = e.dir.join("repo");
+    let repo_s = p(&repo).to_string();
+    ok(run(&["repo", "init", &repo_s]));
+    let images = e.dir.join("img.raw");
+    let mut streams = Vec::new();
+    for round in 0..2u8 {
+        e.guest_writes(round);
+        ok(e.export_to(&["--repo", &repo_s]).await);
+        let points = list_json(&repo_s);
+        assert_eq!(points.len(), usize::from(round) + 1, "{points:?}");
+        let last = points.last().unwrap();
+        assert_eq!(last["vm"], e.sim.vdi_uuid());
+        assert_eq!(
+            last["kind"],
+            if round == 0 { "full" } else { "incremental" }
+        );
+        let stream = repo
+            .join("vms")
+            .join(e.sim.vdi_uuid())
+            .join("points")
+            .join(last["id"].as_str().unwrap())
+            .join("disk0.cbts");
+        streams.push(stream.clone());
+        ok(run(&["restore", "--to", p(&images), p(&stream)]));
+        assert_same(&images, &e.live_image());
+    }
+    // The chain state of the disk lives in the repository; the host keeps one base.
+    let chain = repo.join("vms").join(e.sim.vdi_uuid()).join("chain.json");
+    assert_eq!(
+        state_base(&chain),
+        list_json(&repo_s)[1]["id"].as_str().unwrap()
+    );
+    // --repo is for --xapi exports; an export to a repository cannot also go to a file.
+    let o = run(&[
+        "export",
+        "--nbd",
+        "nbd://127.0.0.1/x",
+        "--full",
+        "--repo",
+        &repo_s,
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = e.export_to(&["--repo", &repo_s, "-o", "x.cbts"]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+/// Snapshot VMs of the VM still on the host.
+fn snapshot_vms(e: &Env) -> usize {
+    use cbtstream_proto::xmlrpc::Value;
+    let session = login(e);
+    let vm: Value = e.sim.vm_ref().into();
+    let snaps = e
+        .sim
+        .call_local("VM.get_snapshots", &[session, vm])
+        .unwrap();
+    snaps.as_array().map_or(0, <[Value]>::len)
+}
+
+/// A backup into a repository killed mid-transfer: `gc --vm --repo` finds the chain state in
+/// the repository, keeps its bases and removes the rest; the repository's leftovers go with
+/// the next backup, which chains on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_of_a_killed_backup_uses_the_state_in_the_repository() {
+    use cbtstream_testkit::xen_nbd::StallAt;
+    let e = env_with(|c| c.disks = 2).await;
+    let repo = e.dir.join("repo");
+    let repo_s = p(&repo).to_string();
+    ok(run(&["repo", "init", &repo_s]));
+    e.guest_writes(0);
+    ok(e.backup_repo(&repo_s, &[]).await);
+    e.guest_writes(1);
+    let faults = e.sim.nbd().faults.clone();
+    faults.stall(StallAt::Request(faults.requests() + 1));
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "backup",
+            "--xapi",
+            &e.sim.url(),
+            "--xapi-ca",
+            p(e.sim.ca_path()),
+        ])
+        .args(["--vm", e.sim.vm_uuid(), "--repo", &repo_s])
+        .env("XAPI_PASSWORD", e.sim.password())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        faults.wait_until(|f| f.stalls() == 1),
+    )
+    .await
+    .expect("the backup never reached the NBD server");
+    child.kill().unwrap();
+    let _ = child.wait();
+    faults.release_stall();
+    assert_eq!(snapshot_vms(&e), 1);
+    // The killed run's streams are in the repository, without point.json: not a point.
+    assert_eq!(list_json(&repo_s).len(), 1);
+    let o = ok(e
+        .command(
+            &["gc", "--xapi", &e.sim.url()],
+            false,
+            &["--vm", e.sim.vm_uuid(), "--repo", &repo_s],
+        )
+        .await);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(text.contains("removed snapshot VM"), "{text}");
+    assert_eq!(snapshot_vms(&e), 0);
+    // The bases stayed: the next backup is an incremental of the committed point.
+    let points_dir = repo.join("vms").join(e.sim.vm_uuid()).join("points");
+    assert_eq!(
+        std::fs::read_dir(&points_dir).unwrap().count(),
+        1,
+        "gc cleared the leftovers"
+    );
+    ok(e.backup_repo(&repo_s, &[]).await);
+    let points = list_json(&repo_s);
+    assert_eq!(points.len(), 2);
+    assert_eq!(points[1]["kind"], "incremental");
+    assert_eq!(points[1]["base"], points[0]["id"]);
+}

@@ -4,9 +4,11 @@
 //! A local repository uses `flock(2)` on `vms/<vm>/lock` (the kernel drops it when the
 //! holder dies, so it is never stale). S3 has no locks: the lock is the object
 //! `vms/<vm>/lock.json`, created only if absent (`If-None-Match: *`), naming its owner and
-//! an expiry that the holder pushes forward while it works. A lock whose expiry has passed,
-//! or whose owner on this host is no longer running, is stale: it is reported with its
-//! owner and age, and only `--break-lock` removes it.
+//! an expiry that the holder pushes forward while it works. A lock whose owner ran on this
+//! host and is no longer running is provably stale: it is reported (owner, age) and taken
+//! over. A lock of another host whose expiry has passed may be stale, or its owner cut off
+//! from the store: it is reported, and only `--break-lock` removes it. A lock that has not
+//! expired is never broken.
 
 use super::store::{Store, StoreError};
 use super::Repo;
@@ -181,10 +183,14 @@ async fn acquire_s3(
         };
         let owner = format!("{}:{}", held.host, held.pid);
         let age = now().saturating_sub(held.created_unix_secs);
-        let why = if now() > held.expires_unix_secs {
-            Some("expired".to_owned())
-        } else if held.host == record.host && !process_alive(held.pid) {
+        let dead = held.host == record.host && !process_alive(held.pid);
+        let why = if dead {
             Some(format!("process {} is no longer running", held.pid))
+        } else if now() > held.expires_unix_secs {
+            Some(format!(
+                "expired {} s ago",
+                now().saturating_sub(held.expires_unix_secs)
+            ))
         } else {
             None
         };
@@ -196,7 +202,7 @@ async fn acquire_s3(
                 age,
             });
         };
-        if !break_lock || attempt > 0 {
+        if !(break_lock || dead) || attempt > 0 {
             return Err(RepoLockError::Stale {
                 what: format!("VM {vm} in the repository"),
                 owner,
@@ -205,7 +211,10 @@ async fn acquire_s3(
                 why,
             });
         }
-        tracing::warn!("breaking the stale lock of {owner} ({why}, {age} s old)");
+        eprintln!(
+            "cbtstream: warning: taking over the stale lock of VM {vm} held by {owner} ({}, {why}, {age} s old)",
+            held.operation
+        );
         store.delete(&key).await?;
     }
     unreachable!("the loop returns on its second attempt")

@@ -232,32 +232,9 @@ impl Repo {
             }
             points.points.push(StoredPoint { info, files });
         }
-        sort_oldest_first(&mut points.points);
+        points.sort_oldest_first();
         Ok(points)
     }
-}
-
-/// Oldest first: by time, a point after its base when both have the same time (points
-/// taken within one second, or with SOURCE_DATE_EPOCH set), then by id.
-pub fn sort_oldest_first(points: &mut [StoredPoint]) {
-    let bases: std::collections::HashMap<String, Option<String>> = points
-        .iter()
-        .map(|p| (p.info.id.clone(), p.info.base.clone()))
-        .collect();
-    // How many of its bases are there (bounded: the bases may form a loop).
-    let depth = |id: &str| {
-        let mut n = 0;
-        let mut next = bases.get(id).cloned().flatten();
-        while let Some(b) = next {
-            if n > bases.len() {
-                break;
-            }
-            n += 1;
-            next = bases.get(&b).cloned().flatten();
-        }
-        n
-    };
-    points.sort_by_cached_key(|p| (p.info.time.clone(), depth(&p.info.id), p.info.id.clone()));
 }
 
 /// What [`Repo::points`] found.
@@ -268,6 +245,37 @@ pub struct Points {
 }
 
 impl Points {
+    /// Oldest first; points with the same time (the clock's resolution is a second) in
+    /// chain order: a point after the points it builds on.
+    pub fn sort_oldest_first(&mut self) {
+        let depth: std::collections::BTreeMap<String, usize> = self
+            .points
+            .iter()
+            .map(|p| (p.info.id.clone(), self.depth(&p.info.id)))
+            .collect();
+        self.points.sort_by(|a, b| {
+            (&a.info.time, depth[&a.info.id], &a.info.id).cmp(&(
+                &b.info.time,
+                depth[&b.info.id],
+                &b.info.id,
+            ))
+        });
+    }
+
+    /// How many points `id` builds on (those in the repository).
+    fn depth(&self, id: &str) -> usize {
+        let mut depth = 0;
+        let mut next = self.get(id).and_then(|p| p.info.base.clone());
+        while let Some(base) = next {
+            if depth > self.points.len() {
+                break; // a loop: verify reports it
+            }
+            depth += 1;
+            next = self.get(&base).and_then(|p| p.info.base.clone());
+        }
+        depth
+    }
+
     pub fn get(&self, id: &str) -> Option<&StoredPoint> {
         self.points.iter().find(|p| p.info.id == id)
     }
@@ -343,11 +351,14 @@ fn s3_client(
         .map(str::to_owned)
         .or_else(|| env("AWS_ENDPOINT_URL_S3"))
         .or_else(|| env("AWS_ENDPOINT_URL"));
+    let mut client = object_store::ClientOptions::new()
+        .with_connect_timeout(std::time::Duration::from_secs(10))
+        .with_timeout(std::time::Duration::from_secs(300));
     if let Some(url) = &endpoint {
         location::check_endpoint(url)?;
-        b = b
-            .with_endpoint(url)
-            .with_allow_http(url.starts_with("http://"));
+        b = b.with_endpoint(url);
+        // (with_client_options replaces every client option: allow_http goes in them.)
+        client = client.with_allow_http(url.starts_with("http://"));
     }
     if env("AWS_ACCESS_KEY_ID").is_none() {
         let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
@@ -379,11 +390,7 @@ fn s3_client(
             .unwrap_or_else(|| "us-east-1".into());
         b = b.with_region(region);
     }
-    b = b.with_client_options(
-        object_store::ClientOptions::new()
-            .with_connect_timeout(std::time::Duration::from_secs(10))
-            .with_timeout(std::time::Duration::from_secs(300)),
-    );
+    b = b.with_client_options(client);
     b = b.with_retry(object_store::RetryConfig {
         max_retries: 4,
         retry_timeout: std::time::Duration::from_secs(60),

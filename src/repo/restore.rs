@@ -307,7 +307,8 @@ pub fn found<'a>(points: &'a Points, id: &str) -> Result<&'a StoredPoint, Failur
 }
 
 /// `restore --repo --to`: with `disk`, that disk into the image `to`; without, every disk
-/// of the point into `to/disk<slot>.raw` (`to` an existing directory). An image that holds
+/// of the point into `to/disk<slot>.raw` (`to` an existing directory), or the point's only
+/// disk into the image `to`. An image that holds
 /// an earlier point of the chain gets only the streams after it. A line per image.
 pub async fn restore_images(
     repo: &Repo,
@@ -335,16 +336,19 @@ pub async fn restore_images(
                 }
             })
             .collect::<Result<_, _>>()?,
-        None => {
-            return Err(fail(
-                Code::Usage,
-                format!(
-                    "{} is not a directory: give an existing directory (every disk of the \
-                     point goes to DIR/disk<slot>.raw) or --disk SLOT|VDI_UUID with an image",
-                    to.display()
-                ),
-            ))
-        }
+        None => match stored.info.disks.as_slice() {
+            [d] => vec![(d, to.to_owned())],
+            _ => {
+                return Err(fail(
+                    Code::Usage,
+                    format!(
+                        "{} is not a directory: give an existing directory (every disk of the \
+                         point goes to DIR/disk<slot>.raw) or --disk SLOT|VDI_UUID with an image",
+                        to.display()
+                    ),
+                ))
+            }
+        },
     };
     // Every chain checked before any image is touched.
     let mut work = Vec::with_capacity(targets.len());
@@ -466,16 +470,19 @@ mod tests {
     /// Points of one second (SOURCE_DATE_EPOCH in the tests) still come after their base.
     #[test]
     fn points_of_the_same_time_sort_after_their_base() {
-        let mut points = vec![
-            point("p1", Some("p3"), &[]),
-            point("p3", None, &[]),
-            point("p2", Some("p1"), &[]),
-        ];
-        for p in &mut points {
+        let mut points = Points {
+            points: vec![
+                point("p1", Some("p3"), &[]),
+                point("p3", None, &[]),
+                point("p2", Some("p1"), &[]),
+            ],
+            incomplete: vec![],
+        };
+        for p in &mut points.points {
             p.info.time = "2026-11-30T00:00:00Z".into();
         }
-        crate::repo::sort_oldest_first(&mut points);
-        let ids: Vec<&str> = points.iter().map(|p| p.info.id.as_str()).collect();
+        points.sort_oldest_first();
+        let ids: Vec<&str> = points.points.iter().map(|p| p.info.id.as_str()).collect();
         assert_eq!(ids, ["p3", "p1", "p2"]);
     }
 

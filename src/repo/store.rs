@@ -377,7 +377,7 @@ impl Store {
 }
 
 /// Creates the directories above a file (0700).
-pub(super) fn create_parents(path: &std::path::Path) -> std::io::Result<()> {
+pub fn create_parents(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     match path.parent() {
         Some(dir) => std::fs::DirBuilder::new()

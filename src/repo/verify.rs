@@ -183,7 +183,7 @@ async fn load_points(
             Err(e) => report.problem(vm, &id, POINT_FILE, format!("does not read: {e}")),
         }
     }
-    super::sort_oldest_first(&mut points.points);
+    points.sort_oldest_first();
     Ok(points)
 }
 

@@ -4,9 +4,10 @@
 use super::allocation;
 use super::commit::{commit_point, Point};
 use super::nbd::{keepalive, NbdParams, XenNbd};
+use super::point::{PointDisk, PointInfo};
 use super::{
-    destroy_if_ours, destroy_snapshot, load_state, lock_chain, login, save_state, src, XapiLogin,
-    TAG_SNAPSHOT,
+    destroy_if_ours, destroy_snapshot, load_state, lock_chain, lock_repo_vm, login, save_state,
+    src, XapiLogin, TAG_SNAPSHOT,
 };
 use crate::chain::{ChainState, PendingPoint};
 use crate::engine::sink::Output;
@@ -15,6 +16,8 @@ use crate::exit::{fail, Code, Failure, WithCode};
 use crate::export::{
     created_now, send_stream, shutdown_signal, DataPlaneOptions, Destination, StreamIds, What,
 };
+use crate::repo::point_writer::{PointTarget, PointWriter};
+use crate::repo::Repo;
 use crate::xapi::{Ref, XapiError, XapiSession};
 use cbtstream_proto::cbt;
 use std::collections::BTreeMap;
@@ -34,12 +37,21 @@ pub struct ExportOptions {
     pub enable_cbt: bool,
     pub fallback_full: bool,
     pub keep_bases: u32,
-    pub destination: Destination,
+    pub destination: ExportTarget,
     /// Commit once a pipe took the last byte (trusting its reader).
     pub commit_on_eof: bool,
     /// How often to use the XenAPI session during the export.
     pub keepalive: Duration,
     pub dp: DataPlaneOptions,
+}
+
+/// Where `export --xapi` writes its point.
+#[derive(Debug, Clone)]
+pub enum ExportTarget {
+    /// A file, stdout, or a command (`-o`, `--to-command`).
+    Stream(Destination),
+    /// A repository (`--repo`): the point is stored under the VDI, as a one-disk point.
+    Repo { repo: Repo, break_lock: bool },
 }
 
 /// What one export did.
@@ -68,9 +80,11 @@ enum CommitWhen {
 
 fn commit_when(opts: &ExportOptions) -> Result<CommitWhen, Failure> {
     let path = match &opts.destination {
-        Destination::Command(_) => return Ok(CommitWhen::CommandSucceeded),
-        Destination::Upload(_) => return Ok(CommitWhen::Written),
-        Destination::Output(path) => path,
+        ExportTarget::Stream(Destination::Command(_)) => return Ok(CommitWhen::CommandSucceeded),
+        ExportTarget::Stream(Destination::Upload(_)) | ExportTarget::Repo { .. } => {
+            return Ok(CommitWhen::Written)
+        }
+        ExportTarget::Stream(Destination::Output(path)) => path,
     };
     if matches!(Output::from_arg(path), Output::File(_)) || opts.commit_on_eof {
         Ok(CommitWhen::Written)
@@ -92,6 +106,12 @@ pub async fn run(opts: ExportOptions) -> Result<ExportReport, Failure> {
     let _lock = match &opts.state {
         Some(p) => Some(lock_chain(p)?),
         None => None,
+    };
+    let repo_lock = match &opts.destination {
+        ExportTarget::Repo { repo, break_lock } => {
+            Some(lock_repo_vm(repo, &opts.vdi, "export", *break_lock).await?)
+        }
+        ExportTarget::Stream(_) => None,
     };
     // The state before anything happens on the host: a damaged state file, or one of
     // another VDI, is the caller's to fix.
@@ -125,6 +145,9 @@ pub async fn run(opts: ExportOptions) -> Result<ExportReport, Failure> {
         destroy_snapshot(&session, &snap).await;
     }
     session.logout().await;
+    if let Some(lock) = repo_lock {
+        lock.release().await;
+    }
     // The summary's time is the whole run's: login, snapshot, transfer and commit.
     result.map(|mut report| {
         report.summary.seconds = started.elapsed().as_secs_f64();
@@ -228,6 +251,25 @@ async fn finish(
     };
     commit_point(session, opts.state.as_deref(), state, point, recorded).await?;
     Ok(report)
+}
+
+/// The stream's name in a one-disk point of `export --repo`.
+const REPO_STREAM: &str = "disk0.cbts";
+
+/// Checks the stored stream and writes point.json: the point exists from then on.
+async fn store_point(
+    mut w: PointWriter,
+    info: impl FnOnce(String) -> PointInfo,
+) -> Result<(), Failure> {
+    let sha256 = match w.sha256(REPO_STREAM).await {
+        Ok(s) => s,
+        Err(e) => {
+            w.discard().await;
+            return Err(fail(Code::Output, e));
+        }
+    };
+    w.finish(&info(sha256)).await.code(Code::Output)?;
+    Ok(())
 }
 
 pub(super) fn is_chain_broken(e: &XapiError) -> bool {
@@ -353,14 +395,56 @@ async fn export(
         point_id: snap_rec.uuid.clone(),
         base_id: stream_base.clone(),
     };
-    let summary = {
-        let transfer = async {
-            let (nbd, first) = XenNbd::open(session.clone(), snap.clone(), params).await?;
-            let progress = Arc::new(crate::progress::Bar::stderr());
-            send_stream(first, nbd, what, ids, &opts.dp, &opts.destination, progress).await
-        };
-        // Every NBD connection is closed when this returns.
-        keepalive(session, &snap, opts.keepalive, transfer).await?
+    let mut point_writer = match &opts.destination {
+        ExportTarget::Repo { repo, .. } => Some(
+            PointWriter::create(&PointTarget::Repo(repo.clone()), &vdi_uuid, &snap_rec.uuid)
+                .await
+                .code(Code::Output)?,
+        ),
+        ExportTarget::Stream(_) => None,
+    };
+    let destination = match (&opts.destination, &mut point_writer) {
+        (ExportTarget::Stream(d), _) => d.clone(),
+        (ExportTarget::Repo { .. }, Some(w)) => {
+            let expected = snap_rec.virtual_size + snap_rec.virtual_size / 64 + (1 << 20);
+            w.stream(REPO_STREAM, expected).await.code(Code::Output)?
+        }
+        (ExportTarget::Repo { .. }, None) => unreachable!("the writer was made above"),
+    };
+    let transfer = async {
+        let (nbd, first) = XenNbd::open(session.clone(), snap.clone(), params).await?;
+        let progress = Arc::new(crate::progress::Bar::stderr());
+        send_stream(first, nbd, what, ids, &opts.dp, &destination, progress).await
+    };
+    // Every NBD connection is closed when this returns.
+    let summary = keepalive(session, &snap, opts.keepalive, transfer).await;
+    let summary = match (summary, point_writer) {
+        (Ok(s), Some(w)) => {
+            let info = |sha256| PointInfo {
+                id: snap_rec.uuid.clone(),
+                vm: vdi_uuid.clone(),
+                name: rec.name_label.clone(),
+                time: crate::restore::report::rfc3339(created_now()),
+                base: stream_base.clone(),
+                disks: vec![PointDisk {
+                    id: vdi_uuid.clone(),
+                    slot: "0".into(),
+                    size: snap_rec.virtual_size,
+                    stream: REPO_STREAM.into(),
+                    sha256,
+                    base: stream_base.clone(),
+                }],
+                skipped: vec![],
+            };
+            store_point(w, info).await?;
+            s
+        }
+        (Ok(s), None) => s,
+        (Err(e), Some(w)) => {
+            w.discard().await;
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
     };
 
     let point = PendingPoint {

@@ -12,9 +12,12 @@
 //! miss one left before the next successful export moved the base past it.)
 
 use super::{
-    load_state, load_vm_state, lock_chain, login, retry_in_use, src, XapiLogin, TAG_SNAPSHOT,
+    load_state, load_vm_state, lock_chain, lock_repo_vm, login, retry_in_use, src, XapiLogin,
+    TAG_SNAPSHOT,
 };
 use crate::exit::{fail, Code, Failure};
+use crate::repo::state::StateHome;
+use crate::repo::store::Store;
 use crate::xapi::XapiSession;
 use std::path::PathBuf;
 
@@ -24,10 +27,19 @@ pub struct GcOptions {
     pub login: XapiLogin,
     pub target: GcTarget,
     pub state: Option<PathBuf>,
+    /// `--repo`: the chain state of `backup --repo` (when no --state), and the VM's lock there.
+    pub repo: Option<RepoGc>,
     /// List what would be removed, remove nothing.
     pub dry_run: bool,
     /// Without a state file: remove every tagged snapshot that is not `cbt_metadata`.
     pub force: bool,
+}
+
+/// The repository a chain's state lives in.
+#[derive(Debug, Clone)]
+pub struct RepoGc {
+    pub repo: crate::repo::Repo,
+    pub break_lock: bool,
 }
 
 /// What to collect: one VDI's chain, or every disk of a VM (`backup --vm`).
@@ -44,10 +56,42 @@ pub struct GcReport {
     pub removed: usize,
 }
 
-pub async fn run(opts: GcOptions) -> Result<GcReport, Failure> {
+pub async fn run(mut opts: GcOptions) -> Result<GcReport, Failure> {
     let _lock = match &opts.state {
         Some(p) => Some(lock_chain(p)?),
         None => None,
+    };
+    // A chain kept in a repository: its lock there (no gc beside a backup of it), and its
+    // state from there when no --state names it.
+    let mut repo_state = None;
+    let repo_lock = match (&opts.repo, &opts.target) {
+        (Some(r), target) => {
+            let id = match target {
+                GcTarget::Vdi(v) | GcTarget::Vm(v) => v.clone(),
+            };
+            let lock = lock_repo_vm(&r.repo, &id, "gc", r.break_lock).await?;
+            if opts.state.is_none() {
+                match (target, &r.repo.store) {
+                    (GcTarget::Vm(vm), _) => {
+                        repo_state = Some(StateHome::Repo {
+                            repo: r.repo.clone(),
+                            vm: vm.clone(),
+                        })
+                    }
+                    (GcTarget::Vdi(vdi), Store::Local(root)) => {
+                        opts.state = Some(root.join(crate::repo::vm_dir(vdi)).join("chain.json"))
+                    }
+                    (GcTarget::Vdi(_), Store::S3 { .. }) => {
+                        return Err(fail(
+                            Code::Usage,
+                            "the chain state of a disk exported to S3 is a file: give --state FILE",
+                        ))
+                    }
+                }
+            }
+            Some(lock)
+        }
+        (None, _) => None,
     };
     // What the chain needs, by VDI: nothing without a state file. A state file that is not
     // there is refused: nothing would be marked as needed, and every base would go.
@@ -68,6 +112,20 @@ pub async fn run(opts: GcOptions) -> Result<GcReport, Failure> {
                 needed: s.needed(),
                 pending: s.pending.map(|p| p.snapshot),
             });
+        }
+        (GcTarget::Vm(vm), None) if repo_state.is_some() => {
+            let home = repo_state.as_ref().expect("checked by the guard");
+            let s = load_vm_state(home, vm).await?.ok_or_else(|| {
+                fail(
+                    Code::Usage,
+                    format!("the repository holds no chain state for VM {vm}"),
+                )
+            })?;
+            kept.extend(s.disks.into_iter().map(|(vdi, b)| Kept {
+                vdi,
+                needed: vec![b.base],
+                pending: None,
+            }));
         }
         (GcTarget::Vm(vm), Some(p)) => {
             let s = load_vm_state(&crate::repo::state::StateHome::File(p.clone()), vm)
@@ -103,6 +161,9 @@ pub async fn run(opts: GcOptions) -> Result<GcReport, Failure> {
     }
     .await;
     session.logout().await;
+    if let Some(lock) = repo_lock {
+        lock.release().await;
+    }
     result
 }
 
@@ -116,7 +177,7 @@ async fn snapshot_vms(
     report: &mut GcReport,
 ) -> Result<(), Failure> {
     let vm = session.vm_get_by_uuid(vm).await.map_err(src)?;
-    let act = !opts.dry_run && (opts.state.is_some() || opts.force);
+    let act = !opts.dry_run && (opts.state.is_some() || opts.repo.is_some() || opts.force);
     for snap in session.vm_get_snapshots(&vm).await.map_err(src)? {
         let rec = session.vm_get_record(&snap).await.map_err(src)?;
         if !rec.name_label.starts_with(super::vm::SNAPSHOT_NAME) {
@@ -154,7 +215,7 @@ async fn collect(
     let vdi = session.vdi_get_by_uuid(vdi_uuid).await.map_err(src)?;
     let needed = kept.map(|k| k.needed.clone()).unwrap_or_default();
     let pending = kept.and_then(|k| k.pending.clone());
-    let act = !opts.dry_run && (opts.state.is_some() || opts.force);
+    let act = !opts.dry_run && (opts.state.is_some() || opts.repo.is_some() || opts.force);
     for snap in &session.vdi_get_snapshots(&vdi).await.map_err(src)? {
         let s = session.vdi_get_record(snap).await.map_err(src)?;
         let ours = s.other_config.get(TAG_SNAPSHOT).map(String::as_str) == Some(vdi_uuid);
@@ -181,7 +242,7 @@ async fn collect(
             continue;
         }
         // Without a state file a cbt_metadata snapshot may be some chain's base.
-        if opts.state.is_none() && s.vdi_type == "cbt_metadata" {
+        if opts.state.is_none() && opts.repo.is_none() && s.vdi_type == "cbt_metadata" {
             report.lines.push(format!(
                 "kept snapshot {} (cbt_metadata): possibly a chain's base; give --state to decide",
                 s.uuid
