@@ -439,3 +439,48 @@ async fn points_restore_and_verify_from_s3() {
     assert_fails(&o, 4, &format!("points/{}/disk0.cbts", ids[1]));
     assert!(!image.exists());
 }
+
+/// One-disk points of `export --repo` (under the VDI): restored into an image without
+/// --disk, and a VDI rolled back to the newest one (only the blocks changed since it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vdi_rolls_back_to_a_point_of_the_repository() {
+    let e = env().await;
+    let vdi = e.blank_vdi(SIZE);
+    let session = login(&e);
+    let r: Value = e.sim.vdi_ref_of(&vdi).unwrap().into();
+    e.sim.call_local("VDI.enable_cbt", &[session, r]).unwrap();
+    let repo = p(&e.dir.join("repo")).to_string();
+    ok(run(&["repo", "init", &repo]));
+    let url = e.sim.url();
+    for round in 0..2u8 {
+        e.sim
+            .write(&vdi, u64::from(round) * 3 * 65536, &[round + 1; 70_000])
+            .unwrap();
+        let export = ["--vdi", vdi.as_str(), "--repo", &repo];
+        ok(e.command(&["export", "--xapi", &url], false, &export).await);
+    }
+    let at_point = e.dir.join("at-point.raw");
+    std::fs::copy(e.sim.vdi_path(&vdi).unwrap(), &at_point).unwrap();
+    let image = e.dir.join("image.raw");
+    ok(restore_repo(&repo, &vdi, "latest", &["--to", p(&image)]));
+    assert_same(&image, &at_point);
+
+    e.sim.write(&vdi, 10 * 65536, &[9; 4096]).unwrap();
+    e.sim.write(&vdi, 65536, &[0; 65536]).unwrap();
+    let imported = e.sim.bytes_imported();
+    let args = [
+        "--vdi",
+        &vdi,
+        "--rollback",
+        "--repo",
+        &repo,
+        "--vm",
+        &vdi,
+        "--point",
+        "latest",
+    ];
+    ok(e.command(&["restore", "--xapi", &url], false, &args).await);
+    assert_same(&e.sim.vdi_path(&vdi).unwrap(), &at_point);
+    let sent = e.sim.bytes_imported() - imported;
+    assert!(sent > 0 && sent <= 2 * 65536, "{sent} bytes written back");
+}
