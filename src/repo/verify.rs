@@ -232,7 +232,7 @@ async fn verify_point(
                 id,
                 &d.stream,
                 format!(
-                    "its SHA-256 is {sha256}, not the {} point.json records: the stream was damaged",
+                    "its SHA-256 is {sha256}, point.json records {}: the stream was damaged",
                     d.sha256
                 ),
             );

@@ -1,6 +1,7 @@
 //! `cbtstream restore-vm --xapi URL --sr SR_UUID DIR/<point-id>` (or `--repo LOCATION --vm
-//! UUID --point ID|latest`): a VM backed up with `backup` comes back into the pool as a new VM: every disk of the point is created in the
-//! SR and filled with its chain of streams (`restore --xapi`), then `PUT /import_metadata`
+//! UUID --point ID|latest`): a VM backed up with `backup` comes back into the pool as a new
+//! VM: every disk of the point is created in the SR and filled with its chain of streams
+//! (`restore --xapi`; from a repository, read as objects), then `PUT /import_metadata`
 //! with a `vdi:<old-uuid>=<new-uuid>` mapping per disk rebuilds the VM with its
 //! configuration and its disks in their slots. If anything fails, the VDIs this run created
 //! are destroyed.
