@@ -132,6 +132,11 @@ async fn a_clean_repository_verifies_and_is_left_as_it_was() {
     assert_fails(&o, 2, "has no VM");
     let o = verify(p(&e.dir.join("sim")), &[]);
     assert_fails(&o, 2, "not a cbtstream repository");
+    // A repository that cannot be read (its points directory is a file): exit 5.
+    std::fs::rename(&points_dir, e.dir.join("points-aside")).unwrap();
+    std::fs::write(&points_dir, b"").unwrap();
+    let o = verify(&repo, &[]);
+    assert_fails(&o, 5, "points");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
