@@ -59,7 +59,8 @@ pub struct RepoPoint {
 }
 
 impl RepoPoint {
-    /// The repository, when --repo is given.
+    /// The repository, when --repo is given. It is the source of a restore: failing to
+    /// read it exits 3, as a failed read of a stream does.
     pub async fn open(&self) -> Result<Option<Repo>, Failure> {
         let Some(location) = &self.location else {
             return Ok(None);
@@ -68,7 +69,10 @@ impl RepoPoint {
             location: location.clone(),
             s3_endpoint: self.s3_endpoint.clone(),
         };
-        with_repo_code(Repo::open(&opts).await).map(Some)
+        Repo::open(&opts)
+            .await
+            .map(Some)
+            .map_err(crate::repo::restore::read_failure)
     }
 
     /// (VM, point) as given; clap makes both present with --repo.

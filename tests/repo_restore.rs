@@ -262,6 +262,12 @@ async fn unknown_names_and_a_missing_object() {
         &ids[2],
         &["--disk", "1", "--to", p(&image)],
     ));
+    // A repository that cannot be read is the restore's failed source: exit 3.
+    let points = e.dir.join("repo/vms").join(vm).join("points");
+    std::fs::rename(&points, e.dir.join("points-aside")).unwrap();
+    std::fs::write(&points, b"").unwrap();
+    let o = restore_repo(&repo, vm, "latest", &["--disk", "1", "--to", p(&image)]);
+    assert_fails(&o, 3, "points");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
