@@ -52,6 +52,9 @@ enum Command {
     Repo(crate::repo_cli::RepoCommand),
     /// List the points in a repository.
     List(crate::repo_cli::ListArgs),
+    /// Check a repository: every point's chain, every stream's SHA-256 (and with
+    /// --read-data every record); changes nothing.
+    Verify(crate::repo_cli::VerifyArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -351,8 +354,14 @@ pub struct RestoreVmArgs {
     #[arg(long)]
     pub json: bool,
     /// The point directory (DIR/<point-id>); the points of its chain are its siblings.
-    #[arg(value_name = "POINT_DIR")]
-    pub point: PathBuf,
+    #[arg(
+        value_name = "POINT_DIR",
+        required_unless_present = "location",
+        conflicts_with = "location"
+    )]
+    pub point_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub repo: crate::repo_cli::RepoPoint,
     #[command(flatten)]
     pub xapi_args: XapiArgs,
 }
@@ -429,8 +438,18 @@ struct RestoreArgs {
     json: bool,
     #[command(flatten)]
     xapi_args: XapiArgs,
+    #[command(flatten)]
+    repo: crate::repo_cli::RepoPoint,
+    /// With --repo: the disk of the point (its slot or VDI uuid); with --to it is restored
+    /// into that image, without it every disk goes to DIR/disk<slot>.raw.
+    #[arg(long, value_name = "SLOT|VDI_UUID", requires = "location")]
+    disk: Option<String>,
     /// Streams, in order; "-" reads stdin.
-    #[arg(required = true, value_name = "STREAM")]
+    #[arg(
+        value_name = "STREAM",
+        required_unless_present = "location",
+        conflicts_with = "location"
+    )]
     streams: Vec<PathBuf>,
 }
 
@@ -489,6 +508,7 @@ pub fn main() -> ExitCode {
         Command::Merge(args) => merge(args),
         Command::Repo(cmd) => run_async(crate::repo_cli::repo_command(cmd)),
         Command::List(args) => run_async(crate::repo_cli::list(args)),
+        Command::Verify(args) => run_async(crate::repo_cli::verify(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -693,14 +713,30 @@ fn backup(args: BackupArgs) -> Result<(), Failure> {
 fn restore_vm(args: RestoreVmArgs) -> Result<(), Failure> {
     let started = std::time::Instant::now();
     let json = args.json;
-    let opts = crate::xen::restore_vm::RestoreVmOptions {
-        login: xapi_login(&args.xapi, &args.xapi_args)?,
-        sr: args.sr,
-        point: args.point,
-        preserve: args.preserve,
-        dry_run: args.dry_run,
-    };
-    let report = run_async(crate::xen::restore_vm::run(opts))?;
+    use crate::xen::restore_vm::{PointSource, RestoreVmOptions};
+    let login = xapi_login(&args.xapi, &args.xapi_args)?;
+    let report = run_async(async {
+        let source = match (args.repo.open().await?, args.point_dir) {
+            (Some(repo), _) => {
+                let (vm, point) = args.repo.vm_point();
+                PointSource::Repo {
+                    repo,
+                    vm: vm.to_owned(),
+                    point: point.to_owned(),
+                }
+            }
+            (None, Some(dir)) => PointSource::Dir(dir),
+            (None, None) => return Err(fail(Code::Usage, "give POINT_DIR or --repo LOCATION")),
+        };
+        let opts = RestoreVmOptions {
+            login,
+            sr: args.sr,
+            source,
+            preserve: args.preserve,
+            dry_run: args.dry_run,
+        };
+        crate::xen::restore_vm::run(opts).await
+    })?;
     for line in &report.plan {
         println!("{line}");
     }
@@ -806,6 +842,19 @@ fn restore(args: RestoreArgs) -> Result<(), Failure> {
     let Some(to) = &args.to else {
         return Err(fail(Code::Usage, "give --to IMAGE or --xapi URL"));
     };
+    if args.repo.location.is_some() {
+        let reports = run_async(async {
+            let Some(repo) = args.repo.open().await? else {
+                return Err(fail(Code::Failure, "internal error: no repository"));
+            };
+            let (vm, point) = args.repo.vm_point();
+            crate::repo::restore::restore_images(&repo, vm, point, args.disk.as_deref(), to).await
+        })?;
+        for report in reports {
+            eprintln!("{report}");
+        }
+        return Ok(());
+    }
     match crate::restore::restore(to, &args.streams) {
         Ok(report) => {
             eprintln!("{report}");
@@ -820,6 +869,7 @@ fn restore(args: RestoreArgs) -> Result<(), Failure> {
 
 /// `restore --xapi`: the VDI's uuid on stdout.
 fn pool_restore(url: &str, args: &RestoreArgs) -> Result<(), Failure> {
+    use crate::repo::restore::InputSpec;
     use crate::xen::restore::{PoolRestoreOptions, Target};
     let target = match (&args.sr, &args.vdi) {
         (Some(sr), None) => Target::NewIn { sr: sr.clone() },
@@ -827,20 +877,35 @@ fn pool_restore(url: &str, args: &RestoreArgs) -> Result<(), Failure> {
         (None, Some(vdi)) => Target::Existing { vdi: vdi.clone() },
         _ => return Err(fail(Code::Usage, "give --sr UUID or --vdi UUID")),
     };
-    // `--rollback DIR/<point-id>`: that disk's chain in the point directories.
-    let streams = match (&target, args.streams.as_slice()) {
-        (Target::Rollback { vdi }, [dir]) if dir.is_dir() => {
-            crate::xen::restore_vm::disk_chain(dir, vdi)?
-        }
-        _ => args.streams.clone(),
-    };
-    let opts = PoolRestoreOptions {
-        login: xapi_login(url, &args.xapi_args)?,
-        target,
-        streams,
-    };
+    let login = xapi_login(url, &args.xapi_args)?;
     let progress = std::sync::Arc::new(crate::progress::Bar::stderr());
-    let report = run_async(crate::xen::restore::run(opts, progress))?;
+    let report = run_async(async {
+        let streams = match args.repo.open().await? {
+            Some(repo) => {
+                // A rollback is of the VDI's own disk unless --disk says otherwise.
+                let rolled_back = match &target {
+                    Target::Rollback { vdi } => Some(vdi.as_str()),
+                    _ => None,
+                };
+                let disk = args.disk.as_deref().or(rolled_back);
+                let (vm, point) = args.repo.vm_point();
+                crate::repo::restore::pool_inputs(&repo, vm, point, disk).await?
+            }
+            // `--rollback DIR/<point-id>`: that disk's chain in the point directories.
+            None => match (&target, args.streams.as_slice()) {
+                (Target::Rollback { vdi }, [dir]) if dir.is_dir() => {
+                    InputSpec::paths(&crate::xen::restore_vm::disk_chain(dir, vdi)?)
+                }
+                _ => InputSpec::paths(&args.streams),
+            },
+        };
+        let opts = PoolRestoreOptions {
+            login,
+            target,
+            streams,
+        };
+        crate::xen::restore::run(opts, progress).await
+    })?;
     if args.json {
         eprintln!("{}", report.json_value());
     }

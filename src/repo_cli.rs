@@ -40,6 +40,65 @@ impl RepoLocation {
     }
 }
 
+/// `--repo LOCATION --vm UUID --point ID|latest`: restore a point of a repository.
+#[derive(Args, Debug, Clone)]
+pub struct RepoPoint {
+    /// Restore from this repository (a directory or s3://bucket/prefix): the chain of
+    /// --point is found in it.
+    #[arg(long = "repo", value_name = "LOCATION", requires_all = ["vm", "point"])]
+    pub location: Option<String>,
+    /// S3-compatible endpoint URL (path-style requests); plain http:// only on loopback.
+    #[arg(long, value_name = "URL", requires = "location")]
+    pub s3_endpoint: Option<String>,
+    /// With --repo: the VM whose point to restore.
+    #[arg(long, value_name = "UUID", requires = "location")]
+    pub vm: Option<String>,
+    /// With --repo: the point's id, or `latest` for the VM's newest point.
+    #[arg(long, value_name = "ID|latest", requires = "location")]
+    pub point: Option<String>,
+}
+
+impl RepoPoint {
+    /// The repository, when --repo is given. It is the source of a restore: failing to
+    /// read it exits 3, as a failed read of a stream does.
+    pub async fn open(&self) -> Result<Option<Repo>, Failure> {
+        let Some(location) = &self.location else {
+            return Ok(None);
+        };
+        let opts = RepoOptions {
+            location: location.clone(),
+            s3_endpoint: self.s3_endpoint.clone(),
+        };
+        Repo::open(&opts)
+            .await
+            .map(Some)
+            .map_err(crate::repo::restore::read_failure)
+    }
+
+    /// (VM, point) as given; clap makes both present with --repo.
+    pub fn vm_point(&self) -> (&str, &str) {
+        (
+            self.vm.as_deref().unwrap_or_default(),
+            self.point.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub repo: RepoLocation,
+    /// Only this VM's points.
+    #[arg(long, value_name = "UUID")]
+    pub vm: Option<String>,
+    /// Also decode every stream: each record's checksum, the stream digest, the header's ids.
+    #[arg(long)]
+    pub read_data: bool,
+    /// One JSON object on stdout instead of the report.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum RepoCommand {
     /// Create a repository: a directory or s3://bucket/prefix.
@@ -111,4 +170,38 @@ pub async fn list(args: ListArgs) -> Result<(), Failure> {
         print!("{}", crate::repo::list::table(&rows));
     }
     Ok(())
+}
+
+/// `verify`: exit 0 when every point checks, 4 when anything is damaged or missing.
+pub async fn verify(args: VerifyArgs) -> Result<(), Failure> {
+    let repo = with_repo_code(Repo::open(&args.repo.options()).await)?;
+    if let Some(vm) = &args.vm {
+        let objects = if crate::repo::store::valid_name(vm) {
+            let listed = repo.store.list(&crate::repo::vm_dir(vm)).await;
+            with_repo_code(listed.map_err(RepoError::from))?
+        } else {
+            Vec::new()
+        };
+        if objects.is_empty() {
+            return Err(crate::exit::fail(
+                Code::Usage,
+                format!("the repository {} has no VM {vm:?}", repo.location),
+            ));
+        }
+    }
+    let report = with_repo_code(
+        crate::repo::verify::verify(&repo, args.vm.as_deref(), args.read_data).await,
+    )?;
+    if args.json {
+        println!("{}", report.json_value());
+    } else {
+        print!("{}", report.text());
+    }
+    match report.problems.len() {
+        0 => Ok(()),
+        n => Err(crate::exit::fail(
+            Code::Integrity,
+            format!("{n} problem(s) found in {}", repo.location),
+        )),
+    }
 }

@@ -18,9 +18,11 @@ pub mod location;
 pub mod lock;
 pub mod point_writer;
 pub mod reader;
+pub mod restore;
 pub mod state;
 pub mod store;
 pub mod upload;
+pub mod verify;
 
 use crate::xen::point::{PointInfo, POINT_FILE};
 use location::{Location, LocationError};
@@ -230,20 +232,7 @@ impl Repo {
             }
             points.points.push(StoredPoint { info, files });
         }
-        // Oldest first; points with the same time (the clock's resolution is a second) in
-        // chain order: a point after the points it builds on.
-        let depth: std::collections::BTreeMap<String, usize> = points
-            .points
-            .iter()
-            .map(|p| (p.info.id.clone(), points.depth(&p.info.id)))
-            .collect();
-        points.points.sort_by(|a, b| {
-            (&a.info.time, depth[&a.info.id], &a.info.id).cmp(&(
-                &b.info.time,
-                depth[&b.info.id],
-                &b.info.id,
-            ))
-        });
+        points.sort_oldest_first();
         Ok(points)
     }
 }
@@ -256,6 +245,23 @@ pub struct Points {
 }
 
 impl Points {
+    /// Oldest first; points with the same time (the clock's resolution is a second) in
+    /// chain order: a point after the points it builds on.
+    pub fn sort_oldest_first(&mut self) {
+        let depth: std::collections::BTreeMap<String, usize> = self
+            .points
+            .iter()
+            .map(|p| (p.info.id.clone(), self.depth(&p.info.id)))
+            .collect();
+        self.points.sort_by(|a, b| {
+            (&a.info.time, depth[&a.info.id], &a.info.id).cmp(&(
+                &b.info.time,
+                depth[&b.info.id],
+                &b.info.id,
+            ))
+        });
+    }
+
     /// How many points `id` builds on (those in the repository).
     fn depth(&self, id: &str) -> usize {
         let mut depth = 0;

@@ -1,6 +1,10 @@
 //! A stream object read as a `std::io::Read` (for restore and merge, which run on blocking
 //! threads): range requests of [`CHUNK`] bytes, the next one already in flight while the
 //! current one is consumed. Nothing is staged on local disk; memory is two chunks.
+//!
+//! The first range is small and nothing more is asked for until it is read: restore and
+//! merge read the header of every stream of a chain before the records of any, and a long
+//! chain must not hold two chunks per stream meanwhile.
 
 use super::store::{Store, StoreError};
 use bytes::{Buf, Bytes};
@@ -9,6 +13,8 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 const CHUNK: u64 = 8 << 20;
+/// The first range: enough for the header.
+const FIRST_CHUNK: u64 = 64 << 10;
 
 pub struct ObjectReader {
     store: Store,
@@ -42,11 +48,21 @@ impl ObjectReader {
         Ok(r)
     }
 
+    /// The object's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     fn prefetch(&mut self) {
         if self.next_offset >= self.size {
             return;
         }
-        let end = (self.next_offset + CHUNK).min(self.size);
+        let chunk = if self.next_offset == 0 {
+            FIRST_CHUNK
+        } else {
+            CHUNK
+        };
+        let end = (self.next_offset + chunk).min(self.size);
         let (store, key, range) = (self.store.clone(), self.key.clone(), self.next_offset..end);
         self.next_offset = end;
         self.next = Some(
@@ -67,6 +83,10 @@ impl Drop for ObjectReader {
 impl Read for ObjectReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.current.is_empty() {
+            if self.next.is_none() {
+                // The first range was read: from here on, one range ahead.
+                self.prefetch();
+            }
             let Some(next) = self.next.take() else {
                 return Ok(0);
             };
@@ -75,8 +95,11 @@ impl Read for ObjectReader {
                 .block_on(next)
                 .map_err(std::io::Error::other)?
                 .map_err(std::io::Error::other)?;
+            let first = self.next_offset <= FIRST_CHUNK;
             self.current = got;
-            self.prefetch();
+            if !first {
+                self.prefetch();
+            }
         }
         let n = buf.len().min(self.current.len());
         self.current.copy_to_slice(&mut buf[..n]);
@@ -105,5 +128,23 @@ mod tests {
         .await
         .unwrap();
         assert!(back == data);
+    }
+
+    /// Reading a header asks for the first, small range only.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_header_read_holds_only_the_first_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Local(dir.path().to_path_buf());
+        store.put("x/s", vec![7; 3 * CHUNK as usize]).await.unwrap();
+        let mut r = ObjectReader::open(&store, "x/s").await.unwrap();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut header = [0; 100];
+            r.read_exact(&mut header).unwrap();
+            r
+        })
+        .await
+        .unwrap();
+        assert!(r.next.is_none());
+        assert_eq!(r.current.len() as u64, FIRST_CHUNK - 100);
     }
 }

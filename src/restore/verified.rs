@@ -53,6 +53,14 @@ pub fn open_chain(
         .collect())
 }
 
+/// Opens one input on its own and reads its header, with no chain to check it against
+/// (`verify --read-data` checks the ids itself).
+pub fn open_stream(input: StreamInput) -> Result<OpenStream, RestoreError> {
+    let mut input = Input::open_input(input)?;
+    let header = input.read_header()?;
+    Ok(OpenStream { input, header })
+}
+
 /// Decompresses and checks DATA records; reused from one stream to the next.
 pub struct Payloads(PayloadDecoder);
 

@@ -19,12 +19,12 @@ use super::{login, retry_in_use, src, XapiLogin};
 use crate::engine::Progress;
 use crate::exit::{fail, Code, Failure};
 use crate::export::shutdown_signal;
+use crate::repo::restore::InputSpec;
 use crate::restore::verified::{open_chain, Block, OpenStream, Payloads, Verified};
-use crate::restore::{RestoreError, StreamInput};
+use crate::restore::RestoreError;
 use crate::xapi::import::RawUpload;
 use crate::xapi::{Ref, XapiSession};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
@@ -58,7 +58,8 @@ pub enum Target {
 pub struct PoolRestoreOptions {
     pub login: XapiLogin,
     pub target: Target,
-    pub streams: Vec<PathBuf>,
+    /// The chain, oldest first: files or objects of a repository.
+    pub streams: Vec<InputSpec>,
 }
 
 /// What a pool restore did.
@@ -158,9 +159,9 @@ pub(super) async fn restore(
         Target::Existing { vdi } | Target::Rollback { vdi } => format!("VDI {vdi}"),
         Target::NewIn { .. } => String::new(),
     };
-    let inputs = opts.streams.clone();
+    let (inputs, input_bytes) = InputSpec::open_all(&opts.streams).await?;
     let streams = off_runtime(move || {
-        open_chain(StreamInput::paths(&inputs), &|input| match &start {
+        open_chain(inputs, &|input| match &start {
             Some(Ok(s)) => Ok(s.clone()),
             Some(Err(reason)) => Err(RestoreError::ChainMismatch {
                 input: input.to_owned(),
@@ -245,13 +246,7 @@ pub(super) async fn restore(
         point_id: point.clone(),
         ..PoolRestoreReport::default()
     };
-    progress.start(
-        opts.streams
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum(),
-    );
+    progress.start(input_bytes);
     let upload = session.import_raw_chunked(&vdi).await.map_err(src)?;
     send_chain(session, upload, streams, fresh, None, progress, &mut report).await?;
 

@@ -1,6 +1,7 @@
-//! `cbtstream restore-vm --xapi URL --sr SR_UUID DIR/<point-id>`: a VM backed up with
-//! `backup` comes back into the pool as a new VM: every disk of the point is created in the
-//! SR and filled with its chain of streams (`restore --xapi`), then `PUT /import_metadata`
+//! `cbtstream restore-vm --xapi URL --sr SR_UUID DIR/<point-id>` (or `--repo LOCATION --vm
+//! UUID --point ID|latest`): a VM backed up with `backup` comes back into the pool as a new
+//! VM: every disk of the point is created in the SR and filled with its chain of streams
+//! (`restore --xapi`; from a repository, read as objects), then `PUT /import_metadata`
 //! with a `vdi:<old-uuid>=<new-uuid>` mapping per disk rebuilds the VM with its
 //! configuration and its disks in their slots. If anything fails, the VDIs this run created
 //! are destroyed.
@@ -10,6 +11,9 @@ use super::restore::{restore, PoolRestoreOptions, Target};
 use super::{login, retry_in_use, src, XapiLogin};
 use crate::exit::{fail, Code, Failure};
 use crate::export::shutdown_signal;
+use crate::repo::restore::{disk_inputs, find_point, found, read_failure, InputSpec};
+use crate::repo::store::StoreError;
+use crate::repo::{point_dir, Repo, RepoError};
 use crate::xapi::metadata::MetadataImport;
 use crate::xapi::{Ref, XapiSession};
 use std::io::Read;
@@ -23,12 +27,106 @@ const MAX_POINT_JSON: u64 = 1 << 20;
 pub struct RestoreVmOptions {
     pub login: XapiLogin,
     pub sr: String,
-    /// The point directory `DIR/<point-id>`; its chain's points are its siblings.
-    pub point: PathBuf,
+    pub source: PointSource,
     /// Keep the VM's uuid and MACs (disaster recovery; XenServer refuses if they exist).
     pub preserve: bool,
     /// Print what would be created, change nothing.
     pub dry_run: bool,
+}
+
+/// Where the point comes from.
+#[derive(Debug, Clone)]
+pub enum PointSource {
+    /// A point directory `DIR/<point-id>`; its chain's points are its siblings.
+    Dir(PathBuf),
+    /// A point of a repository (`latest`: the VM's newest).
+    Repo {
+        repo: Repo,
+        vm: String,
+        point: String,
+    },
+}
+
+/// A disk to create: (its id, its slot, its chain oldest first).
+type DiskChain = (String, String, Vec<InputSpec>);
+
+/// The point, each disk's chain, and where the VM's metadata is (for messages).
+struct Loaded {
+    point: PointInfo,
+    chains: Vec<DiskChain>,
+    metadata: String,
+}
+
+async fn load(source: &PointSource) -> Result<Loaded, Failure> {
+    match source {
+        PointSource::Dir(dir) => {
+            let point = read_point(dir)?;
+            let chains = disk_chains(dir, &point)?
+                .into_iter()
+                .map(|(id, slot, paths)| (id, slot, InputSpec::paths(&paths)))
+                .collect();
+            Ok(Loaded {
+                point,
+                chains,
+                metadata: dir.join(METADATA_FILE).display().to_string(),
+            })
+        }
+        PointSource::Repo { repo, vm, point } => {
+            let (points, id) = find_point(repo, vm, point).await?;
+            let stored = found(&points, &id)?;
+            let mut chains = Vec::new();
+            for d in &stored.info.disks {
+                let streams = disk_inputs(repo, &points, vm, &id, &d.id)?;
+                chains.push((d.id.clone(), d.slot.clone(), streams));
+            }
+            Ok(Loaded {
+                point: stored.info.clone(),
+                chains,
+                metadata: repo
+                    .store
+                    .describe(&format!("{}/{METADATA_FILE}", point_dir(vm, &id))),
+            })
+        }
+    }
+}
+
+/// The VM's metadata archive of the point.
+async fn read_metadata(source: &PointSource, point: &PointInfo) -> Result<Vec<u8>, Failure> {
+    let too_large = |what: &str| {
+        fail(
+            Code::Integrity,
+            format!("{what} is larger than any VM's metadata"),
+        )
+    };
+    match source {
+        PointSource::Dir(dir) => {
+            let metadata = dir.join(METADATA_FILE);
+            let mut archive = Vec::new();
+            std::fs::File::open(&metadata)
+                .and_then(|f| f.take(MAX_METADATA_BYTES + 1).read_to_end(&mut archive))
+                .map_err(|e| fail(Code::Usage, format!("reading {}: {e}", metadata.display())))?;
+            if archive.len() as u64 > MAX_METADATA_BYTES {
+                return Err(too_large(&metadata.display().to_string()));
+            }
+            Ok(archive)
+        }
+        PointSource::Repo { repo, vm, .. } => {
+            let key = format!("{}/{METADATA_FILE}", point_dir(vm, &point.id));
+            match repo.store.get(&key, MAX_METADATA_BYTES).await {
+                Ok(Some(archive)) => Ok(archive),
+                Ok(None) => Err(fail(
+                    Code::Integrity,
+                    format!(
+                        "point {} of VM {vm}: its {METADATA_FILE} is missing ({})",
+                        point.id,
+                        repo.store.describe(&key)
+                    ),
+                )),
+                Err(StoreError::TooLarge { what, .. }) => Err(too_large(&what)),
+                Err(e) => Err(read_failure(RepoError::Store(e))),
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -138,7 +236,11 @@ pub fn disk_chain(dir: &Path, disk_id: &str) -> Result<Vec<PathBuf>, Failure> {
 }
 
 pub async fn run(opts: RestoreVmOptions) -> Result<RestoreVmReport, Failure> {
-    let point = read_point(&opts.point)?;
+    let Loaded {
+        point,
+        chains,
+        metadata,
+    } = load(&opts.source).await?;
     if !point.skipped.is_empty() {
         // The VM's metadata lists them; unmapped, XenServer would attach the VM's live disks
         // (found by SR and location) to the new VM.
@@ -153,8 +255,6 @@ pub async fn run(opts: RestoreVmOptions) -> Result<RestoreVmReport, Failure> {
             ),
         ));
     }
-    let chains = disk_chains(&opts.point, &point)?;
-    let metadata = opts.point.join(METADATA_FILE);
     if opts.dry_run {
         let mut plan = Vec::new();
         for (id, slot, streams) in &chains {
@@ -168,7 +268,7 @@ pub async fn run(opts: RestoreVmOptions) -> Result<RestoreVmReport, Failure> {
             "would import the VM {} ({}) from {} as a new VM{}",
             point.vm,
             point.name,
-            metadata.display(),
+            metadata,
             if opts.preserve {
                 ", keeping its uuid and MACs"
             } else {
@@ -180,16 +280,7 @@ pub async fn run(opts: RestoreVmOptions) -> Result<RestoreVmReport, Failure> {
             ..Default::default()
         });
     }
-    let mut archive = Vec::new();
-    std::fs::File::open(&metadata)
-        .and_then(|f| f.take(MAX_METADATA_BYTES + 1).read_to_end(&mut archive))
-        .map_err(|e| fail(Code::Usage, format!("reading {}: {e}", metadata.display())))?;
-    if archive.len() as u64 > MAX_METADATA_BYTES {
-        return Err(fail(
-            Code::Integrity,
-            format!("{} is larger than any VM's metadata", metadata.display()),
-        ));
-    }
+    let archive = read_metadata(&opts.source, &point).await?;
     let session = login(&opts.login).await?;
     let created: Arc<Mutex<Vec<Ref>>> = Arc::default();
     let result = tokio::select! {
@@ -212,7 +303,7 @@ pub async fn run(opts: RestoreVmOptions) -> Result<RestoreVmReport, Failure> {
 async fn restore_vm(
     session: &XapiSession,
     opts: &RestoreVmOptions,
-    chains: &[(String, String, Vec<PathBuf>)],
+    chains: &[DiskChain],
     archive: &[u8],
     created: &Mutex<Vec<Ref>>,
 ) -> Result<RestoreVmReport, Failure> {

@@ -16,24 +16,24 @@ use super::restore::{
 use super::{retry_in_use, src};
 use crate::engine::Progress;
 use crate::exit::{fail, Code, Failure, WithCode};
+use crate::repo::restore::InputSpec;
 use crate::restore::verified::open_chain;
-use crate::restore::{RestoreError, StreamInput};
+use crate::restore::RestoreError;
 use crate::xapi::XapiSession;
 use cbtstream_proto::cbt;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 pub(super) async fn rollback(
     session: &XapiSession,
     vdi_uuid: &str,
-    inputs: &[PathBuf],
+    inputs: &[InputSpec],
     progress: &dyn Progress,
 ) -> Result<PoolRestoreReport, Failure> {
     // Not in use by a running VM (the check of --vdi); which point it holds does not matter.
     let target = existing_vdi(session, vdi_uuid).await?;
-    let owned = inputs.to_vec();
+    let (inputs, _) = InputSpec::open_all(inputs).await?;
     let streams = off_runtime(move || {
-        open_chain(StreamInput::paths(&owned), &|input| {
+        open_chain(inputs, &|input| {
             Err(RestoreError::Usage(format!(
                 "{input} is an incremental stream: a rollback needs the point's whole chain, \
                  from its full stream"
