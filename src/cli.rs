@@ -52,6 +52,9 @@ enum Command {
     Repo(crate::repo_cli::RepoCommand),
     /// List the points in a repository.
     List(crate::repo_cli::ListArgs),
+    /// Forget old points of a repository: the kept ones that needed them are first merged
+    /// into full points, verified and recorded.
+    Prune(crate::repo_cli::PruneArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -485,6 +488,7 @@ pub fn main() -> ExitCode {
         Command::Merge(args) => merge(args),
         Command::Repo(cmd) => run_async(crate::repo_cli::repo_command(cmd)),
         Command::List(args) => run_async(crate::repo_cli::list(args)),
+        Command::Prune(args) => run_async(crate::repo_cli::prune(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

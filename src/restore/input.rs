@@ -29,7 +29,6 @@ pub(super) struct Input {
 
 /// A stream to read: a file (`-` for stdin), or any reader with a name for messages (an
 /// object in a repository).
-#[allow(dead_code)] // Reader: restore --repo and prune are its callers
 pub enum StreamInput {
     Path(std::path::PathBuf),
     Reader {
