@@ -503,7 +503,8 @@ async fn a_damaged_stream_stops_prune_before_anything_is_deleted() {
     // A byte flipped in the middle of the second point's stream, which the merge reads.
     let points = b.points_dir(&b.repo);
     let stream = points.join(&b.ids[1]).join("disk0.cbts");
-    let mut data = std::fs::read(&stream).unwrap();
+    let good = std::fs::read(&stream).unwrap();
+    let mut data = good.clone();
     let mid = data.len() / 2;
     data[mid] ^= 0x40;
     std::fs::write(&stream, data).unwrap();
@@ -511,7 +512,11 @@ async fn a_damaged_stream_stops_prune_before_anything_is_deleted() {
     let o = prune(b.repo_s(), &["--keep-last", "2"]);
     assert_eq!(code(&o), 4, "{}", stderr(&o));
     assert!(stderr(&o).contains(&b.ids[1]), "{}", stderr(&o));
-    assert!(stderr(&o).contains("nothing was deleted"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no point was deleted"),
+        "{}",
+        stderr(&o)
+    );
     let strip_lock = |m: BTreeMap<PathBuf, Vec<u8>>| {
         m.into_iter()
             .filter(|(k, _)| k.file_name().unwrap() != "lock")
@@ -521,6 +526,18 @@ async fn a_damaged_stream_stops_prune_before_anything_is_deleted() {
         strip_lock(snapshot(&b.repo)) == strip_lock(before),
         "the failed prune left changes"
     );
+    // A missing stream: the same.
+    std::fs::remove_file(&stream).unwrap();
+    let before = snapshot(&b.repo);
+    let o = prune(b.repo_s(), &["--keep-last", "2"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("missing"), "{}", stderr(&o));
+    assert!(strip_lock(snapshot(&b.repo)) == strip_lock(before));
+    // Repaired, the prune goes through.
+    std::fs::write(&stream, good).unwrap();
+    let v = prune_json(b.repo_s(), &["--keep-last", "2"]);
+    assert_eq!(ids_of(&v["deleted"]), b.ids[..2]);
+    b.assert_every_listed_point_restores(&b.repo, &b.e.dir);
 }
 
 #[test]
