@@ -59,8 +59,8 @@ impl Backed {
         self.e.sim.vm_uuid()
     }
 
-    /// Guest writes (on every disk, overlapping earlier ones in part), then a backup an hour
-    /// after the previous one; the disks' images saved.
+    /// Guest writes (on every disk, overlapping earlier ones in part), then a backup 12 hours
+    /// after the previous one (the first at 2026-11-18T11:06:40Z); the disks' images saved.
     async fn write_and_backup(&mut self) {
         let round = self.ids.len();
         self.e.guest_writes(round as u8);
@@ -73,7 +73,7 @@ impl Backed {
                 .write(disk, 40_000 + round as u64 * 30_000, &data)
                 .unwrap();
         }
-        let epoch = (1_795_000_000 + round as u64 * 3600).to_string();
+        let epoch = (1_795_000_000 + round as u64 * 12 * 3600).to_string();
         let args = vec![
             "backup".to_string(),
             "--xapi".into(),
@@ -443,6 +443,39 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
         snapshot(&b.repo) == before,
         "a dry run changed the repository"
     );
+
+    // Points at 11:06 and 23:06 on the 18th and on the 19th: the newest of each day that
+    // has points (two of them, fewer than 3).
+    let v = prune_json(
+        b.repo_s(),
+        &["--keep-last", "1", "--keep-daily", "3", "--dry-run"],
+    );
+    let reasons: Vec<(String, &str)> = v["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["id"].as_str().unwrap().to_string(),
+                k["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [(b.ids[1].clone(), "daily"), (b.ids[3].clone(), "newest")]
+    );
+    assert_eq!(ids_of(&v["merged"]), [b.ids[1].clone(), b.ids[3].clone()]);
+    // The point the chain state names is kept whatever the policy.
+    let state = b.repo.join("vms").join(b.vm()).join("state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    let mut json: Value = serde_json::from_str(&text).unwrap();
+    json["point"] = b.ids[1].clone().into();
+    std::fs::write(&state, json.to_string()).unwrap();
+    let v = prune_json(b.repo_s(), &["--keep-last", "1", "--dry-run"]);
+    assert_eq!(v["kept"][0]["id"].as_str(), Some(b.ids[1].as_str()));
+    assert_eq!(v["kept"][0]["reason"], "chain state");
+    assert_eq!(ids_of(&v["deleted"]), [b.ids[0].clone(), b.ids[2].clone()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
