@@ -476,6 +476,18 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
     assert_eq!(v["kept"][0]["id"].as_str(), Some(b.ids[1].as_str()));
     assert_eq!(v["kept"][0]["reason"], "chain state");
     assert_eq!(ids_of(&v["deleted"]), [b.ids[0].clone(), b.ids[2].clone()]);
+    // So is the point a disk's chain state (`chain.json`, export --repo's) names.
+    let chain = b.repo.join("vms").join(b.vm()).join("chain.json");
+    std::fs::write(&chain, format!(r#"{{"point_id": "{}"}}"#, b.ids[0])).unwrap();
+    let v = prune_json(b.repo_s(), &["--keep-last", "1", "--dry-run"]);
+    assert_eq!(
+        ids_of(&v["kept"]),
+        [b.ids[0].clone(), b.ids[1].clone(), b.ids[3].clone()]
+    );
+    std::fs::write(&chain, "{").unwrap();
+    let o = prune(b.repo_s(), &["--keep-last", "1"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("chain.json"), "{}", stderr(&o));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

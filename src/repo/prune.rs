@@ -143,17 +143,8 @@ pub async fn prune_vm(
         kill_point("locked");
     }
     let found = repo.points(vm).await?;
-    let state = super::state::StateHome::Repo {
-        repo: repo.clone(),
-        vm: vm.to_owned(),
-    }
-    .load()
-    .await?;
-    let pinned: Vec<&str> = state
-        .as_ref()
-        .and_then(|s| s.point.as_deref())
-        .into_iter()
-        .collect();
+    let pinned = pinned_points(repo, vm).await?;
+    let pinned: Vec<&str> = pinned.iter().map(String::as_str).collect();
     let dated: Vec<Dated> = found
         .points
         .iter()
@@ -264,6 +255,38 @@ pub async fn prune_vm(
         .unwrap_or(i64::MAX)
         .saturating_sub(i64::try_from(out.bytes_written).unwrap_or(i64::MAX));
     Ok(out)
+}
+
+/// The points the chain states name: the next backup builds on them, so they stay even
+/// when a newer point exists (a run killed between its point.json and its state).
+/// `state.json` is a VM's (`backup --repo`); `chain.json` a disk's (`export --repo`, the
+/// `--state` format of export, whose `point_id` is its last point's id).
+async fn pinned_points(repo: &Repo, vm: &str) -> Result<Vec<String>, PruneError> {
+    let mut pinned = Vec::new();
+    let vm_state = super::state::StateHome::Repo {
+        repo: repo.clone(),
+        vm: vm.to_owned(),
+    }
+    .load()
+    .await?;
+    pinned.extend(vm_state.and_then(|s| s.point));
+    let key = format!("{}/chain.json", super::vm_dir(vm));
+    if let Some(text) = repo.store.get(&key, crate::chain::MAX_STATE_BYTES).await? {
+        let damaged = |why: String| {
+            PruneError::State(crate::chain::ChainError::Damaged {
+                path: repo.store.describe(&key).into(),
+                why,
+            })
+        };
+        let state: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| damaged(e.to_string()))?;
+        match &state["point_id"] {
+            serde_json::Value::String(id) => pinned.push(id.clone()),
+            serde_json::Value::Null => {}
+            _ => return Err(damaged("its point_id is not a string".into())),
+        }
+    }
+    Ok(pinned)
 }
 
 /// Bytes of the incremental streams of `p`, which making it full replaces.
