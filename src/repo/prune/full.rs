@@ -116,7 +116,8 @@ async fn merge_disk(
             reader: Box::new(r),
         });
     }
-    // An upper bound of the merged stream's size (for S3's part size): all the inputs.
+    // About the merged stream's largest size, for S3's part size (which keeps a tenth of
+    // the part limit spare): the disk's size, or all the inputs together if more.
     let (upload, writer) = upload::start(
         &repo.store,
         key,
