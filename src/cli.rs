@@ -55,6 +55,9 @@ enum Command {
     /// Check a repository: every point's chain, every stream's SHA-256 (and with
     /// --read-data every record); changes nothing.
     Verify(crate::repo_cli::VerifyArgs),
+    /// Forget old points of a repository: the kept ones that needed them are first merged
+    /// into full points, verified and recorded.
+    Prune(crate::repo_cli::PruneArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -509,6 +512,7 @@ pub fn main() -> ExitCode {
         Command::Repo(cmd) => run_async(crate::repo_cli::repo_command(cmd)),
         Command::List(args) => run_async(crate::repo_cli::list(args)),
         Command::Verify(args) => run_async(crate::repo_cli::verify(args)),
+        Command::Prune(args) => run_async(crate::repo_cli::prune(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

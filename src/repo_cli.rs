@@ -205,3 +205,82 @@ pub async fn verify(args: VerifyArgs) -> Result<(), Failure> {
         )),
     }
 }
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub repo: RepoLocation,
+    /// Only this VM (by default, every VM of the repository).
+    #[arg(long, value_name = "UUID")]
+    pub vm: Option<String>,
+    /// Keep the N newest points (the newest one, and the one the chain state names, are
+    /// always kept).
+    #[arg(long, value_name = "N")]
+    pub keep_last: u32,
+    /// Also keep the newest point of each of the last D days that have points (UTC).
+    #[arg(long, value_name = "D", default_value_t = 0)]
+    pub keep_daily: u32,
+    /// Also keep the newest point of each of the last W ISO weeks that have points.
+    #[arg(long, value_name = "W", default_value_t = 0)]
+    pub keep_weekly: u32,
+    /// Also keep the newest point of each of the last M months that have points.
+    #[arg(long, value_name = "M", default_value_t = 0)]
+    pub keep_monthly: u32,
+    /// Print what would be kept, merged and deleted; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove the VM's lock in the repository when it is stale (its owner died, or it expired).
+    #[arg(long)]
+    pub break_lock: bool,
+    /// One JSON array on stdout (one object per VM) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn prune(args: PruneArgs) -> Result<(), Failure> {
+    use crate::repo::prune;
+    if let Some(vm) = &args.vm {
+        if !crate::repo::store::valid_name(vm) {
+            return Err(crate::exit::fail(
+                Code::Usage,
+                format!("--vm {vm:?} is not a VM uuid"),
+            ));
+        }
+    }
+    let policy = crate::repo::retention::Policy {
+        last: args.keep_last,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+    };
+    let repo = with_repo_code(Repo::open(&args.repo.options()).await)?;
+    let vms = match &args.vm {
+        Some(vm) => vec![vm.clone()],
+        None => with_repo_code(repo.vms().await)?,
+    };
+    let mut done = Vec::new();
+    for vm in vms {
+        // A dry run changes nothing, so it neither waits for nor clears anything.
+        let lock = if args.dry_run {
+            None
+        } else {
+            Some(crate::xen::lock_repo_vm(&repo, &vm, "prune", args.break_lock).await?)
+        };
+        let pruned = prune::prune_vm(&repo, &vm, policy, args.dry_run).await;
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
+        let pruned = pruned.map_err(|e| Failure {
+            code: e.exit_code(),
+            error: e.into(),
+        })?;
+        if !args.json {
+            print!("{}", prune::table(&pruned));
+        }
+        done.push(pruned);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&done).code(Code::Failure)?);
+    }
+    Ok(())
+}

@@ -105,7 +105,6 @@ impl std::fmt::Display for MergeReport {
 
 /// [`merge`] from any inputs (files, or objects of a repository) into any writer, which is
 /// left to the caller to make durable. `name` names the output in errors.
-#[allow(dead_code)] // prune (the repository) is its first caller
 pub fn merge_into(
     inputs: Vec<StreamInput>,
     out: &mut (dyn Write + Send),
