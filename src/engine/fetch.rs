@@ -1,8 +1,8 @@
 //! Fetch: N connections, each with up to M requests in flight, fed from one job queue.
 //!
-//! Each connection (any [`SourceConnection`]: NBD, HTTPS ranges) is driven by one worker task. A worker keeps its own outstanding
-//! requests; when its connection breaks or stalls it reconnects (bounded attempts, with
-//! backoff) and sends them again. A server error on a read is retried a bounded number of
+//! Each connection (any [`SourceConnection`]) is driven by one worker task. A worker keeps
+//! its own outstanding requests; when its connection breaks or stalls it reconnects (bounded
+//! attempts, with backoff) and sends them again. A server error on a read is retried a bounded number of
 //! times, each after a growing delay, then the export fails naming the offset and the
 //! server's error. Block-status jobs (the planner's questions) go over the same connections.
 
