@@ -702,6 +702,17 @@ mod tests {
         out.extend_from_slice(&len.to_be_bytes());
     }
 
+    /// What the engine learns from an NBD error: the same text, and whether the server is at
+    /// its connection limit (XenServer closes a 17th connection before the greeting).
+    #[test]
+    fn the_engine_sees_the_nbd_error_and_the_connection_limit() {
+        let limit = ConnError::Protocol(NbdError::ClosedBeforeGreeting);
+        let e = SourceError::from(limit.clone());
+        assert!(e.is_connection_limit());
+        assert_eq!(e.to_string(), limit.to_string());
+        assert!(!SourceError::from(ConnError::Eof).is_connection_limit());
+    }
+
     #[tokio::test]
     async fn chunks_out_of_order_with_holes_and_overlaps() {
         let dir = tempfile::tempdir().unwrap();

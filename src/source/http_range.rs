@@ -191,6 +191,8 @@ pub enum HttpRangeError {
     Renew(String),
     #[error("the connection to {0} was shut down")]
     Closed(String),
+    #[error("an HTTPS range source cannot tell data from holes (asked about {len} bytes at offset {offset})")]
+    NoBlockStatus { offset: u64, len: u64 },
 }
 /// The request headers in use, and how often they were renewed.
 pub(super) struct Headers {

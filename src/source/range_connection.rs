@@ -126,21 +126,17 @@ impl SourceConnection for RangeConnection {
         reply_to: mpsc::UnboundedSender<Completion>,
     ) {
         // Never asked (no block status); answered anyway, as "not known".
-        let what = format!("a block status of {len} bytes at offset {offset}");
-        let e = HttpRangeError::Status {
-            addr: self.shared.endpoint.addr.clone(),
-            what,
-            status: 501,
-        };
+        let e = HttpRangeError::NoBlockStatus { offset, len };
         let result = Err(RequestError::Server(SourceError::new(e)));
         let _ = reply_to.send(Completion { tag, result });
     }
 
-    /// HTTP has no goodbye: let the queued reads finish, then drop the connection (rustls
-    /// sends close_notify).
+    /// HTTP has no goodbye: once the queue is closed the task ends and drops the request
+    /// side, and hyper shuts the TLS stream down (close_notify).
     fn close(self: Box<Self>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(async move {
             let mut this = self;
+            // Drop the real queue sender now (`this` stays alive to await its task).
             let (closed, _) = mpsc::unbounded_channel();
             this.queue = closed;
             let task = &mut this.task;
