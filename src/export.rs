@@ -5,7 +5,9 @@
 use crate::engine::fetch::FetchConfig;
 use crate::engine::plan::{Plan, PlanError, MAX_DISK_SIZE};
 use crate::engine::sink::Output;
-use crate::engine::{self, Connector, EngineConfig, EngineError, ExportSummary, Progress};
+use crate::engine::{
+    self, Connector, EngineConfig, EngineError, ExportSummary, Progress, SourceConnection,
+};
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::nbd::{Address, ConnectOptions, Connection, NbdUri};
 use crate::tls;
@@ -213,7 +215,7 @@ pub async fn export_nbd(
             "incremental export without --base-id: restore will apply it onto any image"
         );
     }
-    let first = Connection::connect(&opts).await.code(Code::Source)?;
+    let first = Box::new(Connection::connect(&opts).await.code(Code::Source)?);
     let ids = StreamIds {
         source_id: args.source_id.clone(),
         point_id: args
@@ -252,7 +254,7 @@ pub enum Destination {
 /// [`run_data_plane`] into `destination`; for `--to-command`, also wait for the command and
 /// fail unless it exits 0 (when the stream fails, the command is killed).
 pub async fn send_stream(
-    first: Connection,
+    first: Box<dyn SourceConnection>,
     connector: Arc<dyn Connector>,
     what: What,
     ids: StreamIds,
@@ -306,11 +308,11 @@ pub struct StreamIds {
     pub base_id: Option<String>,
 }
 
-/// Plan, read, encode and write one export from an open connection: an incremental for
-/// [`What::Changed`], else a full export. Shared by `--nbd` and `--xapi`. On success the
+/// Plan, read, encode and write one export from an open connection (of any source): an
+/// incremental for [`What::Changed`], else a full export. Shared by `--nbd` and `--xapi`. On success the
 /// output is complete and durable; printing the summary is the caller's.
 pub async fn run_data_plane(
-    first: Connection,
+    first: Box<dyn SourceConnection>,
     connector: Arc<dyn Connector>,
     what: What,
     ids: StreamIds,
@@ -318,10 +320,9 @@ pub async fn run_data_plane(
     output: Output,
     progress: Arc<dyn Progress>,
 ) -> Result<ExportSummary, Failure> {
-    let n = first.negotiated.clone();
-    let size = n.size;
+    let size = first.size();
     let mut connections = dp.connections.max(1);
-    if connections > 1 && !(n.can_multi_conn() || n.read_only()) {
+    if connections > 1 && !first.multi_conn_safe() {
         tracing::info!(
             "the server allows neither multi-conn nor read-only access: using one connection"
         );
@@ -329,12 +330,14 @@ pub async fn run_data_plane(
     }
     // Requests: what was asked, within the first server's maximum when that is at least one
     // CBT block. A connection allowing less splits each read into several requests.
-    let request = (dp.request_size.min(n.max_request()) / CBT_BLOCK * CBT_BLOCK).max(CBT_BLOCK);
+    let request = (dp.request_size.min(first.max_request()) / CBT_BLOCK * CBT_BLOCK).max(CBT_BLOCK);
     let incremental = matches!(what, What::Changed(_));
     let plan = match what {
         What::Changed(bm) => Plan::from_bitmap(bm, size, request),
         What::Allocated(alloc) => Plan::allocated(alloc, size, request),
-        What::Full if n.meta_context.is_some() => Plan::allocation(size, request, n.alignment()),
+        What::Full if first.has_block_status() => {
+            Plan::allocation(size, request, first.alignment())
+        }
         What::Full => Plan::full(size, request),
     }
     .map_err(|e| {
@@ -365,9 +368,9 @@ pub async fn run_data_plane(
         codec: dp.codec,
     };
     header.validate().code(Code::Usage)?;
-    let pipeline = engine::size_pipeline(first.rtt, connections, plan.average_read, dp.inflight);
+    let pipeline = engine::size_pipeline(first.rtt(), connections, plan.average_read, dp.inflight);
     tracing::debug!(
-        round_trip_us = first.rtt.map(|r| r.as_micros() as u64),
+        round_trip_us = first.rtt().map(|r| r.as_micros() as u64),
         inflight = pipeline.inflight,
         budget = pipeline.budget,
         "pipeline sized"

@@ -1,17 +1,19 @@
 //! Fetch: N connections, each with up to M requests in flight, fed from one job queue.
 //!
-//! Each connection is driven by one worker task. A worker keeps its own outstanding
-//! requests; when its connection breaks or stalls it reconnects (bounded attempts, with
-//! backoff) and sends them again. A server error on a read is retried a bounded number of
+//! Each connection (any [`SourceConnection`]) is driven by one worker task. A worker keeps
+//! its own outstanding requests; when its connection breaks or stalls it reconnects (bounded
+//! attempts, with backoff) and sends them again. A server error on a read is retried a bounded number of
 //! times, each after a growing delay, then the export fails naming the offset and the
 //! server's error. Block-status jobs (the planner's questions) go over the same connections.
 
 use super::connector::Connector;
 use super::pool::Pools;
+use super::source::{
+    Completion, EngineSideError, Reply, RequestError, SourceConnection, SourceError,
+};
 use super::{Batch, Fetched};
-use crate::nbd::{Completion, ConnError, Connection, Reply, RequestError};
 use bytes::BytesMut;
-use cbtstream_proto::nbd::{BlockStatusExtent, NbdError, ServerError};
+use cbtstream_proto::nbd::BlockStatusExtent;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,17 +47,20 @@ pub enum FetchError {
         offset: u64,
         len: u64,
         attempts: u32,
-        error: ServerError,
+        error: SourceError,
     },
     #[error("read of {len} bytes at offset {offset} failed after {attempts} attempt(s); last connection error: {error}")]
     Lost {
         offset: u64,
         len: u64,
         attempts: u32,
-        error: ConnError,
+        error: SourceError,
     },
-    #[error("could not reconnect to the NBD server: {0}")]
-    Reconnect(ConnError),
+    #[error("could not reconnect to {server}: {error}")]
+    Reconnect {
+        server: &'static str,
+        error: SourceError,
+    },
     #[error("the server's block status for {len} bytes at offset {offset} covers no bytes")]
     EmptyBlockStatus { offset: u64, len: u64 },
     #[error("the output stage stopped")]
@@ -117,18 +122,25 @@ struct Wire {
     next_tag: u64,
     /// The longest read this connection's server accepts, rounded down to its alignment.
     max_read: u64,
+    /// Requests in flight at most: the configured pipeline, or less if the connection
+    /// holds fewer (HTTP/1.1 answers one request at a time).
+    max_inflight: usize,
 }
 
 impl Wire {
-    fn new(conn: &Connection, tx: mpsc::UnboundedSender<Completion>) -> Wire {
-        let n = &conn.negotiated;
-        let align = n.alignment();
+    fn new(
+        conn: &dyn SourceConnection,
+        cfg: &FetchConfig,
+        tx: mpsc::UnboundedSender<Completion>,
+    ) -> Wire {
+        let align = conn.alignment().max(1);
         Wire {
             tx,
             inflight: HashMap::new(),
             assembling: HashMap::new(),
             next_tag: 0,
-            max_read: (n.max_request() / align * align).max(align),
+            max_read: (conn.max_request() / align * align).max(align),
+            max_inflight: cfg.inflight.min(conn.max_inflight()).max(1),
         }
     }
 
@@ -138,10 +150,10 @@ impl Wire {
     }
 
     /// Send one job; a read longer than the server allows goes as several requests.
-    fn submit(&mut self, conn: &Connection, pools: &Pools, job: Job) {
+    fn submit(&mut self, conn: &dyn SourceConnection, pools: &Pools, job: Job) {
         match &job.work {
             Work::Status(answer) => {
-                if conn.negotiated.meta_context.is_none() {
+                if !conn.has_block_status() {
                     let _ = answer.send(StatusAnswer {
                         offset: job.offset,
                         extents: Err("no block status on this connection".into()),
@@ -204,8 +216,8 @@ impl Wire {
 enum Outcome {
     Nothing,
     Fetched(Fetched),
-    Failed(Job, ServerError),
-    Broken(Job, ConnError),
+    Failed(Job, SourceError),
+    Broken(Job, SourceError),
 }
 
 fn complete(wire: &mut Wire, pools: &Pools, c: Completion) -> Outcome {
@@ -249,8 +261,8 @@ fn complete(wire: &mut Wire, pools: &Pools, c: Completion) -> Outcome {
             (Err(RequestError::Server(e)), work) => Outcome::Failed(Job { work, ..job }, e),
             (Err(RequestError::Connection(e)), work) => Outcome::Broken(Job { work, ..job }, e),
             (Ok(Reply::BlockStatus(_)), work) => {
-                // Cannot happen (the connection matches replies to commands); read it again.
-                let e = ConnError::Protocol(NbdError::UnexpectedChunk("BLOCK_STATUS for a READ"));
+                // Cannot happen (a connection matches replies to requests); read it again.
+                let e = SourceError::new(EngineSideError::WrongReply);
                 Outcome::Broken(Job { work, ..job }, e)
             }
         },
@@ -339,7 +351,7 @@ async fn sleep_until(t: Option<Instant>) {
 
 /// Drive one connection until the job queue is drained. Returns the bytes read.
 pub async fn worker(
-    mut conn: Connection,
+    mut conn: Box<dyn SourceConnection>,
     connector: Arc<dyn Connector>,
     jobs: JobQueue,
     mut out: Batch,
@@ -351,12 +363,12 @@ pub async fn worker(
     let mut bytes_read = 0u64;
     loop {
         let (tx, mut rx) = mpsc::unbounded_channel::<Completion>();
-        let mut wire = Wire::new(&conn, tx);
+        let mut wire = Wire::new(conn.as_ref(), &cfg, tx);
         let mut last_progress = Instant::now();
-        let broken: ConnError = loop {
+        let broken: SourceError = loop {
             // Keep the pipe full.
             backlog.promote_due();
-            while wire.inflight.len() < cfg.inflight {
+            while wire.inflight.len() < wire.max_inflight {
                 let job = if let Some(j) = backlog.ready.pop_front() {
                     j
                 } else if input_done {
@@ -374,7 +386,7 @@ pub async fn worker(
                 if wire.inflight.is_empty() {
                     last_progress = Instant::now();
                 }
-                wire.submit(&conn, &pools, job);
+                wire.submit(conn.as_ref(), &pools, job);
             }
             let due = backlog.next_due();
             if wire.inflight.is_empty() {
@@ -392,11 +404,11 @@ pub async fn worker(
                 }
                 continue;
             }
-            let room = wire.inflight.len() < cfg.inflight && !input_done;
+            let room = wire.inflight.len() < wire.max_inflight && !input_done;
             tokio::select! {
                 biased;
                 c = rx.recv() => {
-                    let Some(c) = c else { break ConnError::Closed };
+                    let Some(c) = c else { break SourceError::new(EngineSideError::Closed) };
                     last_progress = Instant::now();
                     match complete(&mut wire, &pools, c) {
                         Outcome::Nothing => {}
@@ -421,7 +433,7 @@ pub async fn worker(
                     }
                 }
                 _ = tokio::time::sleep_until(last_progress + cfg.request_timeout) => {
-                    break ConnError::Stalled(cfg.request_timeout);
+                    break SourceError::new(EngineSideError::Stalled(cfg.request_timeout));
                 }
                 _ = sleep_until(due) => {}
                 j = jobs.recv(), if room => {
@@ -445,18 +457,27 @@ pub async fn worker(
             backlog.ready.push_back(job);
         }
         backlog.ready.make_contiguous().sort_by_key(|j| j.id);
-        tracing::warn!("NBD connection lost ({broken}); reconnecting");
+        tracing::warn!(
+            "connection to {} lost ({broken}); reconnecting",
+            connector.server()
+        );
         conn = reconnect(connector.as_ref(), &cfg).await?;
     }
 }
 
-async fn reconnect(connector: &dyn Connector, cfg: &FetchConfig) -> Result<Connection, FetchError> {
+async fn reconnect(
+    connector: &dyn Connector,
+    cfg: &FetchConfig,
+) -> Result<Box<dyn SourceConnection>, FetchError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         match connector.connect().await {
             Ok(c) => return Ok(c),
-            Err(e) if attempt >= cfg.reconnects.max(1) => return Err(FetchError::Reconnect(e)),
+            Err(error) if attempt >= cfg.reconnects.max(1) => {
+                let server = connector.server();
+                return Err(FetchError::Reconnect { server, error });
+            }
             Err(e) => {
                 let delay = cfg.backoff(attempt);
                 tracing::warn!(attempt, "reconnect failed: {e}; retrying in {delay:?}");
@@ -466,13 +487,14 @@ async fn reconnect(connector: &dyn Connector, cfg: &FetchConfig) -> Result<Conne
     }
 }
 
-/// Open one more connection, or `None` to stop opening more: a connection closed before the
-/// greeting means the server's connection limit is reached (XenServer: 16 per host), and any
-/// other failure is logged; either way the export carries on with the connections it has.
-pub async fn open_one(connector: &dyn Connector, have: usize) -> Option<Connection> {
+/// Open one more connection, or `None` to stop opening more: the server's connection limit
+/// is reached (XenServer: 16 per host, seen as a connection closed before the greeting), or
+/// another failure, which is logged; either way the export carries on with the connections
+/// it has.
+pub async fn open_one(connector: &dyn Connector, have: usize) -> Option<Box<dyn SourceConnection>> {
     match connector.connect().await {
         Ok(c) => Some(c),
-        Err(ConnError::Protocol(NbdError::ClosedBeforeGreeting)) => {
+        Err(e) if e.is_connection_limit() => {
             tracing::info!(
                 have,
                 "server connection limit reached; continuing with the connections open"
@@ -482,7 +504,8 @@ pub async fn open_one(connector: &dyn Connector, have: usize) -> Option<Connecti
         Err(e) => {
             tracing::warn!(
                 have,
-                "extra NBD connection failed ({e}); continuing with the connections open"
+                "extra connection to {} failed ({e}); continuing with the connections open",
+                connector.server()
             );
             None
         }

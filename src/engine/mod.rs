@@ -10,6 +10,9 @@
 //!                      sink thread: order (reorder window) → records, trailer, fsync
 //! ```
 //!
+//! The connections are [`SourceConnection`]s: the engine does not know whether it reads
+//! NBD or HTTPS byte ranges (see [`source`]).
+//!
 //! Memory is bounded by a byte budget: the planner takes permits for an item before it is
 //! read, and the sink gives them back once the item is written. The output is the same
 //! whatever the number of connections or threads, because records are written in plan order.
@@ -25,12 +28,13 @@ pub mod plan;
 pub mod planner;
 pub mod pool;
 pub mod sink;
+pub mod source;
 
 pub use connector::Connector;
 pub use handoff::{Batch, Downstream};
 pub use pipeline::size_pipeline;
+pub use source::SourceConnection;
 
-use crate::nbd::Connection;
 use bytes::BytesMut;
 use cbtstream_proto::stream::{Codec, Header};
 use fetch::{FetchConfig, FetchError, Job};
@@ -167,7 +171,7 @@ impl ExportSummary {
 /// Run one export: `first` is an already negotiated connection (the caller used it to learn
 /// the disk size); more are opened with `connector`, which also reopens lost ones.
 pub async fn run(
-    first: Connection,
+    first: Box<dyn SourceConnection>,
     connector: Arc<dyn Connector>,
     plan: Plan,
     header: Header,
@@ -188,7 +192,7 @@ pub async fn run(
 
 /// Wire the stages: plan → fetch → compress → order → sink.
 async fn run_stages(
-    first: Connection,
+    first: Box<dyn SourceConnection>,
     connector: Arc<dyn Connector>,
     plan: Plan,
     header: Header,
@@ -342,7 +346,7 @@ struct Fetchers {
 impl Fetchers {
     fn worker(
         &self,
-        conn: Connection,
+        conn: Box<dyn SourceConnection>,
     ) -> impl std::future::Future<Output = Result<u64, FetchError>> {
         fetch::worker(
             conn,
@@ -358,7 +362,7 @@ impl Fetchers {
     /// once; extra connections are opened one after another (XenServer's server dislikes
     /// parallel connects) while it reads: at 10 ms round trip a TLS + NBD handshake takes
     /// about 100 ms, too long to wait for before starting.
-    async fn run(self, first: Connection, want: usize) -> Result<u64, EngineError> {
+    async fn run(self, first: Box<dyn SourceConnection>, want: usize) -> Result<u64, EngineError> {
         tracing::debug!(connections = want, inflight = self.cfg.inflight, "fetching");
         let mut workers = JoinSet::new();
         workers.spawn(self.worker(first));

@@ -1,14 +1,16 @@
 //! One NBD connection: a writer task that batches requests into as few TLS records and
 //! syscalls as it can, and a reader task that matches replies to requests by cookie and
-//! reads READ payloads straight into the request's buffer.
+//! reads READ payloads straight into the request's buffer. It is one of the engine's
+//! [`SourceConnection`]s.
 
 use super::{Address, ConnError, RequestError};
+use crate::engine::source::{self, Completion, Reply, SourceConnection, SourceError};
 use crate::tls;
 use bytes::{Buf, BufMut, BytesMut};
 use cbtstream_proto::nbd::consts::*;
 use cbtstream_proto::nbd::{
-    encode_request, BlockStatusExtent, ClientHandshake, Event, HandshakeConfig, NbdError,
-    Negotiated, Outcome, Outstanding, Replies, Request, Step,
+    encode_request, ClientHandshake, Event, HandshakeConfig, NbdError, Negotiated, Outcome,
+    Outstanding, Replies, Request, Step,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,19 +51,6 @@ impl ConnectOptions {
     }
 }
 
-/// A finished request.
-#[derive(Debug)]
-pub enum Reply {
-    Read(BytesMut),
-    BlockStatus(Vec<BlockStatusExtent>),
-}
-
-/// What the connection sends back to the submitter: its tag and the outcome.
-pub struct Completion {
-    pub tag: u64,
-    pub result: Result<Reply, RequestError>,
-}
-
 struct Pending {
     cmd: u16,
     offset: u64,
@@ -76,8 +65,28 @@ impl Pending {
     fn complete(self, result: Result<Reply, RequestError>) {
         let _ = self.reply_to.send(Completion {
             tag: self.tag,
-            result,
+            result: result.map_err(source::RequestError::from),
         });
+    }
+}
+
+impl From<RequestError> for source::RequestError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Server(e) => source::RequestError::Server(SourceError::new(e)),
+            RequestError::Connection(e) => source::RequestError::Connection(e.into()),
+        }
+    }
+}
+
+impl From<ConnError> for SourceError {
+    fn from(e: ConnError) -> Self {
+        // XenServer closes a connection over its limit before the greeting.
+        if matches!(e, ConnError::Protocol(NbdError::ClosedBeforeGreeting)) {
+            SourceError::connection_limit(e)
+        } else {
+            SourceError::new(e)
+        }
     }
 }
 
@@ -244,6 +253,61 @@ impl Connection {
         if let Some(writer) = self.writer.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
         }
+    }
+}
+
+impl SourceConnection for Connection {
+    fn size(&self) -> u64 {
+        self.negotiated.size
+    }
+
+    fn max_request(&self) -> u64 {
+        self.negotiated.max_request()
+    }
+
+    fn alignment(&self) -> u64 {
+        self.negotiated.alignment()
+    }
+
+    fn has_block_status(&self) -> bool {
+        self.negotiated.meta_context.is_some()
+    }
+
+    fn multi_conn_safe(&self) -> bool {
+        self.negotiated.can_multi_conn() || self.negotiated.read_only()
+    }
+
+    fn max_inflight(&self) -> usize {
+        usize::MAX
+    }
+
+    fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    fn read(
+        &self,
+        tag: u64,
+        offset: u64,
+        len: u64,
+        buf: BytesMut,
+        reply_to: mpsc::UnboundedSender<Completion>,
+    ) {
+        Connection::read(self, tag, offset, len, buf, reply_to)
+    }
+
+    fn block_status(
+        &self,
+        tag: u64,
+        offset: u64,
+        len: u64,
+        reply_to: mpsc::UnboundedSender<Completion>,
+    ) {
+        Connection::block_status(self, tag, offset, len, reply_to)
+    }
+
+    fn close(self: Box<Self>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(Connection::close(*self))
     }
 }
 
@@ -638,6 +702,17 @@ mod tests {
         out.extend_from_slice(&len.to_be_bytes());
     }
 
+    /// What the engine learns from an NBD error: the same text, and whether the server is at
+    /// its connection limit (XenServer closes a 17th connection before the greeting).
+    #[test]
+    fn the_engine_sees_the_nbd_error_and_the_connection_limit() {
+        let limit = ConnError::Protocol(NbdError::ClosedBeforeGreeting);
+        let e = SourceError::from(limit.clone());
+        assert!(e.is_connection_limit());
+        assert_eq!(e.to_string(), limit.to_string());
+        assert!(!SourceError::from(ConnError::Eof).is_connection_limit());
+    }
+
     #[tokio::test]
     async fn chunks_out_of_order_with_holes_and_overlaps() {
         let dir = tempfile::tempdir().unwrap();
@@ -703,10 +778,15 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(second.tag, 2);
-        match second.result {
-            Err(RequestError::Connection(ConnError::Protocol(NbdError::Overlap(_)))) => {}
-            other => panic!("expected an overlap error, got {:?}", other.map(|_| ())),
-        }
+        let overlap = match &second.result {
+            Err(source::RequestError::Connection(e)) => e.downcast_ref::<ConnError>(),
+            _ => None,
+        };
+        assert!(
+            matches!(overlap, Some(ConnError::Protocol(NbdError::Overlap(_)))),
+            "expected an overlap error, got {:?}",
+            second.result.map(|_| ())
+        );
         drop(conn);
         server.abort();
     }

@@ -5,7 +5,7 @@
 pub mod connection;
 pub mod uri;
 
-pub use connection::{Completion, ConnectOptions, Connection, Reply};
+pub use connection::{ConnectOptions, Connection};
 pub use uri::{Address, NbdUri};
 
 use cbtstream_proto::nbd::{NbdError, ServerError};
@@ -33,8 +33,6 @@ pub enum ConnError {
     Io(Arc<std::io::Error>),
     #[error("the server closed the connection")]
     Eof,
-    #[error("no reply from the server for {0:?}")]
-    Stalled(std::time::Duration),
     #[error("the connection was shut down")]
     Closed,
 }

@@ -9,6 +9,8 @@
 //! the name, and [`keepalive`] keeps the session in use during long exports.
 
 use super::src;
+use crate::engine::connector::Connecting;
+use crate::engine::SourceConnection;
 use crate::exit::{fail, Code, Failure};
 use crate::nbd::{Address, ConnError, ConnectOptions, Connection};
 use crate::tls::{self, Trust};
@@ -106,7 +108,7 @@ impl XenNbd {
         session: Arc<XapiSession>,
         snapshot: Ref,
         params: NbdParams,
-    ) -> Result<(Arc<XenNbd>, Connection), Failure> {
+    ) -> Result<(Arc<XenNbd>, Box<dyn SourceConnection>), Failure> {
         let relogins = session.relogins();
         let infos = session.vdi_get_nbd_info(&snapshot).await.map_err(src)?;
         let (conn, opts) = connect_first(&infos, params)
@@ -118,7 +120,7 @@ impl XenNbd {
             params,
             current: Mutex::new((opts, relogins)),
         };
-        Ok((Arc::new(nbd), conn))
+        Ok((Arc::new(nbd), Box::new(conn)))
     }
 
     fn current(&self) -> (ConnectOptions, u64) {
@@ -177,12 +179,15 @@ fn is_connection_limit(e: &ConnError) -> bool {
 }
 
 impl crate::engine::Connector for XenNbd {
-    fn connect(
-        &self,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Connection, ConnError>> + Send + '_>,
-    > {
-        Box::pin(XenNbd::connect(self))
+    fn connect(&self) -> Connecting<'_> {
+        Box::pin(async move {
+            let conn = XenNbd::connect(self).await?;
+            Ok(Box::new(conn) as Box<dyn SourceConnection>)
+        })
+    }
+
+    fn server(&self) -> &'static str {
+        "the NBD server"
     }
 }
 
