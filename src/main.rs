@@ -15,6 +15,7 @@ mod repo;
 mod repo_cli;
 mod restore;
 mod tls;
+mod vsphere;
 mod xapi;
 mod xen;
 

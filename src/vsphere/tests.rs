@@ -1,0 +1,388 @@
+//! The vSphere client and flow against the simulator, in process (the data plane is not
+//! connected yet, so these stop where the flow hands a disk to `data::read_disk`).
+
+use super::calls;
+use super::changed::ChangedMap;
+use super::client::{Client, MoRef};
+use super::flow::{self, Output, RunOptions, VsphereLogin};
+use crate::chain::{self, VsphereDisk, VsphereState};
+use crate::exit::Code;
+use crate::tls::Trust;
+use crate::xapi::Secret;
+use cbtstream_proto::cbt::CBT_BLOCK;
+use cbtstream_vsphere_sim::{SimConfig, Simulator};
+
+async fn start() -> (tempfile::TempDir, Simulator) {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig::for_tests(dir.path().join("ds")))
+        .await
+        .unwrap();
+    (dir, sim)
+}
+
+fn login_of(sim: &Simulator) -> VsphereLogin {
+    VsphereLogin {
+        url: sim.url(),
+        user: sim.user().to_owned(),
+        password: Secret::new(sim.password()),
+        trust: Trust::CaFile(sim.ca_path().to_path_buf()),
+        release: None,
+    }
+}
+
+async fn client(sim: &Simulator) -> Client {
+    flow::login(&login_of(sim)).await.unwrap()
+}
+
+fn vm(sim: &Simulator) -> MoRef {
+    MoRef::new("VirtualMachine", sim.vm())
+}
+
+/// A snapshot through the client; its disks' change ids.
+async fn snapshot(c: &Client, sim: &Simulator) -> (MoRef, Vec<calls::Disk>) {
+    let snap = calls::create_snapshot(c, &vm(sim), "t", false)
+        .await
+        .unwrap();
+    let disks = calls::snapshot_config(c, &snap).await.unwrap().disks;
+    (snap, disks)
+}
+
+/// Odd sizes at odd offsets, across 64 KiB borders, up to the last byte of the disk.
+fn odd_writes(capacity: u64, round: u8) -> Vec<(u64, Vec<u8>)> {
+    let data = |n: usize| (0..n).map(|i| (i as u8) ^ round).collect::<Vec<u8>>();
+    let r = u64::from(round);
+    vec![
+        (CBT_BLOCK - 3 + r * 4099, data(7)),
+        (5 * CBT_BLOCK + 1234 + r * 77, data(200_001)),
+        (capacity / 2 + 17 * r, data(1)),
+        (capacity - 1, data(1)),
+    ]
+}
+
+fn assert_covers(map: &ChangedMap, writes: &[(u64, Vec<u8>)]) {
+    for (offset, data) in writes {
+        let last = offset + data.len() as u64 - 1;
+        for block in offset / CBT_BLOCK..=last / CBT_BLOCK {
+            assert!(map.is_marked(block), "block {block} of write at {offset}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn login_uses_the_servers_release_and_debug_hides_the_secrets() {
+    let (_dir, sim) = start().await;
+    let c = client(&sim).await;
+    assert_eq!(c.release(), sim.release());
+    let config = calls::vm_config(&c, &vm(&sim)).await.unwrap();
+    assert_eq!(config.disks.len(), 2);
+    assert_eq!(
+        config
+            .disks
+            .iter()
+            .map(|d| (d.key, d.capacity))
+            .collect::<Vec<_>>(),
+        sim.disks()
+    );
+    let token = c.session_token().await;
+    let debug = format!("{c:?}");
+    assert!(!debug.contains(sim.password()) && !debug.contains(token.expose()));
+    c.logout().await;
+    // A wrong password is the server's InvalidLogin, named.
+    let mut bad = login_of(&sim);
+    bad.password = Secret::new("wrong");
+    let e = flow::login(&bad).await.unwrap_err();
+    assert_eq!(e.code, Code::Source);
+    let text = format!("{:#}", e.error);
+    assert!(
+        text.contains("InvalidLogin") && !text.contains("wrong"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn paged_changed_areas_cover_every_byte_written_since_the_change_id() {
+    let (_dir, sim) = start().await;
+    let c = client(&sim).await;
+    let (first, disks) = snapshot(&c, &sim).await;
+    calls::remove_snapshot(&c, &first).await.unwrap();
+    let mut writes = std::collections::BTreeMap::new();
+    for (key, capacity) in sim.disks() {
+        let w = odd_writes(capacity, 3);
+        for (offset, data) in &w {
+            sim.write(sim.vm(), key, *offset, data).unwrap();
+        }
+        writes.insert(key, w);
+    }
+    let (second, _) = snapshot(&c, &sim).await;
+    let before = sim.calls("QueryChangedDiskAreas");
+    for d in &disks {
+        let from = d.change_id.as_deref().unwrap();
+        let map = calls::changed_areas(&c, &vm(&sim), &second, d.key, d.capacity, from)
+            .await
+            .unwrap();
+        assert_covers(&map, &writes[&d.key]);
+        // Not the whole disk: only what was written (in whole grains).
+        assert!(map.marked_bytes() < 8 * CBT_BLOCK, "{}", map.marked_bytes());
+    }
+    // The simulator's pages hold at most 4 areas or 1 MiB: paging was needed.
+    assert!(sim.calls("QueryChangedDiskAreas") - before > 2 * 4);
+    calls::remove_snapshot(&c, &second).await.unwrap();
+    assert!(sim.snapshots(sim.vm()).is_empty());
+    c.logout().await;
+}
+
+#[tokio::test]
+async fn star_lists_exactly_the_allocated_blocks() {
+    let (_dir, sim) = start().await;
+    let c = client(&sim).await;
+    let (key, capacity) = sim.disks()[1];
+    let w = odd_writes(capacity, 1);
+    for (offset, data) in &w {
+        sim.write(sim.vm(), key, *offset, data).unwrap();
+    }
+    let (snap, _) = snapshot(&c, &sim).await;
+    let map = calls::changed_areas(&c, &vm(&sim), &snap, key, capacity, "*")
+        .await
+        .unwrap();
+    assert_covers(&map, &w);
+    let touched: std::collections::BTreeSet<u64> = w
+        .iter()
+        .flat_map(|(o, d)| o / CBT_BLOCK..=(o + d.len() as u64 - 1) / CBT_BLOCK)
+        .collect();
+    let marked: std::collections::BTreeSet<u64> = (0..capacity.div_ceil(CBT_BLOCK))
+        .filter(|b| map.is_marked(*b))
+        .collect();
+    assert_eq!(marked, touched);
+    calls::remove_snapshot(&c, &snap).await.unwrap();
+    c.logout().await;
+}
+
+#[tokio::test]
+async fn an_expired_session_is_replaced_once_and_the_call_goes_through() {
+    let (_dir, sim) = start().await;
+    let c = client(&sim).await;
+    let old = c.session_token().await;
+    sim.expire_sessions();
+    let config = calls::vm_config(&c, &vm(&sim)).await.unwrap();
+    assert_eq!(config.disks.len(), 2);
+    assert_eq!(c.relogins(), 1);
+    assert_ne!(c.session_token().await, old);
+    // A task polled across an expiry too.
+    let (snap, _) = snapshot(&c, &sim).await;
+    sim.expire_sessions();
+    calls::remove_snapshot(&c, &snap).await.unwrap();
+    assert_eq!(c.relogins(), 2);
+    assert!(sim.snapshots(sim.vm()).is_empty());
+    c.logout().await;
+}
+
+/// A state whose disks start at a snapshot taken (and removed) now.
+async fn state_now(sim: &Simulator, path: &std::path::Path) -> VsphereState {
+    let c = client(sim).await;
+    let (snap, disks) = snapshot(&c, sim).await;
+    calls::remove_snapshot(&c, &snap).await.unwrap();
+    c.logout().await;
+    let mut state = VsphereState::new(sim.vm(), sim.url());
+    state.point = Some("p0".into());
+    for d in disks {
+        state.disks.insert(
+            d.key,
+            VsphereDisk {
+                backing_uuid: d.uuid,
+                change_id: d.change_id.unwrap(),
+                capacity: d.capacity,
+                point: "p0".into(),
+            },
+        );
+    }
+    chain::save_vsphere(path, &state).unwrap();
+    state
+}
+
+fn run_options(sim: &Simulator, out: &std::path::Path, state: &std::path::Path) -> RunOptions {
+    RunOptions {
+        login: login_of(sim),
+        vm: sim.vm().to_owned(),
+        output: Output::Point(crate::repo::point_writer::PointTarget::Dir(
+            out.to_path_buf(),
+        )),
+        state: Some(state.to_path_buf()),
+        full: false,
+        enable_cbt: false,
+        quiesce: false,
+        fallback_full: false,
+        dp: crate::export::DataPlaneOptions {
+            connections: 2,
+            inflight: None,
+            request_size: 1 << 20,
+            codec: cbtstream_proto::stream::Codec::Zstd,
+            level: 1,
+            threads: 1,
+            connect_timeout: std::time::Duration::from_secs(5),
+            request_timeout: std::time::Duration::from_secs(5),
+            retries: 1,
+            retry_delay: std::time::Duration::from_millis(10),
+            extended_headers: true,
+        },
+    }
+}
+
+#[tokio::test]
+async fn a_cbt_reset_is_a_broken_chain_and_leaves_the_state_and_no_snapshot() {
+    let (dir, sim) = start().await;
+    let (out, state) = (dir.path().join("out"), dir.path().join("vm.json"));
+    std::fs::create_dir(&out).unwrap();
+    state_now(&sim, &state).await;
+    let before = std::fs::read(&state).unwrap();
+    sim.reset_cbt(sim.vm(), 2001).unwrap();
+    let e = flow::run(run_options(&sim, &out, &state))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, Code::Source);
+    let text = format!("{:#}", e.error);
+    assert!(
+        text.contains("broken chain") && text.contains("disk 2001") && text.contains("FileFault"),
+        "{text}"
+    );
+    assert!(text.contains("--fallback-full"), "{text}");
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+    assert!(sim.snapshots(sim.vm()).is_empty());
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn fallback_full_plans_the_allocated_areas_of_a_reset_disk() {
+    let (dir, sim) = start().await;
+    let state_path = dir.path().join("vm.json");
+    let (key, capacity) = sim.disks()[1];
+    let w = odd_writes(capacity, 2);
+    for (offset, data) in &w {
+        sim.write(sim.vm(), key, *offset, data).unwrap();
+    }
+    let state = state_now(&sim, &state_path).await;
+    sim.reset_cbt(sim.vm(), key).unwrap();
+    let c = client(&sim).await;
+    let (snap, disks) = snapshot(&c, &sim).await;
+    let disk = disks.iter().find(|d| d.key == key).unwrap();
+    let mut opts = run_options(&sim, dir.path(), &state_path);
+    let broken = flow::plan_disk(&c, &opts, &vm(&sim), &snap, disk, Some(&state)).await;
+    assert_eq!(broken.err().map(|e| e.code), Some(Code::Source));
+    opts.fallback_full = true;
+    let planned = flow::plan_disk(&c, &opts, &vm(&sim), &snap, disk, Some(&state))
+        .await
+        .unwrap();
+    assert!(planned.base.is_none(), "a full");
+    assert_eq!(Some(&planned.change_id), disk.change_id.as_ref());
+    let mut map = ChangedMap::new(capacity).unwrap();
+    map.add_page(0, capacity, &[]).unwrap();
+    // Every written block is in the full's allocated areas.
+    for (offset, data) in &w {
+        let last = offset + data.len() as u64 - 1;
+        for b in offset / CBT_BLOCK..=last / CBT_BLOCK {
+            assert!(planned.bitmap[(b / 8) as usize] & (0x80 >> (b % 8)) != 0);
+        }
+    }
+    // The other disk still continues its chain.
+    let other = disks.iter().find(|d| d.key != key).unwrap();
+    let planned = flow::plan_disk(&c, &opts, &vm(&sim), &snap, other, Some(&state))
+        .await
+        .unwrap();
+    assert_eq!(planned.base.map(|b| b.point), Some("p0".to_owned()));
+    calls::remove_snapshot(&c, &snap).await.unwrap();
+    c.logout().await;
+}
+
+#[tokio::test]
+async fn a_grown_disk_is_read_whole() {
+    let (dir, sim) = start().await;
+    let state_path = dir.path().join("vm.json");
+    let state = state_now(&sim, &state_path).await;
+    let (key, capacity) = sim.disks()[0];
+    sim.resize(sim.vm(), key, capacity + 1024 * 1024).unwrap();
+    let c = client(&sim).await;
+    let (snap, disks) = snapshot(&c, &sim).await;
+    let disk = disks.iter().find(|d| d.key == key).unwrap();
+    assert_eq!(disk.capacity, capacity + 1024 * 1024);
+    let opts = run_options(&sim, dir.path(), &state_path);
+    let planned = flow::plan_disk(&c, &opts, &vm(&sim), &snap, disk, Some(&state))
+        .await
+        .unwrap();
+    assert!(planned.base.is_none());
+    calls::remove_snapshot(&c, &snap).await.unwrap();
+    c.logout().await;
+}
+
+#[tokio::test]
+async fn a_failed_run_removes_its_snapshot_and_keeps_the_state() {
+    let (dir, sim) = start().await;
+    let (out, state) = (dir.path().join("out"), dir.path().join("vm.json"));
+    std::fs::create_dir(&out).unwrap();
+    state_now(&sim, &state).await;
+    let before = std::fs::read(&state).unwrap();
+    let e = flow::run(run_options(&sim, &out, &state))
+        .await
+        .unwrap_err();
+    // The data plane is not connected yet: the run stops at the first disk's read.
+    assert_eq!(e.code, Code::Source);
+    assert!(format!("{:#}", e.error).contains("the datastore reader is not built yet"));
+    assert_eq!(sim.calls("CreateSnapshotEx_Task"), 2);
+    assert_eq!(sim.calls("RemoveSnapshot_Task"), 2);
+    assert!(sim.snapshots(sim.vm()).is_empty());
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn a_state_of_another_vm_or_source_is_refused_before_any_snapshot() {
+    let (dir, sim) = start().await;
+    let state = dir.path().join("vm.json");
+    chain::save_vsphere(&state, &VsphereState::new("vm-7", sim.url())).unwrap();
+    let e = flow::run(run_options(&sim, dir.path(), &state))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, Code::Usage);
+    assert!(format!("{:#}", e.error).contains("belongs to VM vm-7"));
+    std::fs::write(&state, "{\"version\": 1, \"vm\": \"x\"}").unwrap();
+    let e = flow::run(run_options(&sim, dir.path(), &state))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, Code::Integrity);
+    assert_eq!(sim.calls("CreateSnapshotEx_Task"), 0);
+}
+
+#[tokio::test]
+async fn a_vm_found_by_instance_uuid() {
+    let (_dir, sim) = start().await;
+    let c = client(&sim).await;
+    let found = calls::find_vm(&c, &sim.vm_instance_uuid()).await.unwrap();
+    assert_eq!(found, vm(&sim));
+    let e = calls::find_vm(&c, "00000000-0000-0000-0000-000000000000")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no VM has this UUID"), "{e}");
+    c.logout().await;
+}
+
+#[tokio::test]
+async fn the_file_service_url_names_the_flat_extent_datacenter_and_datastore() {
+    let (_dir, sim) = start().await;
+    let c = client(&sim).await;
+    let dc = calls::datacenter_of(&c, &vm(&sim)).await.unwrap();
+    assert_eq!(dc, "dc1");
+    let config = calls::vm_config(&c, &vm(&sim)).await.unwrap();
+    let (ds, path) = calls::split_datastore_path(&config.disks[1].file_name).unwrap();
+    let url = calls::folder_url(
+        &c.endpoint().authority(),
+        &dc,
+        ds,
+        &calls::flat_extent(path).unwrap(),
+    );
+    assert_eq!(
+        url,
+        format!(
+            "https://{}/folder/testvm/testvm_1-flat.vmdk?dcPath=dc1&dsName=ds1",
+            c.endpoint().authority()
+        )
+    );
+    c.logout().await;
+}
