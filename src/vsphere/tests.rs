@@ -273,8 +273,6 @@ async fn fallback_full_plans_the_allocated_areas_of_a_reset_disk() {
         .unwrap();
     assert!(planned.base.is_none(), "a full");
     assert_eq!(Some(&planned.change_id), disk.change_id.as_ref());
-    let mut map = ChangedMap::new(capacity).unwrap();
-    map.add_page(0, capacity, &[]).unwrap();
     // Every written block is in the full's allocated areas.
     for (offset, data) in &w {
         let last = offset + data.len() as u64 - 1;
@@ -385,4 +383,118 @@ async fn the_file_service_url_names_the_flat_extent_datacenter_and_datastore() {
         )
     );
     c.logout().await;
+}
+
+/// A server that answers every request with what `answer(path)` says, over TLS with a
+/// test CA: (status, session header, body).
+type Answer = (u16, Option<&'static str>, Vec<u8>);
+
+async fn hostile(
+    answer: impl Fn(&str) -> Answer + Send + Sync + 'static,
+) -> (tempfile::TempDir, String, Trust) {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = cbtstream_testkit::certs::TestPki::generate(dir.path()).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}/",
+        listener.local_addr().unwrap().port()
+    );
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, answer) = (acceptor.clone(), answer.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (status, token, body) = answer(req.uri().path());
+                    let mut resp = hyper::Response::builder().status(status);
+                    if let Some(t) = token {
+                        resp = resp.header("vmware-api-session-id", t);
+                    }
+                    let resp = resp.body(http_body_util::Full::new(bytes::Bytes::from(body)));
+                    async move { resp }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let trust = Trust::CaFile(pki.ca_pem_path.clone());
+    (dir, url, trust)
+}
+
+fn content(version: &str) -> Vec<u8> {
+    serde_json::json!({"_typeName": "ServiceContent", "about": {"apiVersion": version},
+        "sessionManager": {"_typeName": "ManagedObjectReference", "type": "SessionManager", "value": "SessionManager"}})
+    .to_string()
+    .into_bytes()
+}
+
+async fn login_to(url: &str, trust: &Trust) -> Result<Client, super::client::VsphereError> {
+    let opts = super::client::ClientOptions::new(trust.clone());
+    Client::login(url, "u", &Secret::new("pw"), &opts).await
+}
+
+#[tokio::test]
+async fn hostile_answers_are_clear_errors_without_unbounded_reads() {
+    use super::client::VsphereError;
+    // 17 MiB of content: refused at the 16 MiB cap.
+    let (_d, url, trust) = hostile(|_| (200, None, vec![b' '; 17 << 20])).await;
+    let e = login_to(&url, &trust).await.unwrap_err();
+    assert!(
+        matches!(e, VsphereError::TooLarge { limit, .. } if limit == 16 << 20),
+        "{e}"
+    );
+    // A release that would leave the URL path.
+    let (_d, url, trust) = hostile(|_| (200, None, content("../../x"))).await;
+    let e = login_to(&url, &trust).await.unwrap_err().to_string();
+    assert!(e.contains("is not a release"), "{e}");
+    // A 500 that is not a fault; then a login without a token.
+    let (_d, url, trust) = hostile(|p| match p.ends_with("/Login") {
+        true => (500, None, b"<html>proxy error</html>".to_vec()),
+        false => (200, None, content("8.0.2.0")),
+    })
+    .await;
+    let e = login_to(&url, &trust).await.unwrap_err().to_string();
+    assert!(
+        e.contains("answered SessionManager.Login with HTTP 500"),
+        "{e}"
+    );
+    let (_d, url, trust) = hostile(|p| match p.ends_with("/Login") {
+        true => (200, None, b"{}".to_vec()),
+        false => (200, None, content("8.0.2.0")),
+    })
+    .await;
+    let e = login_to(&url, &trust).await.unwrap_err().to_string();
+    assert!(e.contains("no vmware-api-session-id header"), "{e}");
+}
+
+#[tokio::test]
+async fn a_fault_is_typed_and_its_text_cleaned_and_capped() {
+    let (_d, url, trust) = hostile(|p| {
+        if p.ends_with("/content") {
+            return (200, None, content("8.0.2.0"));
+        }
+        if p.ends_with("/Login") {
+            return (200, Some("tok"), b"{}".to_vec());
+        }
+        let fault = serde_json::json!({"_typeName": "InvalidState",
+            "faultMessage": [{"message": format!("bad\u{1b}[31m{}", "x".repeat(5000))}]});
+        (500, None, fault.to_string().into_bytes())
+    })
+    .await;
+    let c = login_to(&url, &trust).await.unwrap();
+    let e = calls::vm_config(&c, &MoRef::new("VirtualMachine", "vm-1"))
+        .await
+        .unwrap_err();
+    let fault = e.fault().unwrap();
+    assert_eq!(fault.type_name, "InvalidState");
+    assert!(fault.message.starts_with("bad[31mxxx") && fault.message.len() <= 503);
+    assert!(!e.to_string().contains('\u{1b}'));
 }
