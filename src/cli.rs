@@ -722,6 +722,10 @@ fn export(args: ExportArgs) -> Result<(), Failure> {
 }
 
 fn commit(args: CommitArgs) -> Result<(), Failure> {
+    if let Some(point) = crate::vsphere::flow::commit_pending(&args.state, args.point.as_deref())? {
+        eprintln!("cbtstream: committed point {point}");
+        return Ok(());
+    }
     let opts = CommitOptions {
         login: xapi_login(args.xapi.as_deref().unwrap_or_default(), &args.xapi_args)?,
         url: args.xapi,

@@ -376,3 +376,50 @@ async fn update_paths_prints_the_files_it_could_not_update() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("ResourceInUse"), "{}", stderr(&o));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_the_snapshot_is_taken_removes_it_once_it_exists() {
+    // Each task state lasts a second: the signal comes while the snapshot task runs.
+    let (dir, sim) = start(|d| SimConfig {
+        task_delay: std::time::Duration::from_secs(1),
+        ..SimConfig::for_tests(d)
+    })
+    .await;
+    let out = out_dir(&dir);
+    let state = dir.path().join("vm.json");
+    let url = sim.url();
+    let ca = sim.ca_path().to_str().unwrap().to_owned();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbtstream"))
+        .args([
+            "backup",
+            "--vsphere",
+            &url,
+            "--vm",
+            sim.vm(),
+            "--out",
+            out.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--user",
+            sim.user(),
+            "--vsphere-ca",
+            &ca,
+        ])
+        .env("VSPHERE_PASSWORD", sim.password())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while sim.calls("CreateSnapshotEx_Task") == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let pid = child.id().unwrap() as libc::pid_t;
+    // SAFETY: kill(2) on the child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let o = child.wait_with_output().await.unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted by SIGTERM; nothing was committed"));
+    assert_eq!(sim.calls("RemoveSnapshot_Task"), 1);
+    assert!(sim.snapshots(sim.vm()).is_empty());
+    assert!(!state.exists());
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}

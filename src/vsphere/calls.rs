@@ -170,8 +170,8 @@ pub async fn enable_cbt(client: &Client, vm: &MoRef) -> Result<(), VsphereError>
     client.run_task(vm, "ReconfigVM_Task", spec).await.map(drop)
 }
 
-/// `CreateSnapshotEx_Task` without memory, quiesced on request; the new snapshot.
-pub async fn create_snapshot(
+/// Start `CreateSnapshotEx_Task` without memory, quiesced on request: its task.
+pub async fn start_snapshot(
     client: &Client,
     vm: &MoRef,
     name: &str,
@@ -185,18 +185,30 @@ pub async fn create_snapshot(
     if quiesce {
         body["quiesceSpec"] = json!({"_typeName": "VirtualMachineGuestQuiesceSpec"});
     }
-    let result = client
-        .run_task(vm, "CreateSnapshotEx_Task", body)
-        .await?
-        .unwrap_or(Value::Null);
+    client.start_task(vm, "CreateSnapshotEx_Task", body).await
+}
+
+/// The snapshot a `CreateSnapshotEx_Task` made, once it ended.
+pub async fn snapshot_of(client: &Client, task: &MoRef) -> Result<MoRef, VsphereError> {
+    let what = "VirtualMachine.CreateSnapshotEx_Task";
+    let result = client.wait_task(task, what).await?.unwrap_or_default();
     MoRef::parse(&result)
         .filter(|m| m.kind == "VirtualMachineSnapshot")
         .ok_or_else(|| {
-            VsphereError::protocol(
-                "VirtualMachine.CreateSnapshotEx_Task",
-                "the result is not a VirtualMachineSnapshot reference",
-            )
+            VsphereError::protocol(what, "the result is not a VirtualMachineSnapshot reference")
         })
+}
+
+/// [`start_snapshot`] and [`snapshot_of`].
+#[cfg(test)]
+pub async fn create_snapshot(
+    client: &Client,
+    vm: &MoRef,
+    name: &str,
+    quiesce: bool,
+) -> Result<MoRef, VsphereError> {
+    let task = start_snapshot(client, vm, name, quiesce).await?;
+    snapshot_of(client, &task).await
 }
 
 pub async fn snapshot_config(client: &Client, snap: &MoRef) -> Result<VmConfig, VsphereError> {

@@ -582,13 +582,13 @@ impl Client {
         }
     }
 
-    /// Invoke a `*_Task` method and wait for it.
-    pub async fn run_task(
+    /// Invoke a `*_Task` method: its task.
+    pub async fn start_task(
         &self,
         object: &MoRef,
         method: &str,
         body: Value,
-    ) -> Result<Option<Value>, VsphereError> {
+    ) -> Result<MoRef, VsphereError> {
         let what = format!("{}.{method}", object.kind);
         let task = self
             .invoke(object, method, body)
@@ -597,7 +597,19 @@ impl Client {
             .and_then(MoRef::parse)
             .ok_or_else(|| VsphereError::protocol(&what, "no task reference"))?;
         tracing::debug!(task = %task.value, "{what} started");
-        self.wait_task(&task, &what).await
+        Ok(task)
+    }
+
+    /// Invoke a `*_Task` method and wait for it.
+    pub async fn run_task(
+        &self,
+        object: &MoRef,
+        method: &str,
+        body: Value,
+    ) -> Result<Option<Value>, VsphereError> {
+        let task = self.start_task(object, method, body).await?;
+        self.wait_task(&task, &format!("{}.{method}", object.kind))
+            .await
     }
 
     /// `SessionManager.Logout`; a failure is only logged (the session expires anyway).

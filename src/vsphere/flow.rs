@@ -131,21 +131,46 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
         None => None,
     };
     let client = login(&opts.login).await?;
-    let mut taken: Option<MoRef> = None;
+    let mut taken = Taken::default();
     let result = tokio::select! {
         r = take_point(&client, &opts, state, &mut taken) => r,
         sig = shutdown_signal() => Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed"))),
     };
-    if let Some(snap) = taken {
-        if let Err(e) = calls::remove_snapshot(&client, &snap).await {
-            tracing::warn!(
-                "could not remove the snapshot {} that cbtstream took ({e}); remove it in vCenter",
-                snap.value
-            );
-        }
-    }
+    clean_up(&client, taken).await;
     client.logout().await;
     result
+}
+
+/// What this run created on the server: the snapshot's creation task, then the snapshot.
+#[derive(Default)]
+struct Taken {
+    task: Option<MoRef>,
+    snapshot: Option<MoRef>,
+}
+
+/// Remove the run's snapshot; when the run stopped while the snapshot was being taken, wait
+/// for that task first (the snapshot appears when it ends).
+async fn clean_up(client: &Client, taken: Taken) {
+    let snapshot = match (taken.snapshot, taken.task) {
+        (Some(snap), _) => snap,
+        (None, Some(task)) => match calls::snapshot_of(client, &task).await {
+            Ok(snap) => snap,
+            Err(e) => {
+                tracing::debug!(
+                    "the interrupted snapshot task {} made nothing: {e}",
+                    task.value
+                );
+                return;
+            }
+        },
+        (None, None) => return,
+    };
+    if let Err(e) = calls::remove_snapshot(client, &snapshot).await {
+        tracing::warn!(
+            "could not remove the snapshot {} that cbtstream took ({e}); remove it in vCenter",
+            snapshot.value
+        );
+    }
 }
 
 /// One disk of the run: what the snapshot froze and where its incremental starts.
@@ -160,7 +185,7 @@ async fn take_point(
     client: &Client,
     opts: &RunOptions,
     state: Option<VsphereState>,
-    taken: &mut Option<MoRef>,
+    taken: &mut Taken,
 ) -> Result<RunReport, Failure> {
     let vm = calls::find_vm(client, &opts.vm).await.map_err(src)?;
     if let Some(s) = &state {
@@ -220,10 +245,12 @@ async fn take_point(
         calls::enable_cbt(client, &vm).await.map_err(src)?;
     }
     let point = uuid::Uuid::new_v4().to_string();
-    let snap = calls::create_snapshot(client, &vm, &format!("cbtstream-{point}"), opts.quiesce)
+    let task = calls::start_snapshot(client, &vm, &format!("cbtstream-{point}"), opts.quiesce)
         .await
         .map_err(src)?;
-    *taken = Some(snap.clone());
+    taken.task = Some(task.clone());
+    let snap = calls::snapshot_of(client, &task).await.map_err(src)?;
+    taken.snapshot = Some(snap.clone());
     tracing::info!(snapshot = %snap.value, "snapshot taken");
     let frozen = calls::snapshot_config(client, &snap).await.map_err(src)?;
     let wanted: Vec<&Disk> = frozen
@@ -492,4 +519,50 @@ pub async fn update_paths(
         .map_err(src);
     client.logout().await;
     r
+}
+
+/// `cbtstream commit --state FILE` of a vSphere chain: the pending point becomes the base
+/// (nothing on vCenter changes: the change ids stay valid without the snapshot). None when
+/// FILE is not a vSphere state (the XenServer commit then handles it).
+pub fn commit_pending(
+    path: &std::path::Path,
+    point: Option<&str>,
+) -> Result<Option<String>, Failure> {
+    if !matches!(chain::load_vsphere(path), Ok(Some(_))) {
+        return Ok(None);
+    }
+    let _lock = crate::lock::ChainLock::acquire(path).map_err(|e| {
+        let code = match e {
+            crate::lock::LockError::Held { .. } => Code::Locked,
+            crate::lock::LockError::Io { .. } => Code::Output,
+        };
+        Failure {
+            code,
+            error: e.into(),
+        }
+    })?;
+    let mut state = chain::load_vsphere(path)
+        .code(Code::Integrity)?
+        .ok_or_else(|| fail(Code::Usage, format!("{} is gone", path.display())))?;
+    let Some(pending) = state.pending.take() else {
+        return Err(fail(
+            Code::Usage,
+            format!("the chain {} has no pending point", path.display()),
+        ));
+    };
+    if point.is_some_and(|p| p != pending.point) {
+        return Err(fail(
+            Code::Usage,
+            format!(
+                "the pending point is {}, not {}: a later export superseded it",
+                pending.point,
+                point.unwrap_or_default()
+            ),
+        ));
+    }
+    state.point = Some(pending.point.clone());
+    state.disks.extend(pending.disks);
+    state.updated_unix_secs = crate::export::created_now();
+    chain::save_vsphere(path, &state).code(Code::Output)?;
+    Ok(Some(pending.point))
 }

@@ -498,3 +498,43 @@ async fn a_fault_is_typed_and_its_text_cleaned_and_capped() {
     assert!(fault.message.starts_with("bad[31mxxx") && fault.message.len() <= 503);
     assert!(!e.to_string().contains('\u{1b}'));
 }
+
+#[test]
+fn commit_moves_a_pending_point_into_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.json");
+    let disk = |point: &str, change: &str| VsphereDisk {
+        backing_uuid: None,
+        change_id: change.into(),
+        capacity: 1 << 20,
+        point: point.into(),
+    };
+    let mut state = VsphereState::new("vm-42", "https://vc/".into());
+    state.point = Some("p1".into());
+    state.disks.insert(2000, disk("p1", "u/1"));
+    state.pending = Some(chain::VspherePending {
+        point: "p2".into(),
+        disks: [(2000, disk("p2", "u/2"))].into(),
+        created_unix_secs: 0,
+    });
+    chain::save_vsphere(&path, &state).unwrap();
+    let e = flow::commit_pending(&path, Some("p9")).unwrap_err();
+    assert_eq!(e.code, Code::Usage);
+    assert_eq!(chain::load_vsphere(&path).unwrap(), Some(state));
+    assert_eq!(
+        flow::commit_pending(&path, Some("p2")).unwrap().as_deref(),
+        Some("p2")
+    );
+    let after = chain::load_vsphere(&path).unwrap().unwrap();
+    assert_eq!(after.point.as_deref(), Some("p2"));
+    assert_eq!(after.disks[&2000].change_id, "u/2");
+    assert!(after.pending.is_none());
+    assert_eq!(
+        flow::commit_pending(&path, None).unwrap_err().code,
+        Code::Usage
+    );
+    // A XenServer state is not ours.
+    let xen = dir.path().join("chain.json");
+    std::fs::write(&xen, "{\"version\": 2}").unwrap();
+    assert!(flow::commit_pending(&xen, None).unwrap().is_none());
+}
