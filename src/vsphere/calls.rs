@@ -397,3 +397,29 @@ pub async fn update_vm_files(
     }
     Ok(failed)
 }
+
+/// `SessionManager.AcquireGenericServiceTicket` for one `GET` of `url` (the datastore file
+/// service takes it once, as the cookie `vmware_cgi_ticket`). A secret.
+#[allow(dead_code)] // for the datastore reader, should the session cookie be refused
+pub async fn generic_ticket(
+    client: &Client,
+    url: &str,
+) -> Result<crate::xapi::Secret, VsphereError> {
+    let what = "SessionManager.AcquireGenericServiceTicket";
+    let sm = client
+        .content()
+        .get("sessionManager")
+        .and_then(MoRef::parse)
+        .unwrap_or_else(|| MoRef::new("SessionManager", "SessionManager"));
+    let spec = json!({"spec": {"_typeName": "SessionManagerHttpServiceRequestSpec", "method": "httpGet", "url": url}});
+    let ticket = client
+        .invoke(&sm, "AcquireGenericServiceTicket", spec)
+        .await?;
+    ticket
+        .as_ref()
+        .and_then(|t| t.get("id"))
+        .and_then(|id| id.as_str())
+        .filter(|id| !id.is_empty())
+        .map(crate::xapi::Secret::new)
+        .ok_or_else(|| VsphereError::protocol(what, "no ticket id"))
+}

@@ -68,6 +68,7 @@ pub fn backup(args: BackupArgs) -> Result<(), Failure> {
         enable_cbt: args.enable_cbt,
         quiesce: args.quiesce,
         fallback_full: args.fallback_full,
+        break_lock: args.repo.break_lock,
         dp: args.dp.options(),
     };
     let report = run_async(flow::run(opts))?;
@@ -99,6 +100,7 @@ pub fn export(args: ExportArgs) -> Result<(), Failure> {
         enable_cbt: args.enable_cbt,
         quiesce: args.quiesce,
         fallback_full: args.fallback_full,
+        break_lock: false,
         dp: args.dp.options(),
     };
     let report = run_async(flow::run(opts))?;

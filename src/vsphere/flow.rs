@@ -79,6 +79,8 @@ pub struct RunOptions {
     pub enable_cbt: bool,
     pub quiesce: bool,
     pub fallback_full: bool,
+    /// `--break-lock`: take the repository's lock of the VM when it is stale.
+    pub break_lock: bool,
     pub dp: DataPlaneOptions,
 }
 
@@ -130,6 +132,12 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
         Some(p) => chain::load_vsphere(p).code(Code::Integrity)?,
         None => None,
     };
+    let repo_lock = match &opts.output {
+        Output::Point(PointTarget::Repo(repo)) => {
+            Some(crate::xen::lock_repo_vm(repo, &opts.vm, "backup", opts.break_lock).await?)
+        }
+        _ => None,
+    };
     let client = login(&opts.login).await?;
     let mut taken = Taken::default();
     let result = tokio::select! {
@@ -138,6 +146,9 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
     };
     clean_up(&client, taken).await;
     client.logout().await;
+    if let Some(lock) = repo_lock {
+        lock.release().await;
+    }
     result
 }
 
@@ -333,7 +344,8 @@ async fn take_point(
             (location, durable)
         }
         Output::Point(target) => {
-            let mut writer = PointWriter::create(target, &vm.value, &point)
+            // Under the VM's id as given, the name its repository lock has.
+            let mut writer = PointWriter::create(target, &opts.vm, &point)
                 .await
                 .code(Code::Output)?;
             let mut disks = Vec::new();

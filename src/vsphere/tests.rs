@@ -211,6 +211,7 @@ fn run_options(sim: &Simulator, out: &std::path::Path, state: &std::path::Path) 
         enable_cbt: false,
         quiesce: false,
         fallback_full: false,
+        break_lock: false,
         dp: crate::export::DataPlaneOptions {
             connections: 2,
             inflight: None,
@@ -537,4 +538,20 @@ fn commit_moves_a_pending_point_into_the_chain() {
     let xen = dir.path().join("chain.json");
     std::fs::write(&xen, "{\"version\": 2}").unwrap();
     assert!(flow::commit_pending(&xen, None).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_generic_service_ticket_for_the_flat_extent() {
+    let (_dir, sim) = start().await;
+    let c = client(&sim).await;
+    let url = calls::folder_url(
+        &c.endpoint().authority(),
+        "dc1",
+        "ds1",
+        "testvm/testvm-flat.vmdk",
+    );
+    let ticket = calls::generic_ticket(&c, &url).await.unwrap();
+    assert!(!ticket.expose().is_empty());
+    assert_eq!(format!("{ticket:?}"), "***");
+    c.logout().await;
 }

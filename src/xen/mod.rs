@@ -191,7 +191,7 @@ async fn load_vm_state(
 
 /// Takes the repository's lock of `vm`, then clears what an earlier run of it left: S3
 /// uploads it could not abort, and point directories without point.json.
-async fn lock_repo_vm(
+pub(crate) async fn lock_repo_vm(
     repo: &crate::repo::Repo,
     vm: &str,
     operation: &str,
