@@ -267,7 +267,7 @@ pub async fn changed_areas(
                 .ok_or_else(|| VsphereError::protocol(what, format!("no valid {k}")))
         };
         let mut areas = Vec::new();
-        if let Some(list) = info.get("changedArea") {
+        if let Some(list) = info.get("changedArea").filter(|l| !l.is_null()) {
             let list = list
                 .as_array()
                 .ok_or_else(|| VsphereError::protocol(what, "changedArea is not a list"))?;
