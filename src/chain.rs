@@ -307,3 +307,120 @@ mod tests {
         assert_eq!((s.base.as_deref(), s.pending), (Some("snap-2"), None));
     }
 }
+
+/// The chain of a vSphere VM (`backup --vsphere`, `export --vsphere`): each disk's
+/// `changeId` at the last committed point, the next incremental's start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsphereState {
+    pub version: u32,
+    /// Always `vsphere`: a XenServer state file given by mistake is refused.
+    pub source: String,
+    /// The VM's moId.
+    pub vm: String,
+    /// The vCenter used last (`https://host:port/`, no credentials).
+    pub host: String,
+    /// The last committed point's id.
+    pub point: Option<String>,
+    /// Each disk's base, by device key.
+    pub disks: std::collections::BTreeMap<i32, VsphereDisk>,
+    /// A point whose stream went to a pipe: not the base until its reader confirmed it.
+    #[serde(default)]
+    pub pending: Option<VspherePending>,
+    pub updated_unix_secs: u64,
+}
+
+/// Where one vSphere disk's next incremental starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsphereDisk {
+    /// The disk backing's uuid when the point was taken: another uuid is another disk.
+    pub backing_uuid: Option<String>,
+    /// The snapshot's `changeId` for this disk.
+    pub change_id: String,
+    pub capacity: u64,
+    /// The point whose stream of this disk holds that state.
+    pub point: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VspherePending {
+    pub point: String,
+    pub disks: std::collections::BTreeMap<i32, VsphereDisk>,
+    pub created_unix_secs: u64,
+}
+
+pub const VSPHERE_STATE_VERSION: u32 = 1;
+
+impl VsphereState {
+    pub fn new(vm: &str, host: String) -> VsphereState {
+        VsphereState {
+            version: VSPHERE_STATE_VERSION,
+            source: "vsphere".into(),
+            vm: vm.to_owned(),
+            host,
+            point: None,
+            disks: Default::default(),
+            pending: None,
+            updated_unix_secs: 0,
+        }
+    }
+}
+
+/// Load a vSphere chain state, or `None` when there is none yet.
+pub fn load_vsphere(path: &Path) -> Result<Option<VsphereState>, ChainError> {
+    let Some(text) = read_small(path)? else {
+        return Ok(None);
+    };
+    let damaged = |why: String| ChainError::Damaged {
+        path: path.to_path_buf(),
+        why,
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| damaged(e.to_string()))?;
+    if v.get("source").and_then(|s| s.as_str()) != Some("vsphere") {
+        return Err(damaged("not the state of a vSphere chain".into()));
+    }
+    let state: VsphereState = serde_json::from_value(v).map_err(|e| damaged(e.to_string()))?;
+    if state.version != VSPHERE_STATE_VERSION {
+        return Err(ChainError::Version {
+            path: path.to_path_buf(),
+            found: state.version,
+        });
+    }
+    Ok(Some(state))
+}
+
+/// Replace a vSphere chain state atomically and durably (0600).
+pub fn save_vsphere(path: &Path, state: &VsphereState) -> Result<(), ChainError> {
+    let mut text = serde_json::to_string_pretty(state).expect("a VsphereState serializes");
+    text.push('\n');
+    crate::durable::replace(path, text.as_bytes()).map_err(|source| ChainError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod vsphere_tests {
+    use super::*;
+
+    #[test]
+    fn vsphere_states_round_trip_and_other_states_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.json");
+        assert_eq!(load_vsphere(&path).unwrap(), None);
+        let mut s = VsphereState::new("vm-42", "https://vc:443/".into());
+        s.disks.insert(
+            2000,
+            VsphereDisk {
+                backing_uuid: Some("6000C29a".into()),
+                change_id: "52 03/7".into(),
+                capacity: 1 << 20,
+                point: "p1".into(),
+            },
+        );
+        save_vsphere(&path, &s).unwrap();
+        assert_eq!(load_vsphere(&path).unwrap(), Some(s));
+        std::fs::write(&path, r#"{"version": 1, "vm": "x", "host": "h", "point": null, "disks": {}, "updated_unix_secs": 0}"#).unwrap();
+        let e = load_vsphere(&path).unwrap_err().to_string();
+        assert!(e.contains("not the state of a vSphere chain"), "{e}");
+    }
+}

@@ -47,6 +47,9 @@ enum Command {
     Commit(CommitArgs),
     /// Remove snapshots that cbtstream took but did not commit (left by a killed run).
     Gc(GcArgs),
+    /// vSphere maintenance.
+    #[command(subcommand)]
+    Vsphere(VsphereCommand),
     /// Manage a repository (a directory or S3) that keeps points.
     #[command(subcommand)]
     Repo(crate::repo_cli::RepoCommand),
@@ -120,6 +123,69 @@ pub struct XapiArgs {
     /// Allow an http:// XenAPI URL: the password crosses the network unencrypted.
     #[arg(long)]
     pub xapi_allow_plaintext: bool,
+}
+
+/// How to check vCenter's certificate and which VI/JSON release to speak.
+#[derive(Args, Debug, Clone)]
+pub struct VsphereArgs {
+    /// PEM CA file for vCenter's certificate (a self-signed one works too).
+    #[arg(long, value_name = "FILE", group = "vsphere_trust")]
+    pub vsphere_ca: Option<PathBuf>,
+    /// Trust vCenter's certificate whose DER has this SHA-256 (64 hex digits).
+    #[arg(long, value_name = "SHA256", group = "vsphere_trust", value_parser = pin_arg)]
+    pub vsphere_pin: Option<String>,
+    /// Accept any certificate from vCenter: encrypted but NOT authenticated.
+    #[arg(long, group = "vsphere_trust")]
+    pub vsphere_insecure: bool,
+    /// The VI/JSON release in the URLs (default: the server's about.apiVersion).
+    #[arg(long, value_name = "RELEASE", value_parser = release_arg)]
+    pub vsphere_release: Option<String>,
+}
+
+fn release_arg(text: &str) -> Result<String, String> {
+    if crate::vsphere::client::is_release(text) {
+        Ok(text.to_string())
+    } else {
+        Err("a release is dotted numbers, e.g. 8.0.2.0".into())
+    }
+}
+
+/// `cbtstream vsphere ...`.
+#[derive(Subcommand)]
+enum VsphereCommand {
+    /// After a datastore was resignatured or remounted: point the VMs' files at their new
+    /// datastore (Datastore.UpdateVirtualMachineFiles_Task); prints the files it could not update.
+    UpdatePaths(UpdatePathsArgs),
+}
+
+#[derive(Args, Debug)]
+struct UpdatePathsArgs {
+    /// vCenter URL (https://host/).
+    #[arg(long, value_name = "URL")]
+    vsphere: String,
+    /// The datastore (moId) whose VMs' files to update.
+    #[arg(long, value_name = "ID")]
+    datastore: String,
+    /// An old mount path and the datastore (moId) it now is: /vmfs/volumes/OLD=datastore-12.
+    #[arg(long, value_name = "OLD=NEW", required = true, value_parser = map_arg)]
+    map: Vec<(String, String)>,
+    /// vSphere user.
+    #[arg(long)]
+    user: String,
+    /// File holding the password (else $VSPHERE_PASSWORD). Never on the command line.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    #[command(flatten)]
+    vs: VsphereArgs,
+}
+
+fn map_arg(text: &str) -> Result<(String, String), String> {
+    match text.rsplit_once('=') {
+        Some((old, new)) if !old.is_empty() && crate::vsphere::client::path_safe(new) => {
+            Ok((old.to_string(), new.to_string()))
+        }
+        _ => Err("give OLD_MOUNT_PATH=DATASTORE_MOID".into()),
+    }
 }
 
 /// The data plane's knobs, shared by both sources.
@@ -219,7 +285,8 @@ impl ExportArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["nbd", "xapi"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["nbd", "xapi", "vsphere"])))]
+#[command(group(clap::ArgGroup::new("hypervisor").args(["xapi", "vsphere"])))]
 #[command(group(clap::ArgGroup::new("destination").required(true).args(["output", "to_command", "location"])))]
 pub struct ExportArgs {
     /// NBD URI of the disk: nbds://host[:port]/export, nbd://, nbd+unix:///export?socket=PATH.
@@ -228,6 +295,20 @@ pub struct ExportArgs {
     /// XenAPI URL of the pool master (https://host/): back up a VDI with CBT.
     #[arg(long, value_name = "URL", requires = "vdi")]
     pub xapi: Option<String>,
+    /// vCenter URL (https://host/): back up one disk of a VM with CBT (--vm, --disk).
+    #[arg(long, value_name = "URL", requires_all = ["vm", "disk"], conflicts_with_all = ["location", "base", "keep_bases", "commit_on_eof"])]
+    pub vsphere: Option<String>,
+    /// With --vsphere: the VM (moId, or instance or BIOS UUID).
+    #[arg(long, value_name = "ID", requires = "vsphere")]
+    pub vm: Option<String>,
+    /// With --vsphere: the disk's device key (2000, ...).
+    #[arg(long, value_name = "KEY", requires = "vsphere")]
+    pub disk: Option<i32>,
+    /// With --vsphere: quiesce the guest's file systems for the snapshot (VMware Tools).
+    #[arg(long, requires = "vsphere")]
+    pub quiesce: bool,
+    #[command(flatten)]
+    pub vs: VsphereArgs,
     /// With --nbd: the changed-block bitmap (base64, as VDI.list_changed_blocks returns it); "-" for stdin.
     #[arg(long, value_name = "FILE|-", conflicts_with_all = ["full", "xapi"])]
     pub changed_blocks: Option<PathBuf>,
@@ -264,7 +345,12 @@ pub struct ExportArgs {
     #[arg(long, value_name = "UUID", requires = "xapi")]
     pub vdi: Option<String>,
     /// With --xapi: the chain's state file (created by the first export, updated by each).
-    #[arg(long, value_name = "FILE", requires = "xapi", conflicts_with = "base")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "hypervisor",
+        conflicts_with = "base"
+    )]
     pub state: Option<PathBuf>,
     /// With --xapi: start the incremental from this snapshot instead of the state file's base.
     #[arg(
@@ -275,10 +361,10 @@ pub struct ExportArgs {
     )]
     pub base: Option<String>,
     /// With --xapi: turn CBT on for the VDI if it is off (the export is then a full one).
-    #[arg(long, requires = "xapi")]
+    #[arg(long, requires = "hypervisor")]
     pub enable_cbt: bool,
     /// With --xapi: when the chain is broken (base gone, CBT reset), do a full export instead of failing.
-    #[arg(long, requires = "xapi", conflicts_with = "full")]
+    #[arg(long, requires = "hypervisor", conflicts_with = "full")]
     pub fallback_full: bool,
     /// With --xapi: how many bases to keep on the host (default 1: only the newest).
     #[arg(long, requires = "xapi", conflicts_with = "full", value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -305,13 +391,25 @@ impl ExportArgs {
 
 /// `cbtstream backup`: one point of a whole VM.
 #[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("hypervisor").required(true).args(["xapi", "vsphere"])))]
 pub struct BackupArgs {
     /// XenAPI URL of the pool master (https://host/).
     #[arg(long, value_name = "URL")]
-    pub xapi: String,
-    /// The VM to back up.
+    pub xapi: Option<String>,
+    /// vCenter URL (https://host/): back up a vSphere VM with CBT.
+    #[arg(long, value_name = "URL")]
+    pub vsphere: Option<String>,
+    /// The VM to back up (vSphere: its moId, or its instance or BIOS UUID).
     #[arg(long, value_name = "UUID")]
     pub vm: String,
+    /// With --vsphere: quiesce the guest's file systems for the snapshot (VMware Tools).
+    #[arg(long, requires = "vsphere")]
+    pub quiesce: bool,
+    /// With --vsphere: when the chain is broken (CBT reset), do a full backup instead of failing.
+    #[arg(long, requires = "vsphere")]
+    pub fallback_full: bool,
+    #[command(flatten)]
+    pub vs: VsphereArgs,
     /// Where the point directories go (DIR/<point-id>/).
     #[arg(
         long,
@@ -509,6 +607,7 @@ pub fn main() -> ExitCode {
         Command::Restore(args) => restore(args),
         Command::Inspect(args) => inspect(args),
         Command::Merge(args) => merge(args),
+        Command::Vsphere(VsphereCommand::UpdatePaths(args)) => update_paths(args),
         Command::Repo(cmd) => run_async(crate::repo_cli::repo_command(cmd)),
         Command::List(args) => run_async(crate::repo_cli::list(args)),
         Command::Verify(args) => run_async(crate::repo_cli::verify(args)),
@@ -619,7 +718,7 @@ fn xen_export_options(args: ExportArgs, url: &str) -> Result<ExportOptions, Fail
 
 fn export(args: ExportArgs) -> Result<(), Failure> {
     let json = args.dp.json;
-    let Some(url) = args.xapi.clone() else {
+    let Some(url) = args.xapi.clone().or(args.vsphere.clone()) else {
         if args.repo.location.is_some() {
             return Err(fail(Code::Usage, "--repo is for --xapi exports"));
         }
@@ -630,6 +729,9 @@ fn export(args: ExportArgs) -> Result<(), Failure> {
         }
         return Ok(());
     };
+    if args.vsphere.is_some() {
+        return crate::vsphere::cli::export(args);
+    }
     let opts = xen_export_options(args, &url)?;
     let report = run_async(crate::xen::export::run(opts))?;
     // After the commit, so that the line says what happened to the point.
@@ -644,6 +746,10 @@ fn export(args: ExportArgs) -> Result<(), Failure> {
 }
 
 fn commit(args: CommitArgs) -> Result<(), Failure> {
+    if let Some(point) = crate::vsphere::flow::commit_pending(&args.state, args.point.as_deref())? {
+        eprintln!("cbtstream: committed point {point}");
+        return Ok(());
+    }
     let opts = CommitOptions {
         login: xapi_login(args.xapi.as_deref().unwrap_or_default(), &args.xapi_args)?,
         url: args.xapi,
@@ -659,7 +765,10 @@ fn backup(args: BackupArgs) -> Result<(), Failure> {
     let json = args.dp.json;
     use crate::repo::point_writer::PointTarget;
     use crate::repo::state::StateHome;
-    let login = xapi_login(&args.xapi, &args.xapi_args)?;
+    let Some(xapi) = &args.xapi else {
+        return crate::vsphere::cli::backup(args);
+    };
+    let login = xapi_login(xapi, &args.xapi_args)?;
     let target = match (&args.out, &args.repo.location) {
         (Some(out), _) => PointTarget::Dir(out.clone()),
         (None, Some(location)) => {
@@ -710,6 +819,27 @@ fn backup(args: BackupArgs) -> Result<(), Failure> {
             "seconds": (report.seconds * 1000.0).round() / 1000.0,
         });
         eprintln!("{v}");
+    }
+    Ok(())
+}
+
+fn update_paths(args: UpdatePathsArgs) -> Result<(), Failure> {
+    let login = crate::vsphere::cli::login(
+        &args.vsphere,
+        &args.user,
+        args.password_file.as_deref(),
+        &args.vs,
+    )?;
+    let failed = run_async(crate::vsphere::flow::update_paths(
+        &login,
+        &args.datastore,
+        &args.map,
+    ))?;
+    for (file, why) in &failed {
+        println!("{file}\t{why}");
+    }
+    if !failed.is_empty() {
+        eprintln!("cbtstream: {} file(s) could not be updated", failed.len());
     }
     Ok(())
 }
@@ -825,7 +955,9 @@ fn describe(e: &anyhow::Error) -> String {
     msg
 }
 
-fn run_async<T, F: std::future::Future<Output = Result<T, Failure>>>(fut: F) -> Result<T, Failure> {
+pub(crate) fn run_async<T, F: std::future::Future<Output = Result<T, Failure>>>(
+    fut: F,
+) -> Result<T, Failure> {
     // The reactor threads decrypt TLS; compression and the sink have threads of their own,
     // so half the cores is enough (measured: fewer wake-ups, less CPU per GB).
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -18,6 +18,7 @@ mod restore;
 #[cfg_attr(not(test), allow(dead_code))]
 mod source;
 mod tls;
+mod vsphere;
 mod xapi;
 mod xen;
 

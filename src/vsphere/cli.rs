@@ -1,0 +1,122 @@
+//! The command line of the vSphere flows: flags into [`super::flow`]'s options. Everything
+//! the flags can get wrong (the password, the trust flags, the URL) is a usage error before
+//! any login.
+
+use super::flow::{self, Output, RunOptions, VsphereLogin};
+use crate::cli::{run_async, BackupArgs, ExportArgs, VsphereArgs};
+use crate::exit::{fail, Code, Failure, WithCode};
+use crate::repo::point_writer::PointTarget;
+use std::path::Path;
+
+pub fn login(
+    url: &str,
+    user: &str,
+    password_file: Option<&Path>,
+    vs: &VsphereArgs,
+) -> Result<VsphereLogin, Failure> {
+    super::client::Endpoint::parse(url).code(Code::Usage)?;
+    let trust = crate::tls::trust_from_flags(
+        vs.vsphere_ca.as_deref(),
+        None,
+        vs.vsphere_pin.as_deref(),
+        vs.vsphere_insecure,
+    )
+    .code(Code::Usage)?;
+    Ok(VsphereLogin {
+        url: url.to_owned(),
+        user: user.to_owned(),
+        password: flow::read_password(password_file)?,
+        trust,
+        release: vs.vsphere_release.clone(),
+    })
+}
+
+pub fn backup(args: BackupArgs) -> Result<(), Failure> {
+    let url = args.vsphere.clone().unwrap_or_default();
+    let login = login(
+        &url,
+        &args.xapi_args.user,
+        args.xapi_args.password_file.as_deref(),
+        &args.vs,
+    )?;
+    if !crate::repo::store::valid_name(&args.vm) {
+        return Err(fail(
+            Code::Usage,
+            format!("--vm {:?} is not a moId or a UUID", args.vm),
+        ));
+    }
+    let target = match (&args.out, &args.repo.location) {
+        (Some(out), _) => PointTarget::Dir(out.clone()),
+        (None, Some(location)) => {
+            let opts = crate::repo::RepoOptions {
+                location: location.clone(),
+                s3_endpoint: args.repo.s3_endpoint.clone(),
+            };
+            PointTarget::Repo(run_async(async {
+                crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
+            })?)
+        }
+        (None, None) => return Err(fail(Code::Usage, "give --out DIR or --repo LOCATION")),
+    };
+    let json = args.dp.json;
+    let opts = RunOptions {
+        login,
+        vm: args.vm,
+        output: Output::Point(target),
+        state: args.state,
+        full: false,
+        enable_cbt: args.enable_cbt,
+        quiesce: args.quiesce,
+        fallback_full: args.fallback_full,
+        break_lock: args.repo.break_lock,
+        dp: args.dp.options(),
+    };
+    let report = run_async(flow::run(opts))?;
+    println!("{}", report.location);
+    if json {
+        eprintln!("{}", report_json(&report));
+    }
+    Ok(())
+}
+
+pub fn export(args: ExportArgs) -> Result<(), Failure> {
+    let url = args.vsphere.clone().unwrap_or_default();
+    let login = login(
+        &url,
+        &args.xapi_args.user,
+        args.xapi_args.password_file.as_deref(),
+        &args.vs,
+    )?;
+    let json = args.dp.json;
+    let opts = RunOptions {
+        login,
+        vm: args.vm.clone().unwrap_or_default(),
+        output: Output::Stream {
+            disk: args.disk.unwrap_or_default(),
+            destination: args.destination(),
+        },
+        state: args.state.clone(),
+        full: args.full,
+        enable_cbt: args.enable_cbt,
+        quiesce: args.quiesce,
+        fallback_full: args.fallback_full,
+        break_lock: false,
+        dp: args.dp.options(),
+    };
+    let report = run_async(flow::run(opts))?;
+    if json {
+        eprintln!("{}", report_json(&report));
+    }
+    Ok(())
+}
+
+fn report_json(r: &flow::RunReport) -> serde_json::Value {
+    serde_json::json!({
+        "point": r.point,
+        "base": r.base,
+        "location": r.location,
+        "committed": r.committed,
+        "bytes_read": r.summaries.iter().map(|s| s.bytes_read).sum::<u64>(),
+        "bytes_written": r.summaries.iter().map(|s| s.bytes_written).sum::<u64>(),
+    })
+}

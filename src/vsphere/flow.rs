@@ -1,0 +1,580 @@
+//! `backup --vsphere` (every disk, one point directory), `export --vsphere --disk KEY` (one
+//! stream) and `vsphere update-paths`.
+//!
+//! The invariant, as for XenServer: the chain state moves only after the output is durable.
+//! A point directory or a file is durable once renamed into place; `--to-command` once its
+//! command exited 0; a stream to stdout or a FIFO only once its reader says so, so such a
+//! point is recorded as `pending` and the base stays where it was. On a failure or a signal
+//! the snapshot is removed and the state is left as it was.
+//!
+//! Stream ids: the source id is `<VM moId>/<disk key>` (stable across snapshots; a backing
+//! uuid is not always set); the point id is a fresh UUID per point, and the base id the
+//! point id the state recorded for that disk, so restore's chain checks work unchanged.
+
+use super::calls::{self, Disk};
+use super::client::{Client, ClientOptions, MoRef, VsphereError};
+use super::data::{read_disk, DiskReads};
+use crate::chain::{self, VsphereDisk, VspherePending, VsphereState};
+use crate::engine::ExportSummary;
+use crate::exit::{fail, Code, Failure, WithCode};
+use crate::export::{shutdown_signal, DataPlaneOptions, Destination, StreamIds};
+use crate::repo::point_writer::{PointTarget, PointWriter};
+use crate::tls::Trust;
+use crate::xapi::Secret;
+use crate::xen::point::{PointDisk, PointInfo};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How to reach and log in to vCenter, as the CLI gathered it.
+#[derive(Debug, Clone)]
+pub struct VsphereLogin {
+    pub url: String,
+    pub user: String,
+    pub password: Secret,
+    pub trust: Trust,
+    /// `--vsphere-release`.
+    pub release: Option<String>,
+}
+
+/// The password, from a file or $VSPHERE_PASSWORD: never from argv.
+pub fn read_password(file: Option<&std::path::Path>) -> Result<Secret, Failure> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(
+                Code::Usage,
+                format!("reading the password file {}: {e}", path.display()),
+            )
+        })?;
+        return Ok(Secret::new(text.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    std::env::var("VSPHERE_PASSWORD")
+        .map(Secret::new)
+        .map_err(|_| {
+            fail(
+                Code::Usage,
+                "no vSphere password: set $VSPHERE_PASSWORD or give --password-file FILE",
+            )
+        })
+}
+
+/// Where a run's output goes.
+#[derive(Debug)]
+pub enum Output {
+    /// `backup`: a point directory (or a repository point) of every disk.
+    Point(PointTarget),
+    /// `export --disk KEY`: one stream.
+    Stream { disk: i32, destination: Destination },
+}
+
+#[derive(Debug)]
+pub struct RunOptions {
+    pub login: VsphereLogin,
+    /// moId or instance/BIOS UUID.
+    pub vm: String,
+    pub output: Output,
+    pub state: Option<PathBuf>,
+    /// Export the whole disk (allocated areas) even with a state.
+    pub full: bool,
+    pub enable_cbt: bool,
+    pub quiesce: bool,
+    pub fallback_full: bool,
+    /// `--break-lock`: take the repository's lock of the VM when it is stale.
+    pub break_lock: bool,
+    pub dp: DataPlaneOptions,
+}
+
+#[derive(Debug)]
+pub struct RunReport {
+    pub point: String,
+    pub base: Option<String>,
+    /// The point directory, or the stream's destination.
+    pub location: String,
+    /// Whether the chain state moved to this point (false: pending, or no state).
+    pub committed: bool,
+    pub summaries: Vec<ExportSummary>,
+}
+
+fn src(e: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: Code::Source,
+        error: e.into(),
+    }
+}
+
+pub async fn login(l: &VsphereLogin) -> Result<Client, Failure> {
+    let opts = ClientOptions {
+        release: l.release.clone(),
+        ..ClientOptions::new(l.trust.clone())
+    };
+    let client = Client::login(&l.url, &l.user, &l.password, &opts).await;
+    client.map_err(|e| match e {
+        VsphereError::Url { .. } | VsphereError::TlsConfig(_) => fail(Code::Usage, e),
+        e => src(e),
+    })
+}
+
+pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
+    let _lock = match &opts.state {
+        Some(p) => Some(crate::lock::ChainLock::acquire(p).map_err(|e| {
+            let code = match e {
+                crate::lock::LockError::Held { .. } => Code::Locked,
+                crate::lock::LockError::Io { .. } => Code::Output,
+            };
+            Failure {
+                code,
+                error: e.into(),
+            }
+        })?),
+        None => None,
+    };
+    let state = match &opts.state {
+        Some(p) => chain::load_vsphere(p).code(Code::Integrity)?,
+        None => None,
+    };
+    let repo_lock = match &opts.output {
+        Output::Point(PointTarget::Repo(repo)) => {
+            Some(crate::xen::lock_repo_vm(repo, &opts.vm, "backup", opts.break_lock).await?)
+        }
+        _ => None,
+    };
+    let client = login(&opts.login).await?;
+    let mut taken = Taken::default();
+    let result = tokio::select! {
+        r = take_point(&client, &opts, state, &mut taken) => r,
+        sig = shutdown_signal() => Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed"))),
+    };
+    clean_up(&client, taken).await;
+    client.logout().await;
+    if let Some(lock) = repo_lock {
+        lock.release().await;
+    }
+    result
+}
+
+/// What this run created on the server: the snapshot's creation task, then the snapshot.
+#[derive(Default)]
+struct Taken {
+    task: Option<MoRef>,
+    snapshot: Option<MoRef>,
+}
+
+/// Remove the run's snapshot; when the run stopped while the snapshot was being taken, wait
+/// for that task first (the snapshot appears when it ends).
+async fn clean_up(client: &Client, taken: Taken) {
+    let snapshot = match (taken.snapshot, taken.task) {
+        (Some(snap), _) => snap,
+        (None, Some(task)) => match calls::snapshot_of(client, &task).await {
+            Ok(snap) => snap,
+            Err(e) => {
+                tracing::debug!(
+                    "the interrupted snapshot task {} made nothing: {e}",
+                    task.value
+                );
+                return;
+            }
+        },
+        (None, None) => return,
+    };
+    if let Err(e) = calls::remove_snapshot(client, &snapshot).await {
+        tracing::warn!(
+            "could not remove the snapshot {} that cbtstream took ({e}); remove it in vCenter",
+            snapshot.value
+        );
+    }
+}
+
+/// One disk of the run: what the snapshot froze and where its incremental starts.
+pub(super) struct Planned {
+    pub(super) disk: Disk,
+    pub(super) base: Option<VsphereDisk>,
+    pub(super) bitmap: Vec<u8>,
+    pub(super) change_id: String,
+}
+
+async fn take_point(
+    client: &Client,
+    opts: &RunOptions,
+    state: Option<VsphereState>,
+    taken: &mut Taken,
+) -> Result<RunReport, Failure> {
+    let vm = calls::find_vm(client, &opts.vm).await.map_err(src)?;
+    if let Some(s) = &state {
+        if s.vm != vm.value {
+            return Err(fail(
+                Code::Usage,
+                format!("the state file belongs to VM {}, not to {}", s.vm, vm.value),
+            ));
+        }
+    }
+    let config = calls::vm_config(client, &vm).await.map_err(src)?;
+    if let Output::Stream { disk, .. } = &opts.output {
+        if !config.disks.iter().any(|d| d.key == *disk) {
+            let keys: Vec<String> = config.disks.iter().map(|d| d.key.to_string()).collect();
+            return Err(fail(
+                Code::Usage,
+                format!(
+                    "VM {} has no disk with key {disk} (its disks: {})",
+                    vm.value,
+                    keys.join(", ")
+                ),
+            ));
+        }
+    }
+    if config.disks.is_empty() {
+        return Err(fail(Code::Source, format!("VM {} has no disk", vm.value)));
+    }
+    let snapshots = calls::vm_snapshots(client, &vm).await.map_err(src)?;
+    if let Some(first) = snapshots.first() {
+        return Err(fail(
+            Code::Source,
+            format!(
+                "VM {} has {} snapshot(s) ({} ...): its disks are delta links, which cbtstream \
+                 cannot read yet; delete or consolidate them first",
+                vm.value,
+                snapshots.len(),
+                first.value
+            ),
+        ));
+    }
+    if !config.change_tracking {
+        if !opts.enable_cbt {
+            return Err(fail(
+                Code::Source,
+                format!(
+                    "changed block tracking is off on VM {}; --enable-cbt turns it on (it takes \
+                     effect at the next snapshot, so that backup is a full one)",
+                    vm.value
+                ),
+            ));
+        }
+        tracing::warn!(
+            "turning changed block tracking on for VM {}: it takes effect with the snapshot \
+             this run takes, so this point is a full one",
+            vm.value
+        );
+        calls::enable_cbt(client, &vm).await.map_err(src)?;
+    }
+    let point = uuid::Uuid::new_v4().to_string();
+    let task = calls::start_snapshot(client, &vm, &format!("cbtstream-{point}"), opts.quiesce)
+        .await
+        .map_err(src)?;
+    taken.task = Some(task.clone());
+    let snap = calls::snapshot_of(client, &task).await.map_err(src)?;
+    taken.snapshot = Some(snap.clone());
+    tracing::info!(snapshot = %snap.value, "snapshot taken");
+    let frozen = calls::snapshot_config(client, &snap).await.map_err(src)?;
+    let wanted: Vec<&Disk> = frozen
+        .disks
+        .iter()
+        .filter(|d| match &opts.output {
+            Output::Stream { disk, .. } => d.key == *disk,
+            Output::Point(_) => true,
+        })
+        .collect();
+    let mut planned = Vec::new();
+    for disk in wanted {
+        planned.push(plan_disk(client, opts, &vm, &snap, disk, state.as_ref()).await?);
+    }
+    let datacenter = calls::datacenter_of(client, &vm).await.map_err(src)?;
+    let cookie = client.session_token().await;
+    let authority = client.endpoint().authority();
+    let source_id = |key: i32| format!("{}/{key}", vm.value);
+    let reads = |p: &Planned| -> Result<DiskReads, Failure> {
+        let (ds, path) = calls::split_datastore_path(&p.disk.file_name).ok_or_else(|| {
+            fail(
+                Code::Source,
+                format!(
+                    "disk {}: backing file name is not \"[datastore] path\"",
+                    p.disk.key
+                ),
+            )
+        })?;
+        let flat = calls::flat_extent(path).ok_or_else(|| {
+            fail(
+                Code::Source,
+                format!("disk {}: the backing is not a .vmdk", p.disk.key),
+            )
+        })?;
+        Ok(DiskReads {
+            url: calls::folder_url(&authority, &datacenter, ds, &flat),
+            session_cookie: cookie.clone(),
+            trust: client.trust().clone(),
+            capacity: p.disk.capacity,
+            bitmap: p.bitmap.clone(),
+            full: p.base.is_none(),
+            ids: StreamIds {
+                source_id: source_id(p.disk.key),
+                point_id: point.clone(),
+                base_id: p.base.as_ref().map(|b| b.point.clone()),
+            },
+        })
+    };
+    let progress: Arc<dyn crate::engine::Progress> = Arc::new(crate::progress::Bar::stderr());
+    let new_disks: BTreeMap<i32, VsphereDisk> = planned
+        .iter()
+        .map(|p| {
+            let d = VsphereDisk {
+                backing_uuid: p.disk.uuid.clone(),
+                change_id: p.change_id.clone(),
+                capacity: p.disk.capacity,
+                point: point.clone(),
+            };
+            (p.disk.key, d)
+        })
+        .collect();
+    let base = state.as_ref().and_then(|s| s.point.clone());
+    let mut summaries = Vec::new();
+    let (location, durable) = match &opts.output {
+        Output::Stream { destination, .. } => {
+            let p = &planned[0];
+            summaries.push(read_disk(reads(p)?, destination, &opts.dp, progress).await?);
+            let durable = match destination {
+                Destination::Output(path) => matches!(
+                    crate::engine::sink::Output::from_arg(path),
+                    crate::engine::sink::Output::File(_)
+                ),
+                Destination::Command(_) | Destination::Upload(_) => true,
+            };
+            let location = match destination {
+                Destination::Output(path) => path.display().to_string(),
+                Destination::Command(cmd) => format!("command {cmd:?}"),
+                Destination::Upload(_) => "upload".into(),
+            };
+            (location, durable)
+        }
+        Output::Point(target) => {
+            // Under the VM's id as given, the name its repository lock has.
+            let mut writer = PointWriter::create(target, &opts.vm, &point)
+                .await
+                .code(Code::Output)?;
+            let mut disks = Vec::new();
+            for p in &planned {
+                let name = format!("disk-{}.cbts", p.disk.key);
+                let dest = writer
+                    .stream(&name, p.disk.capacity)
+                    .await
+                    .code(Code::Output)?;
+                summaries.push(read_disk(reads(p)?, &dest, &opts.dp, progress.clone()).await?);
+                disks.push(PointDisk {
+                    id: source_id(p.disk.key),
+                    slot: p.disk.key.to_string(),
+                    size: p.disk.capacity,
+                    sha256: writer.sha256(&name).await.code(Code::Output)?,
+                    stream: name,
+                    base: p.base.as_ref().map(|b| b.point.clone()),
+                });
+            }
+            let info = PointInfo {
+                id: point.clone(),
+                vm: vm.value.clone(),
+                name: config.name.clone(),
+                time: crate::restore::report::rfc3339(crate::export::created_now()),
+                base: base.clone(),
+                disks,
+                skipped: vec![],
+            };
+            (writer.finish(&info).await.code(Code::Output)?, true)
+        }
+    };
+    let committed = match &opts.state {
+        Some(path) => {
+            let mut s = state.unwrap_or_else(|| VsphereState::new(&vm.value, client_url(client)));
+            s.host = client_url(client);
+            s.updated_unix_secs = crate::export::created_now();
+            if durable {
+                s.point = Some(point.clone());
+                s.disks.extend(new_disks);
+                s.pending = None;
+            } else {
+                tracing::warn!(
+                    "the stream went to a pipe: point {point} is pending, the chain stays at \
+                     its previous point until its reader confirmed it"
+                );
+                s.pending = Some(VspherePending {
+                    point: point.clone(),
+                    disks: new_disks,
+                    created_unix_secs: crate::export::created_now(),
+                });
+            }
+            chain::save_vsphere(path, &s).code(Code::Output)?;
+            durable
+        }
+        None => false,
+    };
+    Ok(RunReport {
+        point,
+        base: planned
+            .first()
+            .and_then(|p| p.base.as_ref().map(|b| b.point.clone())),
+        location,
+        committed,
+        summaries,
+    })
+}
+
+fn client_url(client: &Client) -> String {
+    format!("https://{}/", client.endpoint().authority())
+}
+
+/// The changed areas of one frozen disk since its base (or its allocated areas).
+pub(super) async fn plan_disk(
+    client: &Client,
+    opts: &RunOptions,
+    vm: &MoRef,
+    snap: &MoRef,
+    disk: &Disk,
+    state: Option<&VsphereState>,
+) -> Result<Planned, Failure> {
+    let key = disk.key;
+    if disk.has_parent || disk.backing_type != "VirtualDiskFlatVer2BackingInfo" {
+        return Err(fail(
+            Code::Source,
+            format!(
+                "disk {key}: the snapshot's backing is a {} {}; cbtstream reads only flat extents",
+                if disk.has_parent { "delta over" } else { "" },
+                disk.backing_type
+            ),
+        ));
+    }
+    let change_id = disk.change_id.clone().ok_or_else(|| {
+        fail(
+            Code::Source,
+            format!("disk {key}: changed block tracking is not active in the snapshot"),
+        )
+    })?;
+    let mut base = state
+        .and_then(|s| s.disks.get(&key))
+        .filter(|_| !opts.full)
+        .cloned();
+    if let Some(b) = &base {
+        if b.backing_uuid != disk.uuid {
+            tracing::warn!("disk {key} is another disk than in the chain (its backing uuid changed): a full export");
+            base = None;
+        } else if b.capacity != disk.capacity {
+            tracing::warn!(
+                "disk {key} changed size ({} → {} bytes): its changed areas are unreliable, a full export",
+                b.capacity,
+                disk.capacity
+            );
+            base = None;
+        }
+    }
+    let from = base.as_ref().map_or("*", |b| b.change_id.as_str());
+    let map = match calls::changed_areas(client, vm, snap, key, disk.capacity, from).await {
+        Ok(m) => m,
+        Err(calls::ChangedError::Call(e)) if base.is_some() && is_broken_chain(&e) => {
+            if !opts.fallback_full {
+                return Err(fail(
+                    Code::Source,
+                    format!(
+                        "broken chain: vCenter rejected the change id of disk {key} ({e}); \
+                         changed block tracking was reset or the disk moved; run with \
+                         --fallback-full for a full export"
+                    ),
+                ));
+            }
+            tracing::warn!("broken chain on disk {key} ({e}): a full export (--fallback-full)");
+            base = None;
+            calls::changed_areas(client, vm, snap, key, disk.capacity, "*")
+                .await
+                .map_err(src)?
+        }
+        Err(e) => return Err(src(e)),
+    };
+    tracing::info!(
+        disk = key,
+        full = base.is_none(),
+        marked = map.marked_bytes(),
+        capacity = disk.capacity,
+        "planned"
+    );
+    Ok(Planned {
+        disk: disk.clone(),
+        base,
+        bitmap: map.into_bitmap(),
+        change_id,
+    })
+}
+
+/// A change id the server no longer knows: `FileFault` after a CBT reset, `InvalidArgument`
+/// on the `changeId` for one out of range.
+fn is_broken_chain(e: &VsphereError) -> bool {
+    match e.fault() {
+        Some(f) if f.type_name == "FileFault" => true,
+        Some(f) => {
+            f.type_name == "InvalidArgument" && f.invalid_property.as_deref() == Some("changeId")
+        }
+        None => false,
+    }
+}
+
+/// `vsphere update-paths`: the files UpdateVirtualMachineFiles could not update.
+pub async fn update_paths(
+    login_with: &VsphereLogin,
+    datastore: &str,
+    map: &[(String, String)],
+) -> Result<Vec<(String, String)>, Failure> {
+    for id in std::iter::once(datastore).chain(map.iter().map(|(_, new)| new.as_str())) {
+        if !super::client::path_safe(id) {
+            return Err(fail(Code::Usage, format!("{id:?} is not a datastore moId")));
+        }
+    }
+    let client = login(login_with).await?;
+    let ds = MoRef::new("Datastore", datastore);
+    let pairs: Vec<(String, MoRef)> = map
+        .iter()
+        .map(|(old, new)| (old.clone(), MoRef::new("Datastore", new)))
+        .collect();
+    let r = calls::update_vm_files(&client, &ds, &pairs)
+        .await
+        .map_err(src);
+    client.logout().await;
+    r
+}
+
+/// `cbtstream commit --state FILE` of a vSphere chain: the pending point becomes the base
+/// (nothing on vCenter changes: the change ids stay valid without the snapshot). None when
+/// FILE is not a vSphere state (the XenServer commit then handles it).
+pub fn commit_pending(
+    path: &std::path::Path,
+    point: Option<&str>,
+) -> Result<Option<String>, Failure> {
+    if !matches!(chain::load_vsphere(path), Ok(Some(_))) {
+        return Ok(None);
+    }
+    let _lock = crate::lock::ChainLock::acquire(path).map_err(|e| {
+        let code = match e {
+            crate::lock::LockError::Held { .. } => Code::Locked,
+            crate::lock::LockError::Io { .. } => Code::Output,
+        };
+        Failure {
+            code,
+            error: e.into(),
+        }
+    })?;
+    let mut state = chain::load_vsphere(path)
+        .code(Code::Integrity)?
+        .ok_or_else(|| fail(Code::Usage, format!("{} is gone", path.display())))?;
+    let Some(pending) = state.pending.take() else {
+        return Err(fail(
+            Code::Usage,
+            format!("the chain {} has no pending point", path.display()),
+        ));
+    };
+    if point.is_some_and(|p| p != pending.point) {
+        return Err(fail(
+            Code::Usage,
+            format!(
+                "the pending point is {}, not {}: a later export superseded it",
+                pending.point,
+                point.unwrap_or_default()
+            ),
+        ));
+    }
+    state.point = Some(pending.point.clone());
+    state.disks.extend(pending.disks);
+    state.updated_unix_secs = crate::export::created_now();
+    chain::save_vsphere(path, &state).code(Code::Output)?;
+    Ok(Some(pending.point))
+}

@@ -1,0 +1,425 @@
+//! `cbtstream backup --vsphere`, `export --vsphere` and `vsphere update-paths` against the
+//! vSphere simulator. The datastore reader is not connected yet: runs that get that far stop
+//! at the first disk's read (see `stops_at_the_data_plane`), after removing their snapshot.
+
+use cbtstream_vsphere_sim::{SimConfig, Simulator};
+use std::path::Path;
+use std::process::Output;
+
+async fn start(cfg: impl FnOnce(&Path) -> SimConfig) -> (tempfile::TempDir, Simulator) {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(cfg(&dir.path().join("ds"))).await.unwrap();
+    (dir, sim)
+}
+
+async fn start_default() -> (tempfile::TempDir, Simulator) {
+    start(|d| SimConfig::for_tests(d)).await
+}
+
+/// `cbtstream ARGS` with `password` in $VSPHERE_PASSWORD.
+async fn cbtstream(password: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbtstream"));
+    cmd.args(args)
+        .env_remove("VSPHERE_PASSWORD")
+        .env_remove("CBTSTREAM_LOG");
+    if let Some(p) = password {
+        cmd.env("VSPHERE_PASSWORD", p);
+    }
+    cmd.output().await.unwrap()
+}
+
+/// `backup --vsphere URL --vm vm-42 --out OUT --user U --vsphere-ca CA EXTRA...`.
+async fn backup(sim: &Simulator, out: &Path, extra: &[&str]) -> Output {
+    let url = sim.url();
+    let ca = sim.ca_path().to_str().unwrap().to_owned();
+    let mut args = vec![
+        "backup",
+        "--vsphere",
+        &url,
+        "--vm",
+        sim.vm(),
+        "--out",
+        out.to_str().unwrap(),
+        "--user",
+        sim.user(),
+        "--vsphere-ca",
+        &ca,
+    ];
+    args.extend_from_slice(extra);
+    cbtstream(Some(sim.password()), &args).await
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Where every run that gets past the snapshot and the changed areas ends until the
+/// datastore reader is connected.
+fn stops_at_the_data_plane(o: &Output) {
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(o));
+    assert!(
+        stderr(o).contains("the datastore reader is not built yet"),
+        "{}",
+        stderr(o)
+    );
+}
+
+fn out_dir(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_errors_come_before_any_login() {
+    let (dir, sim) = start_default().await;
+    let out = out_dir(&dir);
+    let url = sim.url();
+    let o = cbtstream(
+        None,
+        &[
+            "backup",
+            "--vsphere",
+            &url,
+            "--vm",
+            "vm-42",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("$VSPHERE_PASSWORD"), "{}", stderr(&o));
+    let plain = url.replace("https://", "http://");
+    for args in [
+        vec![
+            "backup",
+            "--vsphere",
+            plain.as_str(),
+            "--vm",
+            "vm-42",
+            "--out",
+            "x",
+        ],
+        vec![
+            "backup",
+            "--vsphere",
+            &url,
+            "--vm",
+            "vm-42",
+            "--out",
+            "x",
+            "--vsphere-pin",
+            "abc",
+        ],
+        vec!["backup", "--vsphere", &url, "--vm", "../x", "--out", "x"],
+        vec!["export", "--vsphere", &url, "--vm", "vm-42", "-o", "x"],
+        vec![
+            "export",
+            "--vsphere",
+            &url,
+            "--vm",
+            "vm-42",
+            "--disk",
+            "2000",
+            "-o",
+            "x",
+            "--keep-bases",
+            "2",
+        ],
+        vec![
+            "backup",
+            "--xapi",
+            "https://h",
+            "--vsphere",
+            &url,
+            "--vm",
+            "vm-42",
+            "--out",
+            "x",
+        ],
+        vec![
+            "vsphere",
+            "update-paths",
+            "--vsphere",
+            &url,
+            "--datastore",
+            "datastore-12",
+            "--map",
+            "nothing",
+            "--user",
+            "u",
+        ],
+    ] {
+        let o = cbtstream(Some(sim.password()), &args).await;
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(sim.calls("Login"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_with_an_older_snapshot_is_refused_before_any_snapshot() {
+    let (dir, sim) = start_default().await;
+    let out = out_dir(&dir);
+    let user_snap = sim.take_snapshot(sim.vm(), "before the upgrade").unwrap();
+    let o = backup(&sim, &out, &[]).await;
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("has 1 snapshot(s)") && e.contains(&user_snap) && e.contains("delta links"),
+        "{e}"
+    );
+    assert_eq!(sim.calls("CreateSnapshotEx_Task"), 0);
+    assert_eq!(sim.snapshots(sim.vm()), [user_snap]);
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_snapshot_task_is_named_and_leaves_nothing() {
+    let (dir, sim) = start_default().await;
+    let out = out_dir(&dir);
+    sim.fail_next("CreateSnapshotEx_Task", "FileFault");
+    let o = backup(&sim, &out, &[]).await;
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("VirtualMachine.CreateSnapshotEx_Task: vSphere fault FileFault"),
+        "{e}"
+    );
+    assert!(sim.snapshots(sim.vm()).is_empty());
+    assert_eq!(sim.calls("RemoveSnapshot_Task"), 0);
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_removes_its_snapshot_and_a_failed_removal_is_a_warning_naming_it() {
+    let (dir, sim) = start_default().await;
+    let out = out_dir(&dir);
+    let o = backup(&sim, &out, &[]).await;
+    stops_at_the_data_plane(&o);
+    assert_eq!(sim.calls("RemoveSnapshot_Task"), 1);
+    assert!(sim.snapshots(sim.vm()).is_empty());
+
+    sim.fail_next("RemoveSnapshot_Task", "InvalidState");
+    let o = backup(&sim, &out, &[]).await;
+    stops_at_the_data_plane(&o);
+    let left = sim.snapshots(sim.vm());
+    assert_eq!(left.len(), 1);
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!("could not remove the snapshot {}", left[0]))
+            && e.contains("InvalidState")
+            && e.contains("remove it in vCenter"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tracking_off_is_refused_unless_enable_cbt_turns_it_on() {
+    let (dir, sim) = start(|d| SimConfig {
+        cbt_enabled: false,
+        ..SimConfig::for_tests(d)
+    })
+    .await;
+    let out = out_dir(&dir);
+    let o = backup(&sim, &out, &[]).await;
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("changed block tracking is off on VM vm-42; --enable-cbt"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(sim.calls("CreateSnapshotEx_Task"), 0);
+    let o = backup(&sim, &out, &["--enable-cbt"]).await;
+    stops_at_the_data_plane(&o);
+    assert!(
+        stderr(&o).contains("takes effect with the snapshot"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(sim.calls("ReconfigVM_Task"), 1);
+    assert!(sim.snapshots(sim.vm()).is_empty());
+}
+
+/// A run of 40 hex digits: the shape of the simulator's session tokens.
+fn has_token_shape(text: &str) -> bool {
+    let mut run = 0;
+    for c in text.chars() {
+        run = if c.is_ascii_hexdigit() { run + 1 } else { 0 };
+        if run >= 40 {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_reach_verbose_output() {
+    let (dir, sim) = start_default().await;
+    let out = out_dir(&dir);
+    let url = sim.url();
+    let ca = sim.ca_path().to_str().unwrap().to_owned();
+    let o = cbtstream(
+        Some(sim.password()),
+        &[
+            "-vv",
+            "export",
+            "--vsphere",
+            &url,
+            "--vm",
+            sim.vm(),
+            "--disk",
+            "2001",
+            "-o",
+            out.join("d.cbts").to_str().unwrap(),
+            "--user",
+            sim.user(),
+            "--vsphere-ca",
+            &ca,
+            "--quiesce",
+        ],
+    )
+    .await;
+    stops_at_the_data_plane(&o);
+    let e = stderr(&o);
+    assert!(
+        e.contains("vSphere call") && e.contains("QueryChangedDiskAreas"),
+        "{e}"
+    );
+    assert!(!e.contains(sim.password()), "the password leaked");
+    assert!(!has_token_shape(&e), "a session token leaked: {e}");
+    assert!(
+        !e.to_ascii_lowercase().contains("vmware_soap_session="),
+        "{e}"
+    );
+    assert!(sim.snapshots(sim.vm()).is_empty());
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_of_a_disk_the_vm_does_not_have_is_refused_before_any_snapshot() {
+    let (dir, sim) = start_default().await;
+    let out = out_dir(&dir);
+    let url = sim.url();
+    let ca = sim.ca_path().to_str().unwrap().to_owned();
+    let o = cbtstream(
+        Some(sim.password()),
+        &[
+            "export",
+            "--vsphere",
+            &url,
+            "--vm",
+            &sim.vm_instance_uuid(),
+            "--disk",
+            "2007",
+            "-o",
+            out.join("d.cbts").to_str().unwrap(),
+            "--user",
+            sim.user(),
+            "--vsphere-ca",
+            &ca,
+        ],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("VM vm-42 has no disk with key 2007 (its disks: 2000, 2001)"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(sim.calls("CreateSnapshotEx_Task"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn update_paths_prints_the_files_it_could_not_update() {
+    let (_dir, sim) = start_default().await;
+    sim.add_unupdatable_file("[ds2] old/old.vmx");
+    sim.add_unupdatable_file("[ds2] old/old_1.vmdk");
+    let url = sim.url();
+    let ca = sim.ca_path().to_str().unwrap().to_owned();
+    let run = |ds: &'static str| {
+        let (url, ca) = (url.clone(), ca.clone());
+        let sim = &sim;
+        async move {
+            cbtstream(
+                Some(sim.password()),
+                &[
+                    "vsphere",
+                    "update-paths",
+                    "--vsphere",
+                    &url,
+                    "--datastore",
+                    ds,
+                    "--map",
+                    "/vmfs/volumes/5f00aaaa-old=datastore-12",
+                    "--user",
+                    sim.user(),
+                    "--vsphere-ca",
+                    &ca,
+                ],
+            )
+            .await
+        }
+    };
+    let o = run("datastore-12").await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout.clone()).unwrap();
+    let files: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(files, ["[ds2] old/old.vmx", "[ds2] old/old_1.vmdk"]);
+    assert!(stderr(&o).contains("2 file(s) could not be updated"));
+    // ds1 has a registered VM: the server refuses, and says why.
+    let o = run("datastore-11").await;
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ResourceInUse"), "{}", stderr(&o));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_the_snapshot_is_taken_removes_it_once_it_exists() {
+    // Each task state lasts a second: the signal comes while the snapshot task runs.
+    let (dir, sim) = start(|d| SimConfig {
+        task_delay: std::time::Duration::from_secs(1),
+        ..SimConfig::for_tests(d)
+    })
+    .await;
+    let out = out_dir(&dir);
+    let state = dir.path().join("vm.json");
+    let url = sim.url();
+    let ca = sim.ca_path().to_str().unwrap().to_owned();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbtstream"))
+        .args([
+            "backup",
+            "--vsphere",
+            &url,
+            "--vm",
+            sim.vm(),
+            "--out",
+            out.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--user",
+            sim.user(),
+            "--vsphere-ca",
+            &ca,
+        ])
+        .env("VSPHERE_PASSWORD", sim.password())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while sim.calls("CreateSnapshotEx_Task") == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let pid = child.id().unwrap() as libc::pid_t;
+    // SAFETY: kill(2) on the child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let o = child.wait_with_output().await.unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted by SIGTERM; nothing was committed"));
+    assert_eq!(sim.calls("RemoveSnapshot_Task"), 1);
+    assert!(sim.snapshots(sim.vm()).is_empty());
+    assert!(!state.exists());
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
