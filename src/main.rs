@@ -14,8 +14,6 @@ mod progress;
 mod repo;
 mod repo_cli;
 mod restore;
-// The vSphere flow (issue 12) is its first caller; until it lands, only tests read through it.
-#[cfg_attr(not(test), allow(dead_code))]
 mod source;
 mod tls;
 mod vsphere;

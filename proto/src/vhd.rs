@@ -132,6 +132,29 @@ impl VhdAllocation {
         self.virtual_size.div_ceil(self.block_size)
     }
 
+    /// An allocation map from a changed-block bitmap (one bit per `block_size` block, most
+    /// significant bit first, as `VDI.list_changed_blocks`): what vSphere's
+    /// `QueryChangedDiskAreas(changeId "*")` reports allocated, read as a full stream's map.
+    /// Bits past the last block are ignored; missing bytes read as unallocated.
+    pub fn from_block_bitmap(virtual_size: u64, block_size: u64, bitmap: &[u8]) -> VhdAllocation {
+        let block_size = block_size.max(1);
+        let blocks = virtual_size.div_ceil(block_size);
+        let mut allocated = vec![0u64; usize::try_from(blocks.div_ceil(64)).unwrap_or(0)];
+        for (i, byte) in bitmap.iter().enumerate() {
+            for bit in 0..8u64 {
+                let block = i as u64 * 8 + bit;
+                if block < blocks && byte & (0x80 >> bit) != 0 {
+                    allocated[(block / 64) as usize] |= 1 << (block % 64);
+                }
+            }
+        }
+        VhdAllocation {
+            virtual_size,
+            block_size,
+            allocated,
+        }
+    }
+
     pub fn is_allocated(&self, block: u64) -> bool {
         let word = usize::try_from(block / 64).ok();
         word.and_then(|w| self.allocated.get(w))

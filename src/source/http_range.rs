@@ -302,11 +302,6 @@ impl HttpRange {
             generation,
         ))
     }
-
-    /// The file's size in bytes.
-    pub fn size(&self) -> u64 {
-        self.shared.size
-    }
 }
 
 impl Connector for HttpRange {

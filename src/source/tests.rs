@@ -349,7 +349,7 @@ async fn a_full_and_a_bitmap_export_restore_byte_identical() {
     let (source, first) = HttpRange::open(options(&server, &f.pki), None)
         .await
         .unwrap();
-    assert_eq!(source.size(), SIZE, "the size comes from HEAD");
+    assert_eq!(first.size(), SIZE, "the size comes from HEAD");
     let full = f.dir.join("full.cbts");
     let summary = export(source, first, What::Full, ids("p1", None), &full)
         .await

@@ -390,7 +390,10 @@ pub async fn update_vm_files(
             .unwrap_or_else(|| "(unnamed file)".into());
         let why = f
             .get("fault")
-            .and_then(super::client::VimFault::parse_localized)
+            .and_then(|e| {
+                super::client::VimFault::parse_localized(e)
+                    .or_else(|| super::client::VimFault::parse(e))
+            })
             .map(|f| f.to_string())
             .unwrap_or_default();
         failed.push((file, why));

@@ -306,7 +306,9 @@ impl Client {
                 Some("error") => {
                     let fault = info
                         .get("error")
-                        .and_then(VimFault::parse_localized)
+                        // The VI/JSON reference: the MethodFault itself; the SOAP-era shape
+                        // (a LocalizedMethodFault around it) is read too.
+                        .and_then(|e| VimFault::parse_localized(e).or_else(|| VimFault::parse(e)))
                         .unwrap_or_else(|| VimFault {
                             type_name: "unknown".into(),
                             message: "the task failed without saying why".into(),

@@ -1,17 +1,18 @@
-//! The data plane seam: read one disk's frozen flat extent from the datastore file service
-//! into a stream. The reader (HTTP range reads on the engine) plugs in here; until then
-//! every read fails with a clear error and the flows clean up as on any source failure.
+//! The data plane: one disk's frozen flat extent read from the datastore file service into a
+//! stream, through the engine's HTTPS range source (the engine does not know it is not NBD).
 
 use crate::engine::ExportSummary;
 use crate::engine::Progress;
 use crate::exit::{fail, Code, Failure};
-use crate::export::{DataPlaneOptions, Destination, StreamIds};
+use crate::export::{send_stream, DataPlaneOptions, Destination, StreamIds, What};
+use crate::source::http_range::{HttpRange, HttpRangeOptions, RequestHeaders};
 use crate::tls::Trust;
 use crate::xapi::Secret;
+use cbtstream_proto::cbt::CBT_BLOCK;
+use cbtstream_proto::vhd::VhdAllocation;
 use std::sync::Arc;
 
 /// Everything needed to read one disk of a snapshot.
-#[allow(dead_code)] // read by the datastore reader, which is not connected yet
 pub struct DiskReads {
     /// `https://HOST[:PORT]/folder/<dir>/<name>-flat.vmdk?dcPath=<dc>&dsName=<ds>`, escaped.
     pub url: String,
@@ -43,13 +44,31 @@ impl std::fmt::Debug for DiskReads {
 }
 
 /// Read the planned blocks and write the stream to `dest`; on success it is complete and
-/// durable (as [`crate::export::send_stream`] leaves it).
+/// durable (as [`crate::export::send_stream`] leaves it). The reads are HTTP range requests
+/// on the datastore file service (the engine's HTTPS range source), authenticated with the
+/// session cookie, over `dp.connections` kept-alive TLS connections.
 pub async fn read_disk(
     plan: DiskReads,
     dest: &Destination,
     dp: &DataPlaneOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<ExportSummary, Failure> {
-    let _ = (plan, dest, dp, progress);
-    Err(fail(Code::Source, "the datastore reader is not built yet"))
+    let cookie = format!("vmware_soap_session=\"{}\"", plan.session_cookie.expose());
+    let headers = RequestHeaders::cookie(&cookie).map_err(|e| fail(Code::Source, e))?;
+    let mut opts = HttpRangeOptions::new(plan.url, plan.trust, headers);
+    opts.size = Some(plan.capacity);
+    let (connector, first) = HttpRange::open(opts, None)
+        .await
+        .map_err(|e| fail(Code::Source, e))?;
+    let what = if plan.full {
+        // A full stream: the allocated areas are read, the rest becomes ZERO records.
+        What::Allocated(VhdAllocation::from_block_bitmap(
+            plan.capacity,
+            CBT_BLOCK,
+            &plan.bitmap,
+        ))
+    } else {
+        What::Changed(plan.bitmap)
+    };
+    send_stream(first, connector, what, plan.ids, dp, dest, progress).await
 }

@@ -394,3 +394,18 @@ fn fuzz_seeds_are_current() {
         .map(|b| a.is_allocated(b))
         .eq([false, true, false, false, false]));
 }
+
+#[test]
+fn an_allocation_map_from_a_block_bitmap() {
+    // Blocks 0, 2 and 9 of a disk of 10 blocks and a half; bit 15 is past the end.
+    let a = VhdAllocation::from_block_bitmap(10 * 64 + 32, 64, &[0b1010_0000, 0b0100_0001]);
+    assert_eq!(a.blocks(), 11);
+    let ranges: Vec<_> = a.allocated_ranges().collect();
+    assert_eq!(ranges, vec![0..64, 128..192, 576..640]);
+    assert_eq!(
+        VhdAllocation::from_block_bitmap(100, 64, &[])
+            .allocated_ranges()
+            .count(),
+        0
+    );
+}
