@@ -9,12 +9,12 @@
 #   3. the latest point restored into the pool as a new VM (`restore-vm`), whose disks are
 #      compared byte for byte with the VM's, slot by slot; the host keeps one cbt_metadata
 #      snapshot per disk as the base for the next run (`gc --dry-run` shows nothing to remove);
-#   4. a repository: four backups into it with guest writes between, `prune --keep-last 2`
-#      (the oldest kept point merged into a synthetic full), `verify --read-data`, and the
-#      latest point restored from the repository, compared with the VM's disks;
-#   5. VMware vSphere, on the vSphere simulator (tests/vsphere-sim, VI/JSON): a full and an
-#      incremental backup of a VM with two disks into the same repository, restored and
-#      compared with the VM's disks.
+#   4. VMware vSphere, on the vSphere simulator (tests/vsphere-sim, VI/JSON): a full and an
+#      incremental backup of a VM with two disks into a repository, restored from it and
+#      compared with the VM's disks;
+#   5. the XenServer VM into the same repository: four backups with guest writes between,
+#      the latest point restored from it and compared, then `prune --keep-last 2` (the
+#      oldest kept point merged into a synthetic full) and `verify --read-data` of both VMs.
 # (A single disk piped through `| restore` and committed with `cbtstream commit`: README.)
 #
 #   scripts/install-deps.sh && scripts/demo.sh
@@ -134,21 +134,8 @@ done
 for d in "$VDI" "$VDI2"; do snapshots "$d"; done
 "$BIN" gc --xapi "$URL" --xapi-ca "$CA" --vm "$VM" --state vm.json --dry-run
 
-echo "== 4. a repository: four backups, prune to the last two, verify, restore"
+echo "== 4. VMware vSphere (simulator): a full and an incremental backup into a repository"
 "$BIN" repo init repo
-for r in 5 6 7 8; do
-    guest_writes "$r" "$VDI"
-    "$BIN" backup --xapi "$URL" --xapi-ca "$CA" --vm "$VM" --repo repo >/dev/null
-done
-"$BIN" list --repo repo --vm "$VM"
-"$BIN" prune --repo repo --vm "$VM" --keep-last 2
-"$BIN" verify --repo repo --read-data
-mkdir restored
-"$BIN" restore --repo repo --vm "$VM" --point latest --to restored
-cmp "sim/$VDI.raw" restored/disk0.raw && cmp "sim/$VDI2.raw" restored/disk1.raw \
-    && echo "   the latest point, restored from the repository == the VM's disks"
-
-echo "== 5. VMware vSphere (simulator): a full and an incremental backup into the repository"
 "$VSIM" --listen 127.0.0.1:0 --data-dir vsim --disks 2 > vsim.json 2> vsim.log &
 VSIM_PID=$!
 for _ in $(seq 200); do [ -s vsim.json ] && break; sleep 0.05; done
@@ -186,5 +173,18 @@ mkdir vrestored
 "$BIN" restore --repo repo --vm "$VVM" --point latest --to vrestored
 cmp vsim/testvm/testvm-flat.vmdk vrestored/disk2000.raw && cmp vsim/testvm/testvm_1-flat.vmdk vrestored/disk2001.raw \
     && echo "   the latest vSphere point, restored from the repository == the VM's disks"
+
+echo "== 5. XenServer into the same repository: four backups, prune to the last two, verify"
+for r in 5 6 7 8; do
+    guest_writes "$r" "$VDI"
+    "$BIN" backup --xapi "$URL" --xapi-ca "$CA" --vm "$VM" --repo repo >/dev/null
+done
+"$BIN" list --repo repo --vm "$VM"
+mkdir restored
+"$BIN" restore --repo repo --vm "$VM" --point latest --to restored
+cmp "sim/$VDI.raw" restored/disk0.raw && cmp "sim/$VDI2.raw" restored/disk1.raw \
+    && echo "   the latest point, restored from the repository == the VM's disks"
+"$BIN" prune --repo repo --vm "$VM" --keep-last 2
+"$BIN" verify --repo repo --read-data
 
 echo "== demo OK"
