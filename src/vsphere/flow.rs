@@ -39,23 +39,7 @@ pub struct VsphereLogin {
 
 /// The password, from a file or $VSPHERE_PASSWORD: never from argv.
 pub fn read_password(file: Option<&std::path::Path>) -> Result<Secret, Failure> {
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            fail(
-                Code::Usage,
-                format!("reading the password file {}: {e}", path.display()),
-            )
-        })?;
-        return Ok(Secret::new(text.trim_end_matches(['\n', '\r']).to_string()));
-    }
-    std::env::var("VSPHERE_PASSWORD")
-        .map(Secret::new)
-        .map_err(|_| {
-            fail(
-                Code::Usage,
-                "no vSphere password: set $VSPHERE_PASSWORD or give --password-file FILE",
-            )
-        })
+    crate::xapi::read_password(file, "VSPHERE_PASSWORD", "vSphere")
 }
 
 /// Where a run's output goes.

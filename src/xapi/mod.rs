@@ -50,6 +50,31 @@ impl Secret {
     }
 }
 
+/// A password from `file`, or else from the environment variable `env_var`; never from argv.
+/// `what` names the system in the error (`XenAPI`, `vSphere`).
+pub fn read_password(
+    file: Option<&std::path::Path>,
+    env_var: &str,
+    what: &str,
+) -> Result<Secret, crate::exit::Failure> {
+    use crate::exit::{fail, Code};
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(
+                Code::Usage,
+                format!("reading the password file {}: {e}", path.display()),
+            )
+        })?;
+        return Ok(Secret::new(text.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    std::env::var(env_var).map(Secret::new).map_err(|_| {
+        fail(
+            Code::Usage,
+            format!("no {what} password: set ${env_var} or give --password-file FILE"),
+        )
+    })
+}
+
 impl From<String> for Secret {
     fn from(s: String) -> Self {
         Secret(s)

@@ -49,23 +49,7 @@ pub struct XapiLogin {
 
 /// The XenAPI password, from a file or $XAPI_PASSWORD: never from argv.
 pub fn read_password(file: Option<&Path>) -> Result<Secret, Failure> {
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            fail(
-                Code::Usage,
-                format!("reading the password file {}: {e}", path.display()),
-            )
-        })?;
-        return Ok(Secret::new(text.trim_end_matches(['\n', '\r']).to_string()));
-    }
-    std::env::var("XAPI_PASSWORD")
-        .map(Secret::new)
-        .map_err(|_| {
-            fail(
-                Code::Usage,
-                "no XenAPI password: set XAPI_PASSWORD or give --password-file FILE",
-            )
-        })
+    crate::xapi::read_password(file, "XAPI_PASSWORD", "XenAPI")
 }
 
 fn src(e: XapiError) -> Failure {
