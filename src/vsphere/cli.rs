@@ -45,6 +45,14 @@ pub fn backup(args: BackupArgs) -> Result<(), Failure> {
             format!("--vm {:?} is not a moId or a UUID", args.vm),
         ));
     }
+    if args.repo.location.is_some() && args.state.is_none() {
+        // A chain state inside the repository is XenServer's only, for now: without one, each
+        // backup would silently be a full, and prune could not see which point the chain needs.
+        return Err(fail(
+            Code::Usage,
+            "backup --vsphere --repo keeps the chain state in a file: give --state FILE",
+        ));
+    }
     let target = match (&args.out, &args.repo.location) {
         (Some(out), _) => PointTarget::Dir(out.clone()),
         (None, Some(location)) => {
