@@ -7,6 +7,7 @@ mod durable;
 mod engine;
 mod exit;
 mod export;
+mod http_body;
 mod lock;
 mod merge;
 mod nbd;

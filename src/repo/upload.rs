@@ -169,11 +169,8 @@ pub async fn start(
             let p = path.clone();
             let file = tokio::task::spawn_blocking(move || {
                 create_parents(&p)?;
-                crate::durable::private_options()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&p)
+                // (private_options: write, create, mode 0600.)
+                crate::durable::private_options().truncate(true).open(&p)
             })
             .await
             .map_err(|e| StoreError::Io {

@@ -10,12 +10,13 @@
 //! methods and unset values, HTTP 500 with the fault object. Every body is capped at
 //! [`ClientOptions::max_body`] before it is parsed.
 
+use crate::http_body::{read_bounded, BodyError};
 use crate::tls::{self, Trust};
 use crate::xapi::Secret;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
+use hyper::header::{CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -496,23 +497,15 @@ impl Client {
             what: what.to_owned(),
             limit,
         };
-        let announced = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if announced.is_some_and(|n| n > limit as u64) {
-            return Err(too_large());
-        }
-        let body = Limited::new(resp.into_body(), limit)
-            .collect()
+        let body = read_bounded(resp, limit as u64)
             .await
-            .map_err(|e| match e.downcast::<hyper::Error>() {
-                Ok(e) => self.transport(*e),
-                Err(e) if e.is::<LengthLimitError>() => too_large(),
-                Err(e) => VsphereError::protocol(what, format!("reading the body: {e}")),
-            })?
-            .to_bytes();
+            .map_err(|e| match e {
+                BodyError::Http(e) => self.transport(e),
+                BodyError::TooLarge => too_large(),
+                BodyError::Other(e) => {
+                    VsphereError::protocol(what, format!("reading the body: {e}"))
+                }
+            })?;
         if let Ok(mut g) = self.idle.lock() {
             if g.is_none() {
                 *g = Some(sender);

@@ -8,12 +8,13 @@
 //! retried on a fresh connection: only when hyper hands it back unsent.
 
 use super::XapiError;
+use crate::http_body::{read_bounded, BodyError};
 use crate::tls::{self, Trust};
 use bytes::Bytes;
 use cbtstream_proto::xmlrpc::{decode_xenapi, encode_call, Value, XenApiError};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
+use hyper::header::{CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -345,24 +346,15 @@ impl Transport {
             method: method.to_owned(),
             limit: i.opts.max_response_bytes,
         };
-        let announced = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if announced.is_some_and(|n| n > i.opts.max_response_bytes) {
-            return Err(too_large());
-        }
-        let limit = usize::try_from(i.opts.max_response_bytes).unwrap_or(usize::MAX);
-        let bytes = Limited::new(resp.into_body(), limit)
-            .collect()
+        let bytes = read_bounded(resp, i.opts.max_response_bytes)
             .await
-            .map_err(|e| match e.downcast::<hyper::Error>() {
-                Ok(e) => self.transport(*e),
-                Err(e) if e.is::<LengthLimitError>() => too_large(),
-                Err(e) => XapiError::protocol(method, format!("reading the body: {e}")),
-            })?
-            .to_bytes();
+            .map_err(|e| match e {
+                BodyError::Http(e) => self.transport(e),
+                BodyError::TooLarge => too_large(),
+                BodyError::Other(e) => {
+                    XapiError::protocol(method, format!("reading the body: {e}"))
+                }
+            })?;
         // The exchange is complete: the connection can carry the next call.
         if let Ok(mut g) = i.idle.lock() {
             if g.is_none() {
