@@ -9,15 +9,6 @@ use common::*;
 use std::path::Path;
 use xapi_env::*;
 
-impl Env {
-    async fn backup_repo(&self, repo: &str, extra: &[&str]) -> std::process::Output {
-        let mut args = vec!["--vm", self.sim.vm_uuid(), "--repo", repo];
-        args.extend_from_slice(extra);
-        self.command(&["backup", "--xapi", &self.sim.url()], false, &args)
-            .await
-    }
-}
-
 fn list_json(repo: &str) -> Vec<serde_json::Value> {
     let o = ok(run(&["list", "--repo", repo, "--json"]));
     serde_json::from_slice(&o.stdout).unwrap()

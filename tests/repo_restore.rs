@@ -12,57 +12,6 @@ use common::*;
 use std::path::PathBuf;
 use xapi_env::*;
 
-impl Env {
-    async fn backup_repo(&self, repo: &str) -> std::process::Output {
-        let args = ["--vm", self.sim.vm_uuid(), "--repo", repo];
-        self.command(&["backup", "--xapi", &self.sim.url()], false, &args)
-            .await
-    }
-
-    fn sr_uuid(&self) -> String {
-        let session = login(self);
-        let srs = self
-            .sim
-            .call_local("SR.get_all", std::slice::from_ref(&session))
-            .unwrap();
-        let sr = srs.as_array().unwrap()[0].clone();
-        let uuid = self.sim.call_local("SR.get_uuid", &[session, sr]).unwrap();
-        uuid.as_str().unwrap().to_string()
-    }
-
-    /// The disks of the VM `vm_uuid`: (slot, VDI uuid), by slot.
-    fn vm_disks(&self, vm_uuid: &str) -> Vec<(String, String)> {
-        let session = login(self);
-        let vm = self
-            .sim
-            .call_local("VM.get_by_uuid", &[session.clone(), vm_uuid.into()])
-            .unwrap();
-        let vbds = self
-            .sim
-            .call_local("VM.get_VBDs", &[session.clone(), vm])
-            .unwrap();
-        let mut out = Vec::new();
-        for vbd in vbds.as_array().unwrap() {
-            let rec = self
-                .sim
-                .call_local("VBD.get_record", &[session.clone(), vbd.clone()])
-                .unwrap();
-            if rec.get("type").and_then(Value::as_str) != Some("Disk") {
-                continue;
-            }
-            let vdi = rec.get("VDI").unwrap().clone();
-            let uuid = self
-                .sim
-                .call_local("VDI.get_uuid", &[session.clone(), vdi])
-                .unwrap();
-            let slot = rec.get("userdevice").and_then(Value::as_str).unwrap();
-            out.push((slot.to_string(), uuid.as_str().unwrap().to_string()));
-        }
-        out.sort();
-        out
-    }
-}
-
 /// Guest writes on both disks: across a 64 KiB boundary, a block, the last sector.
 fn guest_writes(e: &Env, round: u8) {
     let disks = e.sim.disks();
@@ -101,7 +50,7 @@ async fn three_points(e: &Env) -> (String, Vec<String>, PathBuf) {
     let saved = e.dir.join("saved");
     for round in 0..3u8 {
         guest_writes(e, round);
-        ok(e.backup_repo(&repo).await);
+        ok(e.backup_repo(&repo, &[]).await);
         let dir = saved.join(round.to_string());
         std::fs::create_dir_all(&dir).unwrap();
         for (slot, vdi) in e.sim.disks().iter().enumerate() {

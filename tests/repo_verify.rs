@@ -10,14 +10,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use xapi_env::*;
 
-impl Env {
-    async fn backup_repo(&self, repo: &str) -> std::process::Output {
-        let args = ["--vm", self.sim.vm_uuid(), "--repo", repo];
-        self.command(&["backup", "--xapi", &self.sim.url()], false, &args)
-            .await
-    }
-}
-
 /// A repository of three points of a VM with two disks (guest writes between); its
 /// location, its point ids oldest first, and the VM's directory of points.
 async fn three_points(e: &Env) -> (String, Vec<String>, PathBuf) {
@@ -27,7 +19,7 @@ async fn three_points(e: &Env) -> (String, Vec<String>, PathBuf) {
         e.guest_writes(round);
         let data = vec![round ^ 0x5a; 70_000];
         e.sim.write(&e.sim.disks()[1], 4096, &data).unwrap();
-        ok(e.backup_repo(&repo).await);
+        ok(e.backup_repo(&repo, &[]).await);
     }
     let o = ok(run(&["list", "--repo", &repo, "--json"]));
     let points: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();

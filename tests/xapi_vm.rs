@@ -84,49 +84,6 @@ impl Env {
 }
 
 impl Env {
-    fn sr_uuid(&self) -> String {
-        let session = login(self);
-        let srs = self
-            .sim
-            .call_local("SR.get_all", std::slice::from_ref(&session))
-            .unwrap();
-        let sr = srs.as_array().unwrap()[0].clone();
-        let uuid = self.sim.call_local("SR.get_uuid", &[session, sr]).unwrap();
-        uuid.as_str().unwrap().to_string()
-    }
-
-    /// The disks of the VM `vm_uuid`, by slot: (slot, VDI uuid).
-    fn vm_disks(&self, vm_uuid: &str) -> Vec<(String, String)> {
-        let session = login(self);
-        let vm = self
-            .sim
-            .call_local("VM.get_by_uuid", &[session.clone(), vm_uuid.into()])
-            .unwrap();
-        let vbds = self
-            .sim
-            .call_local("VM.get_VBDs", &[session.clone(), vm])
-            .unwrap();
-        let mut out = Vec::new();
-        for vbd in vbds.as_array().unwrap() {
-            let rec = self
-                .sim
-                .call_local("VBD.get_record", &[session.clone(), vbd.clone()])
-                .unwrap();
-            if rec.get("type").and_then(Value::as_str) != Some("Disk") {
-                continue;
-            }
-            let vdi = rec.get("VDI").unwrap().clone();
-            let uuid = self
-                .sim
-                .call_local("VDI.get_uuid", &[session.clone(), vdi])
-                .unwrap();
-            let slot = rec.get("userdevice").and_then(Value::as_str).unwrap();
-            out.push((slot.to_string(), uuid.as_str().unwrap().to_string()));
-        }
-        out.sort();
-        out
-    }
-
     async fn restore_vm(&self, point: &Path, extra: &[&str]) -> std::process::Output {
         let sr = self.sr_uuid();
         let mut args = vec!["--sr", sr.as_str()];

@@ -36,6 +36,57 @@ pub async fn env_with(tweak: impl FnOnce(&mut SimConfig)) -> Env {
 }
 
 impl Env {
+    /// `cbtstream backup --xapi ... --vm VM --repo REPO EXTRA...`.
+    pub async fn backup_repo(&self, repo: &str, extra: &[&str]) -> Output {
+        let mut args = vec!["--vm", self.sim.vm_uuid(), "--repo", repo];
+        args.extend_from_slice(extra);
+        self.command(&["backup", "--xapi", &self.sim.url()], false, &args)
+            .await
+    }
+
+    pub fn sr_uuid(&self) -> String {
+        let session = login(self);
+        let srs = self
+            .sim
+            .call_local("SR.get_all", std::slice::from_ref(&session))
+            .unwrap();
+        let sr = srs.as_array().unwrap()[0].clone();
+        let uuid = self.sim.call_local("SR.get_uuid", &[session, sr]).unwrap();
+        uuid.as_str().unwrap().to_string()
+    }
+
+    /// The disks of the VM `vm_uuid`, by slot: (slot, VDI uuid).
+    pub fn vm_disks(&self, vm_uuid: &str) -> Vec<(String, String)> {
+        let session = login(self);
+        let vm = self
+            .sim
+            .call_local("VM.get_by_uuid", &[session.clone(), vm_uuid.into()])
+            .unwrap();
+        let vbds = self
+            .sim
+            .call_local("VM.get_VBDs", &[session.clone(), vm])
+            .unwrap();
+        let mut out = Vec::new();
+        for vbd in vbds.as_array().unwrap() {
+            let rec = self
+                .sim
+                .call_local("VBD.get_record", &[session.clone(), vbd.clone()])
+                .unwrap();
+            if rec.get("type").and_then(Value::as_str) != Some("Disk") {
+                continue;
+            }
+            let vdi = rec.get("VDI").unwrap().clone();
+            let uuid = self
+                .sim
+                .call_local("VDI.get_uuid", &[session.clone(), vdi])
+                .unwrap();
+            let slot = rec.get("userdevice").and_then(Value::as_str).unwrap();
+            out.push((slot.to_string(), uuid.as_str().unwrap().to_string()));
+        }
+        out.sort();
+        out
+    }
+
     pub fn state(&self) -> PathBuf {
         self.dir.join("chain.json")
     }
