@@ -470,17 +470,24 @@ pub struct RestoreVmArgs {
 /// `cbtstream gc`: remove snapshots left by killed runs.
 #[derive(Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("gc_target").required(true).args(["vdi", "vm"])))]
+#[command(group(clap::ArgGroup::new("hypervisor").required(true).args(["xapi", "vsphere"])))]
 pub struct GcArgs {
     /// XenAPI URL of the pool master.
     #[arg(long, value_name = "URL")]
-    pub xapi: String,
+    pub xapi: Option<String>,
+    /// vCenter URL: remove the `cbtstream-<uuid>` snapshots interrupted runs left on --vm.
+    #[arg(long, value_name = "URL", conflicts_with = "vdi")]
+    pub vsphere: Option<String>,
+    #[command(flatten)]
+    pub vs: VsphereArgs,
     /// The VDI whose leftover snapshots to remove.
     #[arg(long, value_name = "UUID", group = "gc_target")]
     pub vdi: Option<String>,
-    /// Every disk of this VM (the chain of `cbtstream backup --vm`).
+    /// Every disk of this VM (the chain of `cbtstream backup --vm`; vSphere: its moId or UUID).
     #[arg(long, value_name = "UUID", group = "gc_target")]
     pub vm: Option<String>,
-    /// The chain's state file (of `export --vdi` or `backup --vm`): its bases are kept.
+    /// The chain's state file (of `export --vdi` or `backup --vm`): its bases are kept, and
+    /// its lock is taken (no gc beside a running backup).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     #[command(flatten)]
@@ -489,7 +496,8 @@ pub struct GcArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Without --state: remove every snapshot cbtstream tagged that is not cbt_metadata
-    /// (one may be a base kept after data_destroy failed, or belong to a running export).
+    /// (one may be a base kept after data_destroy failed, or belong to a running export);
+    /// vSphere: every `cbtstream-<uuid>` snapshot (one may belong to a running backup).
     #[arg(long, conflicts_with_all = ["state", "location"])]
     pub force: bool,
     #[command(flatten)]
@@ -896,28 +904,17 @@ fn restore_vm(args: RestoreVmArgs) -> Result<(), Failure> {
 }
 
 fn gc(args: GcArgs) -> Result<(), Failure> {
+    let Some(xapi) = &args.xapi else {
+        return crate::vsphere::cli::gc(args);
+    };
     let opts = GcOptions {
-        login: xapi_login(&args.xapi, &args.xapi_args)?,
+        login: xapi_login(xapi, &args.xapi_args)?,
         target: match (args.vdi, args.vm) {
             (_, Some(vm)) => crate::xen::gc::GcTarget::Vm(vm),
             (vdi, None) => crate::xen::gc::GcTarget::Vdi(vdi.unwrap_or_default()),
         },
         state: args.state,
-        repo: match &args.repo.location {
-            Some(location) => {
-                let opts = crate::repo::RepoOptions {
-                    location: location.clone(),
-                    s3_endpoint: args.repo.s3_endpoint.clone(),
-                };
-                Some(crate::xen::gc::RepoGc {
-                    repo: run_async(async {
-                        crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
-                    })?,
-                    break_lock: args.repo.break_lock,
-                })
-            }
-            None => None,
-        },
+        repo: repo_gc(&args.repo)?,
         dry_run: args.dry_run,
         force: args.force,
     };
@@ -926,6 +923,25 @@ fn gc(args: GcArgs) -> Result<(), Failure> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// The repository `gc --repo` takes the VM's lock in (and reads the chain state from).
+pub(crate) fn repo_gc(
+    args: &crate::repo_cli::RepoTarget,
+) -> Result<Option<crate::xen::gc::RepoGc>, Failure> {
+    let Some(location) = &args.location else {
+        return Ok(None);
+    };
+    let opts = crate::repo::RepoOptions {
+        location: location.clone(),
+        s3_endpoint: args.s3_endpoint.clone(),
+    };
+    Ok(Some(crate::xen::gc::RepoGc {
+        repo: run_async(async {
+            crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
+        })?,
+        break_lock: args.break_lock,
+    }))
 }
 
 /// A clap value parser for a stream header id: checked as the header checks it, so a bad

@@ -391,49 +391,96 @@ async fn update_paths_prints_the_files_it_could_not_update() {
     assert!(stderr(&o).contains("ResourceInUse"), "{}", stderr(&o));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_while_the_snapshot_is_taken_removes_it_once_it_exists() {
-    // Each task state lasts a second: the signal comes while the snapshot task runs.
-    let (dir, sim) = start(|d| SimConfig {
-        task_delay: std::time::Duration::from_secs(1),
-        ..SimConfig::for_tests(d)
-    })
-    .await;
-    let out = out_dir(&dir);
-    let state = dir.path().join("vm.json");
+/// `gc --vsphere URL --vm vm-42 --user U --vsphere-ca CA EXTRA...`.
+async fn gc(sim: &Simulator, extra: &[&str]) -> Output {
     let url = sim.url();
     let ca = sim.ca_path().to_str().unwrap().to_owned();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbtstream"))
-        .args([
-            "backup",
-            "--vsphere",
-            &url,
-            "--vm",
-            sim.vm(),
-            "--out",
-            out.to_str().unwrap(),
-            "--state",
-            state.to_str().unwrap(),
-            "--user",
-            sim.user(),
-            "--vsphere-ca",
-            &ca,
-        ])
-        .env("VSPHERE_PASSWORD", sim.password())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    while sim.calls("CreateSnapshotEx_Task") == 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let pid = child.id().unwrap() as libc::pid_t;
-    // SAFETY: kill(2) on the child we spawned and have not reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let o = child.wait_with_output().await.unwrap();
-    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
-    assert!(stderr(&o).contains("interrupted by SIGTERM; nothing was committed"));
-    assert_eq!(sim.calls("RemoveSnapshot_Task"), 1);
+    let mut args = vec![
+        "gc",
+        "--vsphere",
+        &url,
+        "--vm",
+        sim.vm(),
+        "--user",
+        sim.user(),
+        "--vsphere-ca",
+        &ca,
+    ];
+    args.extend_from_slice(extra);
+    cbtstream(Some(sim.password()), &args).await
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_removes_the_snapshot_a_failed_removal_left_once_the_chain_is_locked() {
+    let (dir, sim) = start_default().await;
+    let out = out_dir(&dir);
+    let state = dir.path().join("vm.json");
+    let st = state.to_str().unwrap();
+    went_through(&backup(&sim, &out, &["--state", st]).await);
+    sim.fail_next("RemoveSnapshot_Task", "InvalidState");
+    went_through(&backup(&sim, &out, &["--state", st]).await);
+    let left = sim.snapshots(sim.vm());
+    assert_eq!(left.len(), 1);
+
+    // The next backup cannot read delta links, and says which command clears them.
+    let o = backup(&sim, &out, &["--state", st]).await;
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("left by an interrupted cbtstream run")
+            && e.contains(&format!("cbtstream gc --vsphere URL --vm {}", sim.vm())),
+        "{e}"
+    );
+
+    let o = gc(&sim, &["--dry-run"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with(&format!("would remove snapshot {} \"cbtstream-", left[0])),
+        "{}",
+        stdout(&o)
+    );
+    // Without the chain's lock a running backup could own it: listed, kept.
+    let o = gc(&sim, &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("or --force"), "{}", stdout(&o));
+    // A state file that is not there locks nothing: refused.
+    let o = gc(
+        &sim,
+        &["--state", dir.path().join("nope.json").to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no chain state at"), "{}", stderr(&o));
+    assert_eq!(sim.snapshots(sim.vm()), left);
+
+    let o = gc(&sim, &["--state", st]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with(&format!("removed snapshot {}", left[0])),
+        "{}",
+        stdout(&o)
+    );
     assert!(sim.snapshots(sim.vm()).is_empty());
-    assert!(!state.exists());
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    went_through(&backup(&sim, &out, &["--state", st]).await);
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_never_touches_a_snapshot_cbtstream_did_not_take() {
+    let (_dir, sim) = start_default().await;
+    let user_snap = sim.take_snapshot(sim.vm(), "cbtstream-not-a-uuid").unwrap();
+    let o = gc(&sim, &["--force"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("kept snapshot {user_snap}"))
+            && stdout(&o).contains("not taken by cbtstream"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(sim.snapshots(sim.vm()), [user_snap]);
+    assert_eq!(sim.calls("RemoveSnapshot_Task"), 0);
 }

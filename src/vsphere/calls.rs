@@ -135,8 +135,29 @@ pub async fn vm_config(client: &Client, vm: &MoRef) -> Result<VmConfig, VsphereE
     parse_config(&v, &what)
 }
 
-/// Every snapshot of the VM (the whole tree), by moId.
-pub async fn vm_snapshots(client: &Client, vm: &MoRef) -> Result<Vec<MoRef>, VsphereError> {
+/// One snapshot in a VM's snapshot tree.
+#[derive(Debug, Clone)]
+pub struct SnapshotEntry {
+    pub snapshot: MoRef,
+    pub name: String,
+    /// `createTime`, as vCenter wrote it.
+    pub created: Option<String>,
+}
+
+/// The prefix of the snapshots cbtstream takes (`cbtstream-<point uuid>`).
+pub const SNAPSHOT_PREFIX: &str = "cbtstream-";
+
+impl SnapshotEntry {
+    /// Whether cbtstream took it: named `cbtstream-<uuid>`, as no person names a snapshot.
+    pub fn is_ours(&self) -> bool {
+        self.name
+            .strip_prefix(SNAPSHOT_PREFIX)
+            .is_some_and(|id| uuid::Uuid::try_parse(id).is_ok())
+    }
+}
+
+/// Every snapshot of the VM (the whole tree, `VirtualMachine.snapshot`).
+pub async fn vm_snapshots(client: &Client, vm: &MoRef) -> Result<Vec<SnapshotEntry>, VsphereError> {
     let Some(info) = client.property(vm, "snapshot").await? else {
         return Ok(Vec::new());
     };
@@ -153,8 +174,12 @@ pub async fn vm_snapshots(client: &Client, vm: &MoRef) -> Result<Vec<MoRef>, Vsp
                 "more than 10000 snapshots",
             ));
         }
-        if let Some(snap) = tree.get("snapshot").and_then(MoRef::parse) {
-            found.push(snap);
+        if let Some(snapshot) = tree.get("snapshot").and_then(MoRef::parse) {
+            found.push(SnapshotEntry {
+                snapshot,
+                name: s(tree, "name").unwrap_or_default(),
+                created: s(tree, "createTime"),
+            });
         }
         if let Some(children) = tree.get("childSnapshotList").and_then(|c| c.as_array()) {
             todo.extend(children);

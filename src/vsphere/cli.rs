@@ -3,7 +3,7 @@
 //! any login.
 
 use super::flow::{self, Output, RunOptions, VsphereLogin};
-use crate::cli::{run_async, BackupArgs, ExportArgs, VsphereArgs};
+use crate::cli::{run_async, BackupArgs, ExportArgs, GcArgs, VsphereArgs};
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::repo::point_writer::PointTarget;
 use std::path::Path;
@@ -127,4 +127,27 @@ fn report_json(r: &flow::RunReport) -> serde_json::Value {
         "bytes_read": r.summaries.iter().map(|s| s.bytes_read).sum::<u64>(),
         "bytes_written": r.summaries.iter().map(|s| s.bytes_written).sum::<u64>(),
     })
+}
+
+pub fn gc(args: GcArgs) -> Result<(), Failure> {
+    let url = args.vsphere.clone().unwrap_or_default();
+    let login = login(
+        &url,
+        &args.xapi_args.user,
+        args.xapi_args.password_file.as_deref(),
+        &args.vs,
+    )?;
+    let opts = super::gc::GcOptions {
+        login,
+        vm: args.vm.clone().unwrap_or_default(),
+        state: args.state.clone(),
+        repo: crate::cli::repo_gc(&args.repo)?,
+        dry_run: args.dry_run,
+        force: args.force,
+    };
+    let report = run_async(super::gc::run(opts))?;
+    for line in &report.lines {
+        println!("{line}");
+    }
+    Ok(())
 }

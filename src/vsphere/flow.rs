@@ -100,16 +100,7 @@ pub async fn login(l: &VsphereLogin) -> Result<Client, Failure> {
 
 pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
     let _lock = match &opts.state {
-        Some(p) => Some(crate::lock::ChainLock::acquire(p).map_err(|e| {
-            let code = match e {
-                crate::lock::LockError::Held { .. } => Code::Locked,
-                crate::lock::LockError::Io { .. } => Code::Output,
-            };
-            Failure {
-                code,
-                error: e.into(),
-            }
-        })?),
+        Some(p) => Some(crate::xen::lock_chain(p)?),
         None => None,
     };
     let state = match &opts.state {
@@ -122,11 +113,14 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
         }
         _ => None,
     };
-    let client = login(&opts.login).await?;
+    let client = Arc::new(login(&opts.login).await?);
     let mut taken = Taken::default();
     let result = tokio::select! {
         r = take_point(&client, &opts, state, &mut taken) => r,
-        sig = shutdown_signal() => Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed"))),
+        sig = shutdown_signal() => {
+            tracing::warn!("interrupted by {sig}: removing what this run created on vCenter");
+            Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed")))
+        }
     };
     clean_up(&client, taken).await;
     client.logout().await;
@@ -136,16 +130,41 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
     result
 }
 
-/// What this run created on the server: the snapshot's creation task, then the snapshot.
+type StartCall = tokio::task::JoinHandle<Result<MoRef, VsphereError>>;
+
+/// What this run created on the server: the snapshot's name, the call starting its task,
+/// the task, then the snapshot.
 #[derive(Default)]
 struct Taken {
+    /// The VM and the run-unique snapshot name: how a snapshot whose start call lost its
+    /// answer is found.
+    named: Option<(MoRef, String)>,
+    start: Option<StartCall>,
     task: Option<MoRef>,
     snapshot: Option<MoRef>,
 }
 
-/// Remove the run's snapshot; when the run stopped while the snapshot was being taken, wait
-/// for that task first (the snapshot appears when it ends).
-async fn clean_up(client: &Client, taken: Taken) {
+/// Remove the run's snapshot. When the run stopped while the snapshot was being taken, first
+/// let the start call answer (it runs on its own, so a signal does not drop it between vCenter
+/// creating the task and this run learning its id), then wait for the task: the snapshot
+/// appears when it ends.
+async fn clean_up(client: &Client, mut taken: Taken) {
+    let mut answer_lost = false;
+    if let Some(start) = taken.start.take() {
+        match start.await {
+            Ok(Ok(task)) => taken.task = Some(task),
+            // A fault: vCenter refused the call, so it made nothing.
+            Ok(Err(e)) if e.fault().is_some() => return,
+            Ok(Err(e)) => {
+                tracing::debug!("the snapshot call has no answer: {e}");
+                answer_lost = true;
+            }
+            Err(e) => {
+                tracing::debug!("the snapshot call did not finish: {e}");
+                answer_lost = true;
+            }
+        }
+    }
     let snapshot = match (taken.snapshot, taken.task) {
         (Some(snap), _) => snap,
         (None, Some(task)) => match calls::snapshot_of(client, &task).await {
@@ -158,14 +177,35 @@ async fn clean_up(client: &Client, taken: Taken) {
                 return;
             }
         },
+        (None, None) if answer_lost => match find_named(client, taken.named.as_ref()).await {
+            Some(snap) => snap,
+            None => {
+                tracing::warn!(
+                    "the call taking the snapshot lost its answer and no snapshot named {} is \
+                     there yet; if vCenter still takes it, `cbtstream gc --vsphere` removes it",
+                    taken.named.map(|(_, name)| name).unwrap_or_default()
+                );
+                return;
+            }
+        },
         (None, None) => return,
     };
     if let Err(e) = calls::remove_snapshot(client, &snapshot).await {
         tracing::warn!(
-            "could not remove the snapshot {} that cbtstream took ({e}); remove it in vCenter",
+            "could not remove the snapshot {} that cbtstream took ({e}); `cbtstream gc \
+             --vsphere` lists it, or remove it in vCenter",
             snapshot.value
         );
     }
+}
+
+/// The snapshot of the VM with this run's name, if there is one.
+async fn find_named(client: &Client, named: Option<&(MoRef, String)>) -> Option<MoRef> {
+    let (vm, name) = named?;
+    let tree = calls::vm_snapshots(client, vm).await.ok()?;
+    tree.into_iter()
+        .find(|e| &e.name == name)
+        .map(|e| e.snapshot)
 }
 
 /// One disk of the run: what the snapshot froze and where its incremental starts.
@@ -177,7 +217,7 @@ pub(super) struct Planned {
 }
 
 async fn take_point(
-    client: &Client,
+    client: &Arc<Client>,
     opts: &RunOptions,
     state: Option<VsphereState>,
     taken: &mut Taken,
@@ -210,14 +250,24 @@ async fn take_point(
     }
     let snapshots = calls::vm_snapshots(client, &vm).await.map_err(src)?;
     if let Some(first) = snapshots.first() {
+        let why = if snapshots.iter().all(calls::SnapshotEntry::is_ours) {
+            format!(
+                "left by an interrupted cbtstream run; `cbtstream gc --vsphere URL --vm {}` \
+                 removes them",
+                opts.vm
+            )
+        } else {
+            "delete or consolidate them first".to_owned()
+        };
         return Err(fail(
             Code::Source,
             format!(
-                "VM {} has {} snapshot(s) ({} ...): its disks are delta links, which cbtstream \
-                 cannot read yet; delete or consolidate them first",
+                "VM {} has {} snapshot(s) ({} \"{}\" ...): its disks are delta links, which \
+                 cbtstream cannot read yet; {why}",
                 vm.value,
                 snapshots.len(),
-                first.value
+                first.snapshot.value,
+                first.name.escape_debug()
             ),
         ));
     }
@@ -240,8 +290,16 @@ async fn take_point(
         calls::enable_cbt(client, &vm).await.map_err(src)?;
     }
     let point = uuid::Uuid::new_v4().to_string();
-    let task = calls::start_snapshot(client, &vm, &format!("cbtstream-{point}"), opts.quiesce)
-        .await
+    let name = format!("{}{point}", calls::SNAPSHOT_PREFIX);
+    taken.named = Some((vm.clone(), name.clone()));
+    let start: StartCall = tokio::spawn({
+        let (client, vm, quiesce) = (client.clone(), vm.clone(), opts.quiesce);
+        async move { calls::start_snapshot(&client, &vm, &name, quiesce).await }
+    });
+    let answer = taken.start.insert(start).await;
+    taken.start = None;
+    let task = answer
+        .map_err(|e| fail(Code::Source, format!("the snapshot call failed: {e}")))?
         .map_err(src)?;
     taken.task = Some(task.clone());
     let snap = calls::snapshot_of(client, &task).await.map_err(src)?;
@@ -527,16 +585,7 @@ pub fn commit_pending(
     if !matches!(chain::load_vsphere(path), Ok(Some(_))) {
         return Ok(None);
     }
-    let _lock = crate::lock::ChainLock::acquire(path).map_err(|e| {
-        let code = match e {
-            crate::lock::LockError::Held { .. } => Code::Locked,
-            crate::lock::LockError::Io { .. } => Code::Output,
-        };
-        Failure {
-            code,
-            error: e.into(),
-        }
-    })?;
+    let _lock = crate::xen::lock_chain(path)?;
     let mut state = chain::load_vsphere(path)
         .code(Code::Integrity)?
         .ok_or_else(|| fail(Code::Usage, format!("{} is gone", path.display())))?;

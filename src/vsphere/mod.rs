@@ -13,6 +13,7 @@
 //! * [`calls`]: the typed calls (inventory, snapshots, changed areas, file service URL).
 //! * [`changed`]: changed areas (byte ranges of any alignment) into the engine's 64 KiB bitmap.
 //! * [`flow`]: `backup --vsphere`, `export --vsphere`, `vsphere update-paths`.
+//! * [`gc`]: `gc --vsphere`, the snapshots interrupted runs left.
 //! * [`types`]: faults, errors, managed object references, the endpoint.
 //! * [`data`]: the seam where the datastore reader plugs in.
 //!
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod data;
 pub mod flow;
+pub mod gc;
 pub mod types;
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ async fn login(l: &XapiLogin) -> Result<XapiSession, Failure> {
 }
 
 /// The chain's lock, for the whole run (see [`crate::lock`]).
-fn lock_chain(state: &Path) -> Result<ChainLock, Failure> {
+pub(crate) fn lock_chain(state: &Path) -> Result<ChainLock, Failure> {
     ChainLock::acquire(state).map_err(|e| {
         let code = match e {
             LockError::Held { .. } => Code::Locked,

@@ -285,35 +285,38 @@ pub async fn serve(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bod
         );
     }
     let head = req.method() == Method::HEAD;
-    let mut st = shared.lock();
-    st.count("GET /folder");
-    let auth = authenticate(&mut st, &req);
-    if let Auth::Refused = auth {
-        let mut r = text(StatusCode::UNAUTHORIZED, "authentication required");
-        r.headers_mut().insert(
-            hyper::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"VMware HTTP server\""),
-        );
-        return r;
-    }
-    let raw_path = req.uri().path().trim_start_matches("/folder/");
-    let Some(path) = percent_decode(raw_path) else {
-        return text(StatusCode::BAD_REQUEST, "bad percent-encoding in the path");
-    };
-    let mut dc = None;
-    let mut ds = None;
-    for kv in req.uri().query().unwrap_or("").split('&') {
-        match kv.split_once('=') {
-            Some(("dcPath", v)) => dc = percent_decode(v),
-            Some(("dsName", v)) => ds = percent_decode(v),
-            _ => {}
+    let (auth, target) = {
+        let mut st = shared.lock();
+        st.count("GET /folder");
+        let auth = authenticate(&mut st, &req);
+        if let Auth::Refused = auth {
+            let mut r = text(StatusCode::UNAUTHORIZED, "authentication required");
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"VMware HTTP server\""),
+            );
+            return r;
         }
-    }
-    let target = match (dc, ds) {
-        (Some(dc), Some(ds)) if dc == st.datacenter => lookup(&st, &ds, &path),
-        _ => None,
+        let raw_path = req.uri().path().trim_start_matches("/folder/");
+        let Some(path) = percent_decode(raw_path) else {
+            return text(StatusCode::BAD_REQUEST, "bad percent-encoding in the path");
+        };
+        let mut dc = None;
+        let mut ds = None;
+        for kv in req.uri().query().unwrap_or("").split('&') {
+            match kv.split_once('=') {
+                Some(("dcPath", v)) => dc = percent_decode(v),
+                Some(("dsName", v)) => ds = percent_decode(v),
+                _ => {}
+            }
+        }
+        let target = match (dc, ds) {
+            (Some(dc), Some(ds)) if dc == st.datacenter => lookup(&st, &ds, &path),
+            _ => None,
+        };
+        (auth, target)
     };
-    drop(st);
+    shared.wait_unheld("GET /folder").await;
     let mut resp = match target {
         None => text(StatusCode::NOT_FOUND, "no such file on the datastore"),
         Some(Target::Locked) => text(

@@ -205,6 +205,7 @@ async fn vi_json(req: Request<Incoming>, shared: &Arc<Shared>, rest: &str) -> Re
     }
     let token = session_token(&req);
     let (typ, moid, name) = (typ.clone(), moid.clone(), name.clone());
+    let held = name.clone();
     let outcome = match *req.method() {
         Method::GET => vim::get(&mut shared.lock(), token.as_deref(), &typ, &moid, &name),
         Method::POST => {
@@ -225,6 +226,7 @@ async fn vi_json(req: Request<Incoming>, shared: &Arc<Shared>, rest: &str) -> Re
         }
         _ => return text(StatusCode::METHOD_NOT_ALLOWED, "VI/JSON takes GET and POST"),
     };
+    shared.wait_unheld(&held).await;
     match outcome {
         Ok(Reply::Json(v)) => json(StatusCode::OK, &v),
         Ok(Reply::Void) => no_content(),

@@ -245,6 +245,7 @@ impl Simulator {
             sessions: HashMap::new(),
             tickets: HashMap::new(),
             fail_next: Vec::new(),
+            held: Default::default(),
             unupdatable_files: Vec::new(),
             calls: BTreeMap::new(),
             next_id: 100,
@@ -255,6 +256,7 @@ impl Simulator {
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(st),
+            released: tokio::sync::Notify::new(),
         });
         let acceptor = TlsAcceptor::from(pki.server_config()?);
         let listener = TcpListener::bind(cfg.listen)
@@ -370,6 +372,18 @@ impl Simulator {
             method: method.into(),
             fault: fault.into(),
         });
+    }
+
+    /// The answers of `name` (a method such as `CreateSnapshotEx_Task`, or `GET /folder`)
+    /// wait until [`Simulator::let_go`]: the call itself is done and counted at once.
+    pub fn hold(&self, name: &str) {
+        self.shared.lock().held.insert(name.into());
+    }
+
+    /// Lets the answers [`Simulator::hold`] kept waiting go.
+    pub fn let_go(&self, name: &str) {
+        self.shared.lock().held.remove(name);
+        self.shared.released.notify_waiters();
     }
 
     /// Ends every session (later calls answer `NotAuthenticated`) and voids every ticket.

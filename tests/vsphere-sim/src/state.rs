@@ -124,6 +124,8 @@ pub struct State {
     pub sessions: HashMap<String, Session>,
     pub tickets: HashMap<String, Ticket>,
     pub fail_next: Vec<FailNext>,
+    /// Methods (and `GET /folder`) whose answers wait until released.
+    pub held: std::collections::BTreeSet<String>,
     /// Files `UpdateVirtualMachineFiles_Task` reports it could not update.
     pub unupdatable_files: Vec<String>,
     /// Calls per method name (VI/JSON methods, property reads as `GET <property>`, `/folder`).
@@ -171,11 +173,28 @@ impl State {
 
 pub struct Shared {
     pub state: Mutex<State>,
+    /// Woken when a held answer is released.
+    pub released: tokio::sync::Notify,
 }
 
 impl Shared {
     /// The state; a panic while it was held (a simulator bug) does not wedge later calls.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Returns once `name` (a method, or `GET /folder`) is not held: the work of the call is
+    /// done, only its answer waits (what a slow network or a stalled vCenter looks like).
+    pub async fn wait_unheld(&self, name: &str) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Registered before the check, so a release in between is not missed.
+            released.as_mut().enable();
+            if !self.lock().held.contains(name) {
+                return;
+            }
+            released.await;
+        }
     }
 }
