@@ -160,7 +160,11 @@ pub fn parse_vm(text: &str, path: &Path) -> Result<VmState, ChainError> {
     }
     let state: VmState = serde_json::from_str(text).map_err(|e| ChainError::Damaged {
         path: path.to_path_buf(),
-        why: e.to_string(),
+        why: if is_vsphere(text) {
+            "it is the state of a vSphere chain, not of a XenServer VM".into()
+        } else {
+            e.to_string()
+        },
     })?;
     if state.version != 1 {
         return Err(ChainError::Version {
@@ -370,11 +374,25 @@ pub fn load_vsphere(path: &Path) -> Result<Option<VsphereState>, ChainError> {
     let Some(text) = read_small(path)? else {
         return Ok(None);
     };
+    parse_vsphere(&text, path).map(Some)
+}
+
+/// Whether a state's text is a vSphere chain's (`"source": "vsphere"`).
+pub fn is_vsphere(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .is_ok_and(|v| v.get("source").and_then(|s| s.as_str()) == Some("vsphere"))
+}
+
+/// A vSphere chain state from its text (`path` names it in errors).
+pub fn parse_vsphere(text: &str, path: &Path) -> Result<VsphereState, ChainError> {
     let damaged = |why: String| ChainError::Damaged {
         path: path.to_path_buf(),
         why,
     };
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| damaged(e.to_string()))?;
+    if text.len() as u64 > MAX_STATE_BYTES {
+        return Err(damaged("larger than 1 MiB".into()));
+    }
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| damaged(e.to_string()))?;
     if v.get("source").and_then(|s| s.as_str()) != Some("vsphere") {
         return Err(damaged("not the state of a vSphere chain".into()));
     }
@@ -385,13 +403,19 @@ pub fn load_vsphere(path: &Path) -> Result<Option<VsphereState>, ChainError> {
             found: state.version,
         });
     }
-    Ok(Some(state))
+    Ok(state)
+}
+
+/// The text of a vSphere chain state.
+pub fn vsphere_text(state: &VsphereState) -> String {
+    let mut text = serde_json::to_string_pretty(state).expect("a VsphereState serializes");
+    text.push('\n');
+    text
 }
 
 /// Replace a vSphere chain state atomically and durably (0600).
 pub fn save_vsphere(path: &Path, state: &VsphereState) -> Result<(), ChainError> {
-    let mut text = serde_json::to_string_pretty(state).expect("a VsphereState serializes");
-    text.push('\n');
+    let text = vsphere_text(state);
     crate::durable::replace(path, text.as_bytes()).map_err(|source| ChainError::Write {
         path: path.to_path_buf(),
         source,

@@ -84,25 +84,6 @@ async fn usage_errors_come_before_any_login() {
     .await;
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("$VSPHERE_PASSWORD"), "{}", stderr(&o));
-    // Into a repository, the chain state is a file for now: refused before any login.
-    let repo = dir.path().join("repo");
-    let ca = sim.ca_path().to_str().unwrap().to_owned();
-    let args = [
-        "backup",
-        "--vsphere",
-        &url,
-        "--vm",
-        sim.vm(),
-        "--repo",
-        repo.to_str().unwrap(),
-        "--user",
-        sim.user(),
-        "--vsphere-ca",
-        &ca,
-    ];
-    let o = cbtstream(Some(sim.password()), &args).await;
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("give --state FILE"), "{}", stderr(&o));
     let plain = url.replace("https://", "http://");
     for args in [
         vec![

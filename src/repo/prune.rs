@@ -263,13 +263,15 @@ pub async fn prune_vm(
 /// `--state` format of export, whose `point_id` is its last point's id).
 async fn pinned_points(repo: &Repo, vm: &str) -> Result<Vec<String>, PruneError> {
     let mut pinned = Vec::new();
-    let vm_state = super::state::StateHome::Repo {
-        repo: repo.clone(),
-        vm: vm.to_owned(),
+    // A XenServer VM's state or a vSphere one's: both name their last point `point`.
+    if let Some((text, name)) = super::state::load_text(repo, vm).await? {
+        let point = if crate::chain::is_vsphere(&text) {
+            crate::chain::parse_vsphere(&text, &name)?.point
+        } else {
+            crate::chain::parse_vm(&text, &name)?.point
+        };
+        pinned.extend(point);
     }
-    .load()
-    .await?;
-    pinned.extend(vm_state.and_then(|s| s.point));
     let key = format!("{}/chain.json", super::vm_dir(vm));
     if let Some(text) = repo.store.get(&key, crate::chain::MAX_STATE_BYTES).await? {
         let damaged = |why: String| {

@@ -6,6 +6,7 @@ use super::flow::{self, Output, RunOptions, VsphereLogin};
 use crate::cli::{run_async, BackupArgs, ExportArgs, GcArgs, VsphereArgs};
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::repo::point_writer::PointTarget;
+use crate::repo::state::StateHome;
 use std::path::Path;
 
 pub fn login(
@@ -45,14 +46,6 @@ pub fn backup(args: BackupArgs) -> Result<(), Failure> {
             format!("--vm {:?} is not a moId or a UUID", args.vm),
         ));
     }
-    if args.repo.location.is_some() && args.state.is_none() {
-        // A chain state inside the repository is XenServer's only, for now: without one, each
-        // backup would silently be a full, and prune could not see which point the chain needs.
-        return Err(fail(
-            Code::Usage,
-            "backup --vsphere --repo keeps the chain state in a file: give --state FILE",
-        ));
-    }
     let target = match (&args.out, &args.repo.location) {
         (Some(out), _) => PointTarget::Dir(out.clone()),
         (None, Some(location)) => {
@@ -66,12 +59,21 @@ pub fn backup(args: BackupArgs) -> Result<(), Failure> {
         }
         (None, None) => return Err(fail(Code::Usage, "give --out DIR or --repo LOCATION")),
     };
+    // With --repo and no --state the chain state lives in the repository, as for XenServer.
+    let state = match (&args.state, &target) {
+        (Some(path), _) => Some(StateHome::File(path.clone())),
+        (None, PointTarget::Repo(repo)) => Some(StateHome::Repo {
+            repo: repo.clone(),
+            vm: args.vm.clone(),
+        }),
+        (None, PointTarget::Dir(_)) => None,
+    };
     let json = args.dp.json;
     let opts = RunOptions {
         login,
         vm: args.vm,
         output: Output::Point(target),
-        state: args.state,
+        state,
         full: false,
         enable_cbt: args.enable_cbt,
         quiesce: args.quiesce,
@@ -103,7 +105,7 @@ pub fn export(args: ExportArgs) -> Result<(), Failure> {
             disk: args.disk.unwrap_or_default(),
             destination: args.destination(),
         },
-        state: args.state.clone(),
+        state: args.state.clone().map(StateHome::File),
         full: args.full,
         enable_cbt: args.enable_cbt,
         quiesce: args.quiesce,

@@ -19,11 +19,11 @@ use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::export::{shutdown_signal, DataPlaneOptions, Destination, StreamIds};
 use crate::repo::point_writer::{PointTarget, PointWriter};
+use crate::repo::state::StateHome;
 use crate::tls::Trust;
 use crate::xapi::Secret;
 use crate::xen::point::{PointDisk, PointInfo};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// How to reach and log in to vCenter, as the CLI gathered it.
@@ -57,7 +57,8 @@ pub struct RunOptions {
     /// moId or instance/BIOS UUID.
     pub vm: String,
     pub output: Output,
-    pub state: Option<PathBuf>,
+    /// The chain state: a file (`--state`), or the repository's `vms/<vm>/state.json`.
+    pub state: Option<StateHome>,
     /// Export the whole disk (allocated areas) even with a state.
     pub full: bool,
     pub enable_cbt: bool,
@@ -99,19 +100,26 @@ pub async fn login(l: &VsphereLogin) -> Result<Client, Failure> {
 }
 
 pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
+    // The chain's lock first (a file's, or the VM's in the repository), then its state.
     let _lock = match &opts.state {
-        Some(p) => Some(crate::xen::lock_chain(p)?),
-        None => None,
-    };
-    let state = match &opts.state {
-        Some(p) => chain::load_vsphere(p).code(Code::Integrity)?,
-        None => None,
+        Some(StateHome::File(p)) => Some(crate::xen::lock_chain(p)?),
+        _ => None,
     };
     let repo_lock = match &opts.output {
         Output::Point(PointTarget::Repo(repo)) => {
             Some(crate::xen::lock_repo_vm(repo, &opts.vm, "backup", opts.break_lock).await?)
         }
         _ => None,
+    };
+    let state = match &opts.state {
+        Some(home) => home.load_vsphere().await.map_err(|e| {
+            let code = match e {
+                chain::ChainError::Read { .. } => Code::Output,
+                _ => Code::Integrity,
+            };
+            fail(code, e)
+        })?,
+        None => None,
     };
     let client = Arc::new(login(&opts.login).await?);
     let mut taken = Taken::default();
@@ -420,7 +428,7 @@ async fn take_point(
         }
     };
     let committed = match &opts.state {
-        Some(path) => {
+        Some(home) => {
             let mut s = state.unwrap_or_else(|| VsphereState::new(&vm.value, client_url(client)));
             s.host = client_url(client);
             s.updated_unix_secs = crate::export::created_now();
@@ -439,7 +447,7 @@ async fn take_point(
                     created_unix_secs: crate::export::created_now(),
                 });
             }
-            chain::save_vsphere(path, &s).code(Code::Output)?;
+            home.save_vsphere(&s).await.code(Code::Output)?;
             durable
         }
         None => false,

@@ -206,7 +206,7 @@ fn run_options(sim: &Simulator, out: &std::path::Path, state: &std::path::Path) 
         output: Output::Point(crate::repo::point_writer::PointTarget::Dir(
             out.to_path_buf(),
         )),
-        state: Some(state.to_path_buf()),
+        state: Some(crate::repo::state::StateHome::File(state.to_path_buf())),
         full: false,
         enable_cbt: false,
         quiesce: false,

@@ -1,0 +1,153 @@
+//! `backup --vsphere --repo` with the chain state kept in the repository (no `--state`):
+//! incrementals build on the repository's `vms/<vm>/state.json`, every point restores
+//! byte-identical from the repository, and prune keeps the point the chain state names.
+
+use cbtstream_vsphere_sim::{SimConfig, Simulator};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Output;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cbtstream");
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn run(args: &[&str]) -> Output {
+    let o = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("CBTSTREAM_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    o
+}
+
+async fn backup(sim: &Simulator, repo: &str) -> Output {
+    let url = sim.url();
+    let ca = sim.ca_path().to_str().unwrap().to_owned();
+    let args = [
+        "backup",
+        "--vsphere",
+        &url,
+        "--vm",
+        sim.vm(),
+        "--repo",
+        repo,
+        "--user",
+        sim.user(),
+        "--vsphere-ca",
+        &ca,
+    ];
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .env("VSPHERE_PASSWORD", sim.password())
+        .env_remove("CBTSTREAM_LOG")
+        .output()
+        .await
+        .unwrap()
+}
+
+fn list(repo: &str) -> Vec<Value> {
+    let o = run(&["list", "--repo", repo, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// Every disk of `point` restored from the repository equals `expected`.
+fn restore_and_compare(
+    repo: &str,
+    vm: &str,
+    point: &str,
+    expected: &[(i32, Vec<u8>)],
+    work: &Path,
+) {
+    let to = work.join(point);
+    std::fs::create_dir_all(&to).unwrap();
+    run(&[
+        "restore",
+        "--repo",
+        repo,
+        "--vm",
+        vm,
+        "--point",
+        point,
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    for (key, want) in expected {
+        let got = std::fs::read(to.join(format!("disk{key}.raw"))).unwrap();
+        assert!(got == *want, "disk {key} of point {point} differs");
+    }
+}
+
+fn disks_now(sim: &Simulator) -> Vec<(i32, Vec<u8>)> {
+    sim.disks()
+        .iter()
+        .map(|&(key, _)| (key, sim.read_disk(sim.vm(), key).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_state_lives_in_the_repository_and_prune_keeps_its_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig::for_tests(dir.path().join("ds")))
+        .await
+        .unwrap();
+    let repo_path = dir.path().join("repo");
+    let repo = repo_path.to_str().unwrap();
+    let work = dir.path().join("w");
+    run(&["repo", "init", repo]);
+    let vm = sim.vm();
+    let mut expected = Vec::new();
+    for round in 0..3u64 {
+        for &(key, capacity) in &sim.disks() {
+            let at = (round * 131_071 + 4_097) % (capacity - 70_000);
+            sim.write(vm, key, at, &[round as u8 + 1; 65_537]).unwrap();
+        }
+        expected.push(disks_now(&sim));
+        let o = backup(&sim, repo).await;
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        sim.write(vm, sim.disks()[0].0, 0, b"after the snapshot")
+            .unwrap();
+    }
+    let points = list(repo);
+    assert_eq!(points.len(), 3);
+    let ids: Vec<String> = points
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(points[0]["base"].is_null());
+    assert_eq!(points[1]["base"], points[0]["id"]);
+    assert_eq!(points[2]["base"], points[1]["id"]);
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(repo_path.join("vms").join(vm).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (state["source"].as_str(), state["point"].as_str()),
+        (Some("vsphere"), Some(ids[2].as_str()))
+    );
+    for (id, want) in ids.iter().zip(&expected) {
+        restore_and_compare(repo, vm, id, want, &work);
+    }
+
+    // Prune to one point: the chain state's point stays (merged into a full), and the next
+    // backup is still an incremental on it.
+    run(&["prune", "--repo", repo, "--keep-last", "1"]);
+    let kept = list(repo);
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0]["id"], ids[2].as_str());
+    restore_and_compare(repo, vm, &ids[2], &expected[2], &work.join("pruned"));
+    sim.write(vm, sim.disks()[1].0, 99_999, &[9; 1_000])
+        .unwrap();
+    let want = disks_now(&sim);
+    let o = backup(&sim, repo).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let points = list(repo);
+    assert_eq!(points.len(), 2);
+    assert_eq!(points[1]["base"], ids[2].as_str());
+    let last = points[1]["id"].as_str().unwrap().to_owned();
+    restore_and_compare(repo, vm, &last, &want, &work.join("after"));
+    assert!(sim.snapshots(vm).is_empty());
+}
