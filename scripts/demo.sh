@@ -10,8 +10,9 @@
 #      compared byte for byte with the VM's, slot by slot; the host keeps one cbt_metadata
 #      snapshot per disk as the base for the next run (`gc --dry-run` shows nothing to remove);
 #   4. VMware vSphere, on the vSphere simulator (tests/vsphere-sim, VI/JSON): a full and an
-#      incremental backup of a VM with two disks into a repository, restored from it and
-#      compared with the VM's disks;
+#      incremental backup of a VM with two disks into a repository (its chain state kept
+#      there), restored from it and compared with the VM's disks; `gc --vsphere` finds no
+#      snapshot left;
 #   5. the XenServer VM into the same repository: four backups with guest writes between,
 #      the latest point restored from it and compared, then `prune --keep-last 2` (the
 #      oldest kept point merged into a synthetic full) and `verify --read-data` of both VMs.
@@ -163,7 +164,7 @@ for key in (2000, 2001):
 print("   guest wrote on both disks")
 PY
 }
-VBACKUP=(backup --vsphere "$VURL" --vsphere-ca "$VCA" --user "$VUSER" --vm "$VVM" --repo repo --state vs.json)
+VBACKUP=(backup --vsphere "$VURL" --vsphere-ca "$VCA" --user "$VUSER" --vm "$VVM" --repo repo)
 vsphere_writes 1
 "$BIN" "${VBACKUP[@]}" >/dev/null
 vsphere_writes 2
@@ -173,6 +174,8 @@ mkdir vrestored
 "$BIN" restore --repo repo --vm "$VVM" --point latest --to vrestored
 cmp vsim/testvm/testvm-flat.vmdk vrestored/disk2000.raw && cmp vsim/testvm/testvm_1-flat.vmdk vrestored/disk2001.raw \
     && echo "   the latest vSphere point, restored from the repository == the VM's disks"
+"$BIN" gc --vsphere "$VURL" --vsphere-ca "$VCA" --user "$VUSER" --vm "$VVM" --repo repo
+echo "   gc --vsphere: no snapshot left on the VM"
 
 echo "== 5. XenServer into the same repository: four backups, prune to the last two, verify"
 for r in 5 6 7 8; do
