@@ -2,6 +2,7 @@
 //! vSphere simulator: control-plane behaviours (usage errors, refusals, faults, snapshot
 //! removal, secrets). Points restored byte for byte: tests/vsphere_chain.rs.
 
+use base64::Engine;
 use cbtstream_vsphere_sim::{SimConfig, Simulator};
 use std::path::Path;
 use std::process::Output;
@@ -251,45 +252,64 @@ fn has_token_shape(text: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn secrets_never_reach_verbose_output() {
-    let (dir, sim) = start_default().await;
-    let out = out_dir(&dir);
-    let url = sim.url();
-    let ca = sim.ca_path().to_str().unwrap().to_owned();
-    let o = cbtstream(
-        Some(sim.password()),
-        &[
-            "-vv",
-            "export",
-            "--vsphere",
-            &url,
-            "--vm",
-            sim.vm(),
-            "--disk",
-            "2001",
-            "-o",
-            out.join("d.cbts").to_str().unwrap(),
-            "--user",
+    // Both ways into the file service: the VI/JSON token as its cookie, and (when it refuses
+    // that) its own basic-auth login, whose password and cookie must not show either.
+    for takes_token in [true, false] {
+        let (dir, sim) = start(|d| SimConfig {
+            folder_takes_api_token: takes_token,
+            ..SimConfig::for_tests(d)
+        })
+        .await;
+        let out = out_dir(&dir);
+        sim.write(sim.vm(), 2001, 1_000, &[1; 5_000]).unwrap();
+        let url = sim.url();
+        let ca = sim.ca_path().to_str().unwrap().to_owned();
+        let o = cbtstream(
+            Some(sim.password()),
+            &[
+                "-vv",
+                "export",
+                "--vsphere",
+                &url,
+                "--vm",
+                sim.vm(),
+                "--disk",
+                "2001",
+                "-o",
+                out.join("d.cbts").to_str().unwrap(),
+                "--user",
+                sim.user(),
+                "--vsphere-ca",
+                &ca,
+                "--quiesce",
+            ],
+        )
+        .await;
+        went_through(&o);
+        let e = stderr(&o);
+        assert!(
+            e.contains("vSphere call") && e.contains("QueryChangedDiskAreas"),
+            "{e}"
+        );
+        assert_eq!(sim.calls("folder basic auth"), u64::from(!takes_token));
+        if !takes_token {
+            assert!(e.contains("logged in to the datastore file service"), "{e}");
+        }
+        assert!(!e.contains(sim.password()), "the password leaked");
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
             sim.user(),
-            "--vsphere-ca",
-            &ca,
-            "--quiesce",
-        ],
-    )
-    .await;
-    went_through(&o);
-    let e = stderr(&o);
-    assert!(
-        e.contains("vSphere call") && e.contains("QueryChangedDiskAreas"),
-        "{e}"
-    );
-    assert!(!e.contains(sim.password()), "the password leaked");
-    assert!(!has_token_shape(&e), "a session token leaked: {e}");
-    assert!(
-        !e.to_ascii_lowercase().contains("vmware_soap_session="),
-        "{e}"
-    );
-    assert!(sim.snapshots(sim.vm()).is_empty());
-    assert!(out.join("d.cbts").exists());
+            sim.password()
+        ));
+        assert!(!e.contains(&basic), "the basic credentials leaked");
+        assert!(!has_token_shape(&e), "a session token leaked: {e}");
+        assert!(
+            !e.to_ascii_lowercase().contains("vmware_soap_session="),
+            "{e}"
+        );
+        assert!(sim.snapshots(sim.vm()).is_empty());
+        assert!(out.join("d.cbts").exists());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,7 +14,12 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-async fn backup(sim: &Simulator, out: &Path, state: &Path, extra: &[&str]) -> Output {
+fn backup_command(
+    sim: &Simulator,
+    out: &Path,
+    state: &Path,
+    extra: &[&str],
+) -> tokio::process::Command {
     let url = sim.url();
     let ca = sim.ca_path().to_str().unwrap().to_owned();
     let mut args = vec![
@@ -37,7 +42,14 @@ async fn backup(sim: &Simulator, out: &Path, state: &Path, extra: &[&str]) -> Ou
     cmd.args(&args)
         .env("VSPHERE_PASSWORD", sim.password())
         .env_remove("CBTSTREAM_LOG");
-    cmd.output().await.unwrap()
+    cmd
+}
+
+async fn backup(sim: &Simulator, out: &Path, state: &Path, extra: &[&str]) -> Output {
+    backup_command(sim, out, state, extra)
+        .output()
+        .await
+        .unwrap()
 }
 
 fn point_json(dir: &Path) -> serde_json::Value {
@@ -169,9 +181,14 @@ async fn a_full_and_three_incrementals_restore_byte_identical() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cbt_reset_breaks_the_chain_and_fallback_full_starts_a_new_one() {
     let dir = tempfile::tempdir().unwrap();
-    let sim = Simulator::start(SimConfig::for_tests(dir.path().join("ds")))
-        .await
-        .unwrap();
+    // A file service that refuses the VI/JSON token: every read goes through its own
+    // basic-auth session cookie, and the points still restore byte-identical.
+    let sim = Simulator::start(SimConfig {
+        folder_takes_api_token: false,
+        ..SimConfig::for_tests(dir.path().join("ds"))
+    })
+    .await
+    .unwrap();
     let (out, state, work) = (
         dir.path().join("out"),
         dir.path().join("vm.json"),
@@ -211,4 +228,47 @@ async fn a_cbt_reset_breaks_the_chain_and_fallback_full_starts_a_new_one() {
         .clone();
     assert!(reset["base"].is_null(), "{info}");
     restore_and_compare(&[first, second], &expected, &work);
+    // One file-service login per run that read, whatever its number of disks.
+    assert_eq!(sim.calls("folder basic auth"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_expiring_mid_export_are_renewed_and_the_point_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig::for_tests(dir.path().join("ds")))
+        .await
+        .unwrap();
+    let (out, state, work) = (
+        dir.path().join("out"),
+        dir.path().join("vm.json"),
+        dir.path().join("w"),
+    );
+    std::fs::create_dir(&out).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    guest_writes(&sim, 0);
+    guest_writes(&sim, 1);
+    let expected: Vec<(i32, Vec<u8>)> = sim
+        .disks()
+        .iter()
+        .map(|&(k, _)| (k, sim.read_disk(sim.vm(), k).unwrap()))
+        .collect();
+    // The first reads are on their way when every session (and the API token the reads
+    // carry) ends: the later reads are refused, and so is the next VI/JSON call.
+    sim.hold("GET /folder");
+    let mut child = backup_command(&sim, &out, &state, &[])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while sim.calls("GET /folder") == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "cbtstream ended early");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    sim.expire_sessions();
+    sim.let_go("GET /folder");
+    let o = child.wait_with_output().await.unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sim.calls("folder basic auth"), 1, "{}", stderr(&o));
+    assert!(sim.snapshots(sim.vm()).is_empty(), "a snapshot was left");
+    restore_and_compare(&[newest_point(&out, &[])], &expected, &work);
 }

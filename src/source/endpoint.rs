@@ -156,12 +156,13 @@ impl Endpoint {
         req
     }
 
-    /// The file's size, from the `Content-Length` of a `HEAD`.
-    pub(super) async fn head_size(
+    /// A `HEAD` of the file, answered `200` (`401`/`403`: not authorized; else the status).
+    pub(super) async fn head(
         &self,
         sender: &mut Sender,
         headers: &HeaderMap,
-    ) -> Result<u64, HttpRangeError> {
+        what: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, HttpRangeError> {
         let exchange = async {
             sender.ready().await.map_err(|e| self.http(e))?;
             sender
@@ -176,8 +177,7 @@ impl Endpoint {
                 after: self.connect_timeout,
             })??;
         let status = resp.status();
-        let what = "the size request (HEAD)".to_owned();
-        let addr = self.addr.clone();
+        let (what, addr) = (what.to_owned(), self.addr.clone());
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
             let status = status.as_u16();
             return Err(HttpRangeError::NotAuthorized { addr, what, status });
@@ -186,9 +186,23 @@ impl Endpoint {
             let status = status.as_u16();
             return Err(HttpRangeError::Status { addr, what, status });
         }
+        Ok(resp)
+    }
+
+    /// The file's size, from the `Content-Length` of a `HEAD`.
+    pub(super) async fn head_size(
+        &self,
+        sender: &mut Sender,
+        headers: &HeaderMap,
+    ) -> Result<u64, HttpRangeError> {
+        let resp = self
+            .head(sender, headers, "the size request (HEAD)")
+            .await?;
         resp.headers()
             .get(CONTENT_LENGTH)
             .and_then(|v| decimal(v.as_bytes()))
-            .ok_or(HttpRangeError::NoSize { addr })
+            .ok_or_else(|| HttpRangeError::NoSize {
+                addr: self.addr.clone(),
+            })
     }
 }

@@ -223,6 +223,25 @@ impl Shared {
     }
 }
 
+/// `HEAD` of the file with `opts.headers` (a credential, say) on a connection of its own:
+/// the `name=value` of each `Set-Cookie` of the answer, for a server that opens a session
+/// on a credential and names it in a cookie. The values are secrets.
+pub async fn head_cookies(opts: &HttpRangeOptions) -> Result<Vec<String>, HttpRangeError> {
+    let endpoint = Endpoint::new(opts)?;
+    let (mut sender, _) = endpoint.connect().await?;
+    let resp = endpoint
+        .head(&mut sender, &opts.headers.0, "the login request (HEAD)")
+        .await?;
+    Ok(resp
+        .headers()
+        .get_all(hyper::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .map(|pair| pair.trim().to_owned())
+        .collect())
+}
+
 /// The connector of one file: opens connections, renewing the headers when the server
 /// refused them.
 pub struct HttpRange {

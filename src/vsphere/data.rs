@@ -5,7 +5,9 @@ use crate::engine::ExportSummary;
 use crate::engine::Progress;
 use crate::exit::{fail, Code, Failure};
 use crate::export::{send_stream, DataPlaneOptions, Destination, StreamIds, What};
-use crate::source::http_range::{HttpRange, HttpRangeOptions, RequestHeaders};
+use crate::source::http_range::{
+    head_cookies, HttpRange, HttpRangeOptions, RenewError, RenewHeaders, RequestHeaders,
+};
 use crate::tls::Trust;
 use crate::xapi::Secret;
 use cbtstream_proto::cbt::CBT_BLOCK;
@@ -19,6 +21,9 @@ pub struct DiskReads {
     /// The session token, sent as the cookie `vmware_soap_session="<token>"` (the file
     /// service's session cookie). A secret: never log it.
     pub session_cookie: Secret,
+    /// When the file service refuses that cookie (the VI/JSON token is not documented for
+    /// it) or the session expires: its own login.
+    pub login: Arc<FileServiceLogin>,
     /// How the server certificate is checked (the `--vsphere-*` trust flags).
     pub trust: Trust,
     /// The disk's capacity: the stream's virtual size (the extent is exactly this long).
@@ -53,11 +58,16 @@ pub async fn read_disk(
     dp: &DataPlaneOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<ExportSummary, Failure> {
-    let cookie = format!("vmware_soap_session=\"{}\"", plan.session_cookie.expose());
+    // The file service's own session when an earlier disk opened one, else the API token.
+    let cookie = match plan.login.session() {
+        Some(session) => session.expose().to_owned(),
+        None => format!("vmware_soap_session=\"{}\"", plan.session_cookie.expose()),
+    };
     let headers = RequestHeaders::cookie(&cookie).map_err(|e| fail(Code::Source, e))?;
     let mut opts = HttpRangeOptions::new(plan.url, plan.trust, headers);
     opts.size = Some(plan.capacity);
-    let (connector, first) = HttpRange::open(opts, None)
+    let renew: Arc<dyn RenewHeaders> = plan.login.clone();
+    let (connector, first) = HttpRange::open(opts, Some(renew))
         .await
         .map_err(|e| fail(Code::Source, e))?;
     let what = if plan.full {
@@ -71,4 +81,57 @@ pub async fn read_disk(
         What::Changed(plan.bitmap)
     };
     send_stream(first, connector, what, plan.ids, dp, dest, progress).await
+}
+
+/// The file service's own login, as virt-v2v does it against vCenter: a `HEAD` of the file
+/// with HTTP basic auth opens a session whose `vmware_soap_session` cookie later requests
+/// carry (tests/vsphere-sim/README.md [S7]). Over the same TLS and trust as every call.
+/// One per run: the session it opens serves every disk.
+pub struct FileServiceLogin {
+    /// A file to `HEAD` (any the run reads).
+    pub url: String,
+    pub trust: Trust,
+    pub user: String,
+    pub password: Secret,
+    /// The `vmware_soap_session=...` pair of the last session it opened.
+    pub opened: std::sync::Mutex<Option<Secret>>,
+}
+
+impl FileServiceLogin {
+    fn session(&self) -> Option<Secret> {
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl RenewHeaders for FileServiceLogin {
+    fn renew(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<RequestHeaders, RenewError>> + Send + '_>,
+    > {
+        Box::pin(async move {
+            use base64::Engine;
+            let pair = format!("{}:{}", self.user, self.password.expose());
+            let basic = base64::engine::general_purpose::STANDARD.encode(pair);
+            let mut headers = RequestHeaders::new();
+            headers.insert("authorization", &format!("Basic {basic}"))?;
+            let opts = HttpRangeOptions::new(self.url.clone(), self.trust.clone(), headers);
+            let cookies = head_cookies(&opts).await?;
+            let session = cookies
+                .iter()
+                .find(|c| c.starts_with("vmware_soap_session="))
+                .ok_or(
+                    "the datastore file service accepted the login but set no \
+                        vmware_soap_session cookie",
+                )?;
+            tracing::info!("logged in to the datastore file service");
+            let headers = RequestHeaders::cookie(session)?;
+            *self.opened.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Secret::new(session.clone()));
+            Ok(headers)
+        })
+    }
 }

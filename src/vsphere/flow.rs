@@ -13,7 +13,7 @@
 
 use super::calls::{self, Disk};
 use super::client::{Client, ClientOptions, MoRef, VsphereError};
-use super::data::{read_disk, DiskReads};
+use super::data::{read_disk, DiskReads, FileServiceLogin};
 use crate::chain::{self, VsphereDisk, VspherePending, VsphereState};
 use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
@@ -330,6 +330,7 @@ async fn take_point(
     let cookie = client.session_token().await;
     let authority = client.endpoint().authority();
     let source_id = |key: i32| format!("{}/{key}", vm.value);
+    let file_login = std::sync::OnceLock::new();
     let reads = |p: &Planned| -> Result<DiskReads, Failure> {
         let (ds, path) = calls::split_datastore_path(&p.disk.file_name).ok_or_else(|| {
             fail(
@@ -346,8 +347,21 @@ async fn take_point(
                 format!("disk {}: the backing is not a .vmdk", p.disk.key),
             )
         })?;
+        let url = calls::folder_url(&authority, &datacenter, ds, &flat);
+        let login = file_login
+            .get_or_init(|| {
+                Arc::new(FileServiceLogin {
+                    url: url.clone(),
+                    trust: client.trust().clone(),
+                    user: opts.login.user.clone(),
+                    password: opts.login.password.clone(),
+                    opened: Default::default(),
+                })
+            })
+            .clone();
         Ok(DiskReads {
-            url: calls::folder_url(&authority, &datacenter, ds, &flat),
+            login,
+            url,
             session_cookie: cookie.clone(),
             trust: client.trust().clone(),
             capacity: p.disk.capacity,

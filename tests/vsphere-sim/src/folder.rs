@@ -76,7 +76,12 @@ enum Auth {
 }
 
 fn authenticate(st: &mut State, req: &Request<Incoming>) -> Auth {
-    if cookie(req, SESSION_COOKIE).is_some_and(|t| st.sessions.contains_key(&t)) {
+    let takes_api_token = st.folder_takes_api_token;
+    if cookie(req, SESSION_COOKIE).is_some_and(|t| {
+        st.sessions
+            .get(&t)
+            .is_some_and(|s| s.by_file_service || takes_api_token)
+    }) {
         return Auth::Ok;
     }
     if let Some(id) = cookie(req, TICKET_COOKIE) {
@@ -115,8 +120,10 @@ fn authenticate(st: &mut State, req: &Request<Incoming>) -> Auth {
                     user: user.to_owned(),
                     key: uuid::Uuid::new_v4().to_string(),
                     login_time: crate::json::now(),
+                    by_file_service: true,
                 },
             );
+            st.count("folder basic auth");
             return Auth::NewSession(token);
         }
     }

@@ -96,6 +96,9 @@ pub struct SimConfig {
     pub task_delay: Duration,
     /// Log each request's method, path and status on stderr (never bodies or tokens).
     pub log_calls: bool,
+    /// Whether the file service takes a VI/JSON session token as its `vmware_soap_session`
+    /// cookie (unchecked on a real vCenter); `false`: only basic auth opens a session there.
+    pub folder_takes_api_token: bool,
 }
 
 impl SimConfig {
@@ -111,6 +114,7 @@ impl SimConfig {
             qcda_max_bytes: 1 << 30,
             task_delay: vim::DEFAULT_TASK_DELAY,
             log_calls: false,
+            folder_takes_api_token: true,
         }
     }
 
@@ -253,6 +257,7 @@ impl Simulator {
             task_delay: cfg.task_delay,
             qcda_max_bytes: cfg.qcda_max_bytes,
             log_calls: cfg.log_calls,
+            folder_takes_api_token: cfg.folder_takes_api_token,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(st),

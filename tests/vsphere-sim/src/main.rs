@@ -43,6 +43,10 @@ struct Args {
     /// Log each request's method, path and status on stderr (never bodies or tokens).
     #[arg(long, short)]
     verbose: bool,
+    /// The file service refuses the VI/JSON session token as its cookie: only basic auth
+    /// opens a session there (whether vCenter takes the token is unchecked).
+    #[arg(long)]
+    folder_refuses_api_token: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -56,6 +60,7 @@ async fn main() -> Result<()> {
         cbt_enabled: !a.no_cbt,
         user: a.user,
         log_calls: a.verbose,
+        folder_takes_api_token: !a.folder_refuses_api_token,
         ..SimConfig::new(a.data_dir)
     };
     let sim = Simulator::start(cfg).await?;

@@ -92,6 +92,8 @@ pub struct Session {
     pub user: String,
     pub key: String,
     pub login_time: String,
+    /// Opened by basic auth on the file service, not by `SessionManager.Login`.
+    pub by_file_service: bool,
 }
 
 /// A generic service ticket: single use, for one URL and HTTP method.
@@ -136,6 +138,8 @@ pub struct State {
     pub task_delay: std::time::Duration,
     pub qcda_max_bytes: u64,
     pub log_calls: bool,
+    /// Whether the file service takes a VI/JSON session token as its session cookie.
+    pub folder_takes_api_token: bool,
 }
 
 impl State {

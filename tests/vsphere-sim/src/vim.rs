@@ -157,6 +157,7 @@ fn login(st: &mut State, body: &Value) -> CallResult {
         user: user.to_owned(),
         key: uuid::Uuid::new_v4().to_string(),
         login_time: now(),
+        by_file_service: false,
     };
     let body = user_session(st, &session);
     st.sessions.insert(token.clone(), session);
