@@ -235,9 +235,13 @@ async fn a_cbt_reset_breaks_the_chain_and_fallback_full_starts_a_new_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_expiring_mid_export_are_renewed_and_the_point_restores() {
     let dir = tempfile::tempdir().unwrap();
-    let sim = Simulator::start(SimConfig::for_tests(dir.path().join("ds")))
-        .await
-        .unwrap();
+    // The datacenter in a folder too: the file service's dcPath is its inventory path.
+    let sim = Simulator::start(SimConfig {
+        datacenter_folder: Some("Europe West".into()),
+        ..SimConfig::for_tests(dir.path().join("ds"))
+    })
+    .await
+    .unwrap();
     let (out, state, work) = (
         dir.path().join("out"),
         dir.path().join("vm.json"),

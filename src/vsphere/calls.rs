@@ -326,21 +326,37 @@ pub fn flat_extent(path: &str) -> Option<String> {
     path.strip_suffix(".vmdk").map(|p| format!("{p}-flat.vmdk"))
 }
 
-/// The name of the datacenter a VM is in (the file service's `dcPath`), by walking up its
-/// `parent`s. A datacenter inside folders is not handled (its dcPath would hold them).
+/// The file service's `dcPath` of a VM: its datacenter's inventory path, the names of the
+/// folders the datacenter sits in below the root folder, then its own (`dc1`, or
+/// `Europe/dc1`): the vSphere Web Services SDK programming guide ("Datastore Access
+/// (/folder)") gives `dcPath` as the datacenter's inventory path. Found by walking up the
+/// `parent`s.
 pub async fn datacenter_of(client: &Client, vm: &MoRef) -> Result<String, VsphereError> {
+    let root = client.content().get("rootFolder").and_then(MoRef::parse);
     let mut at = vm.clone();
+    let mut path: Vec<String> = Vec::new();
     for _ in 0..64 {
         let parent = client
             .property(&at, "parent")
             .await?
             .as_ref()
-            .and_then(MoRef::parse)
-            .ok_or_else(|| {
-                VsphereError::protocol(&format!("{at} parent"), "no datacenter above the VM")
-            })?;
-        if parent.kind == "Datacenter" {
-            return name_of(client, &parent).await;
+            .and_then(MoRef::parse);
+        let Some(parent) = parent else {
+            if path.is_empty() {
+                return Err(VsphereError::protocol(
+                    &format!("{at} parent"),
+                    "no datacenter above the VM",
+                ));
+            }
+            // `at` has no parent: the root folder, which is not part of the path.
+            path.pop();
+            return Ok(inventory_path(path));
+        };
+        if !path.is_empty() || parent.kind == "Datacenter" {
+            if Some(&parent) == root.as_ref() {
+                return Ok(inventory_path(path));
+            }
+            path.push(name_of(client, &parent).await?);
         }
         at = parent;
     }
@@ -348,6 +364,12 @@ pub async fn datacenter_of(client: &Client, vm: &MoRef) -> Result<String, Vspher
         "finding the datacenter",
         "more than 64 folders deep",
     ))
+}
+
+/// Names gathered walking up, as the path down from the root.
+fn inventory_path(mut upwards: Vec<String>) -> String {
+    upwards.reverse();
+    upwards.join("/")
 }
 
 pub async fn name_of(client: &Client, object: &MoRef) -> Result<String, VsphereError> {
@@ -377,7 +399,7 @@ pub fn folder_url(authority: &str, datacenter: &str, datastore: &str, path: &str
     format!(
         "https://{authority}/folder/{}?dcPath={}&dsName={}",
         escape(path, true),
-        escape(datacenter, false),
+        escape(datacenter, true),
         escape(datastore, false)
     )
 }

@@ -387,6 +387,26 @@ async fn the_file_service_url_names_the_flat_extent_datacenter_and_datastore() {
     c.logout().await;
 }
 
+#[tokio::test]
+async fn a_datacenter_in_a_folder_has_the_folder_in_its_dc_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig {
+        datacenter_folder: Some("Europe West".into()),
+        ..SimConfig::for_tests(dir.path().join("ds"))
+    })
+    .await
+    .unwrap();
+    let c = client(&sim).await;
+    let dc = calls::datacenter_of(&c, &vm(&sim)).await.unwrap();
+    assert_eq!(dc, "Europe West/dc1");
+    let url = calls::folder_url(&c.endpoint().authority(), &dc, "ds1", "testvm/testvm.vmdk");
+    assert!(
+        url.ends_with("?dcPath=Europe%20West/dc1&dsName=ds1"),
+        "{url}"
+    );
+    c.logout().await;
+}
+
 /// A server that answers every request with what `answer(path)` says, over TLS with a
 /// test CA: (status, session header, body).
 type Answer = (u16, Option<&'static str>, Vec<u8>);

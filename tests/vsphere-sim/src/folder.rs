@@ -318,7 +318,7 @@ pub async fn serve(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bod
             }
         }
         let target = match (dc, ds) {
-            (Some(dc), Some(ds)) if dc == st.datacenter => lookup(&st, &ds, &path),
+            (Some(dc), Some(ds)) if dc == st.dc_path() => lookup(&st, &ds, &path),
             _ => None,
         };
         (auth, target)

@@ -99,6 +99,9 @@ pub struct SimConfig {
     /// Whether the file service takes a VI/JSON session token as its `vmware_soap_session`
     /// cookie (unchecked on a real vCenter); `false`: only basic auth opens a session there.
     pub folder_takes_api_token: bool,
+    /// Put the datacenter in a folder of this name below the root folder (its `dcPath`
+    /// then is `<folder>/<datacenter>`).
+    pub datacenter_folder: Option<String>,
 }
 
 impl SimConfig {
@@ -115,6 +118,7 @@ impl SimConfig {
             task_delay: vim::DEFAULT_TASK_DELAY,
             log_calls: false,
             folder_takes_api_token: true,
+            datacenter_folder: None,
         }
     }
 
@@ -222,6 +226,7 @@ impl Simulator {
             release: RELEASE.into(),
             delta_dir,
             datacenter: DATACENTER.into(),
+            datacenter_folder: cfg.datacenter_folder.clone(),
             datastores: vec![
                 Datastore {
                     moid: DATASTORE_MOID.into(),

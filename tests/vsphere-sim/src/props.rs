@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 use crate::disk::Disk;
 use crate::json::moref;
 use crate::state::{
-    Datastore, Snapshot, State, Task, TaskState, Vm, DATACENTER_MOID, DATASTORE_MOID,
-    VM_FOLDER_MOID,
+    Datastore, Snapshot, State, Task, TaskState, Vm, DATACENTER_FOLDER_MOID, DATACENTER_MOID,
+    DATASTORE_MOID, ROOT_FOLDER_MOID, VM_FOLDER_MOID,
 };
 
 pub const CONTROLLER_KEY: i32 = 1000;
@@ -17,7 +17,7 @@ pub const NIC_KEY: i32 = 4000;
 pub fn service_content(st: &State) -> Value {
     json!({
         "_typeName": "ServiceContent",
-        "rootFolder": moref("Folder", "group-d1"),
+        "rootFolder": moref("Folder", ROOT_FOLDER_MOID),
         "propertyCollector": moref("PropertyCollector", "propertyCollector"),
         "viewManager": moref("ViewManager", "ViewManager"),
         "about": {
@@ -309,6 +309,10 @@ pub fn get(st: &State, typ: &str, moid: &str, prop: &str) -> Result<Option<Value
         }
         "Datacenter" if moid == DATACENTER_MOID => match prop {
             "name" => some(json!(st.datacenter)),
+            "parent" => some(match st.datacenter_folder {
+                Some(_) => moref("Folder", DATACENTER_FOLDER_MOID),
+                None => moref("Folder", ROOT_FOLDER_MOID),
+            }),
             "vmFolder" => some(moref("Folder", VM_FOLDER_MOID)),
             "datastore" => some(json!(st
                 .datastores
@@ -317,6 +321,23 @@ pub fn get(st: &State, typ: &str, moid: &str, prop: &str) -> Result<Option<Value
                 .collect::<Vec<_>>())),
             _ => Err(()),
         },
+        "Folder" if moid == ROOT_FOLDER_MOID => match prop {
+            "name" => some(json!("Datacenters")),
+            "parent" => Ok(None),
+            "childEntity" => some(json!([match st.datacenter_folder {
+                Some(_) => moref("Folder", DATACENTER_FOLDER_MOID),
+                None => moref("Datacenter", DATACENTER_MOID),
+            }])),
+            _ => Err(()),
+        },
+        "Folder" if moid == DATACENTER_FOLDER_MOID && st.datacenter_folder.is_some() => {
+            match prop {
+                "name" => some(json!(st.datacenter_folder)),
+                "parent" => some(moref("Folder", ROOT_FOLDER_MOID)),
+                "childEntity" => some(json!([moref("Datacenter", DATACENTER_MOID)])),
+                _ => Err(()),
+            }
+        }
         "Folder" if moid == VM_FOLDER_MOID => match prop {
             "name" => some(json!("vm")),
             "parent" => some(moref("Datacenter", DATACENTER_MOID)),

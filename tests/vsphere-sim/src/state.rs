@@ -12,6 +12,10 @@ use crate::json::Fault;
 
 pub const DATACENTER_MOID: &str = "datacenter-3";
 pub const VM_FOLDER_MOID: &str = "group-v4";
+/// The inventory's root folder (`ServiceContent.rootFolder`).
+pub const ROOT_FOLDER_MOID: &str = "group-d1";
+/// The folder the datacenter sits in, when [`State::datacenter_folder`] names one.
+pub const DATACENTER_FOLDER_MOID: &str = "group-d50";
 pub const DATASTORE_MOID: &str = "datastore-11";
 /// A second datastore with no registered VM: the one `UpdateVirtualMachineFiles_Task` may
 /// update (it refuses a volume with registered VMs).
@@ -118,6 +122,8 @@ pub struct State {
     /// Where delta files live (not on the datastore the file service serves).
     pub delta_dir: PathBuf,
     pub datacenter: String,
+    /// A folder between the root folder and the datacenter (its name), or none.
+    pub datacenter_folder: Option<String>,
     pub datastores: Vec<Datastore>,
     pub vms: Vec<Vm>,
     pub snapshots: BTreeMap<String, Snapshot>,
@@ -154,6 +160,14 @@ impl State {
 
     pub fn vm_mut(&mut self, moid: &str) -> Option<&mut Vm> {
         self.vms.iter_mut().find(|v| v.moid == moid)
+    }
+
+    /// The datacenter's inventory path: the file service's `dcPath`.
+    pub fn dc_path(&self) -> String {
+        match &self.datacenter_folder {
+            Some(folder) => format!("{folder}/{}", self.datacenter),
+            None => self.datacenter.clone(),
+        }
     }
 
     pub fn datastore(&self, moid: &str) -> Option<&Datastore> {
