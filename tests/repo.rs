@@ -195,3 +195,70 @@ async fn gc_of_a_killed_backup_uses_the_state_in_the_repository() {
     assert_eq!(points[1]["kind"], "incremental");
     assert_eq!(points[1]["base"], points[0]["id"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_whose_last_point_left_the_repository_starts_over_with_a_full() {
+    // The chain state is a file the repository cannot see: a prune (or a hand) may take the
+    // point it names. An incremental on it could never be restored; a full is made instead.
+    let e = env_with(|c| c.disks = 2).await;
+    let repo = e.dir.join("repo");
+    let repo_s = p(&repo).to_string();
+    let state = e.dir.join("chain.json");
+    ok(run(&["repo", "init", &repo_s]));
+    for round in 0..2u8 {
+        e.guest_writes(round);
+        ok(e.backup_repo(&repo_s, &["--state", p(&state)]).await);
+    }
+    let gone = list_json(&repo_s)[1]["id"].as_str().unwrap().to_string();
+    let vm_dir = repo.join("vms").join(e.sim.vm_uuid());
+    std::fs::remove_dir_all(vm_dir.join("points").join(&gone)).unwrap();
+    e.guest_writes(2);
+    let o = ok(e.backup_repo(&repo_s, &["--state", p(&state)]).await);
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "the chain's last point {gone} is not in the repository"
+        )) && err.contains("a full one"),
+        "{err}"
+    );
+    // The simulator's clock stands still: the new point is the one the state names.
+    let new_point = |state: &Path| -> String {
+        let chain: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(state).unwrap()).unwrap();
+        chain["point"].as_str().unwrap().to_string()
+    };
+    let id = new_point(&state);
+    let points = list_json(&repo_s);
+    let new = points.iter().find(|p| p["id"] == id.as_str()).unwrap();
+    assert_eq!(
+        (new["kind"].as_str(), &new["base"]),
+        (Some("full"), &serde_json::Value::Null)
+    );
+    let to = e.dir.join("restored");
+    std::fs::create_dir(&to).unwrap();
+    let vm = e.sim.vm_uuid();
+    ok(run(&[
+        "restore",
+        "--repo",
+        &repo_s,
+        "--vm",
+        vm,
+        "--point",
+        &id,
+        "--to",
+        p(&to),
+    ]));
+    for (slot, vdi) in e.sim.disks().iter().enumerate() {
+        assert_same(
+            &to.join(format!("disk{slot}.raw")),
+            &e.sim.vdi_path(vdi).unwrap(),
+        );
+    }
+    // The next backup chains on the new full again.
+    e.guest_writes(3);
+    ok(e.backup_repo(&repo_s, &["--state", p(&state)]).await);
+    let next = new_point(&state);
+    let points = list_json(&repo_s);
+    let next = points.iter().find(|p| p["id"] == next.as_str()).unwrap();
+    assert_eq!(next["base"], id.as_str());
+}

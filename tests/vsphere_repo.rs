@@ -151,3 +151,77 @@ async fn the_chain_state_lives_in_the_repository_and_prune_keeps_its_point() {
     restore_and_compare(repo, vm, &last, &want, &work.join("after"));
     assert!(sim.snapshots(vm).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_whose_last_point_left_the_directory_starts_over_with_a_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig::for_tests(dir.path().join("ds")))
+        .await
+        .unwrap();
+    let (out, state) = (dir.path().join("out"), dir.path().join("vm.json"));
+    std::fs::create_dir(&out).unwrap();
+    let url = sim.url();
+    let ca = sim.ca_path().to_str().unwrap().to_owned();
+    let args = [
+        "backup",
+        "--vsphere",
+        &url,
+        "--vm",
+        sim.vm(),
+        "--out",
+        out.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--user",
+        sim.user(),
+        "--vsphere-ca",
+        &ca,
+    ];
+    let backup = || async {
+        let o = tokio::process::Command::new(BIN)
+            .args(args)
+            .env("VSPHERE_PASSWORD", sim.password())
+            .env_remove("CBTSTREAM_LOG")
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        o
+    };
+    sim.write(sim.vm(), 2000, 4_096, &[1; 70_000]).unwrap();
+    backup().await;
+    let first: Value = serde_json::from_slice(&std::fs::read(state.as_path()).unwrap()).unwrap();
+    let gone = first["point"].as_str().unwrap().to_owned();
+    std::fs::remove_dir_all(out.join(&gone)).unwrap();
+    sim.write(sim.vm(), 2001, 99_999, &[2; 1_000]).unwrap();
+    let o = backup().await;
+    assert!(
+        stderr(&o).contains(&format!("the chain's last point {gone} is not in")),
+        "{}",
+        stderr(&o)
+    );
+    let second: Value = serde_json::from_slice(&std::fs::read(state.as_path()).unwrap()).unwrap();
+    let id = second["point"].as_str().unwrap();
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(out.join(id).join("point.json")).unwrap()).unwrap();
+    assert!(info["base"].is_null(), "{info}");
+    assert!(info["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["base"].is_null()));
+    // Restored from that one full point: the disks as they are.
+    for (key, want) in disks_now(&sim) {
+        let image = dir.path().join(format!("{key}.raw"));
+        run(&[
+            "restore",
+            "--to",
+            image.to_str().unwrap(),
+            out.join(id)
+                .join(format!("disk-{key}.cbts"))
+                .to_str()
+                .unwrap(),
+        ]);
+        assert!(std::fs::read(&image).unwrap() == want, "disk {key} differs");
+    }
+}

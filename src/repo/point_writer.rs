@@ -15,6 +15,55 @@ pub enum PointTarget {
     Repo(Repo),
 }
 
+impl PointTarget {
+    /// Whether point `id` of `vm` is stored there (its `point.json` exists).
+    pub async fn has_point(&self, vm: &str, id: &str) -> Result<bool, PointWriteError> {
+        match self {
+            PointTarget::Dir(out) => {
+                let path = out.join(id).join(POINT_FILE);
+                path.try_exists().map_err(|source| PointWriteError::Io {
+                    what: format!("looking for {}", path.display()),
+                    source,
+                })
+            }
+            PointTarget::Repo(repo) => {
+                let key = format!("{}/{POINT_FILE}", point_dir(vm, id));
+                Ok(repo.store.size(&key).await?.is_some())
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            PointTarget::Dir(out) => out.display().to_string(),
+            PointTarget::Repo(repo) => format!("the repository {}", repo.store.describe("")),
+        }
+    }
+}
+
+/// Whether the chain's last point, which an incremental would build on, is in `target`.
+/// When it is not (pruned while the chain state was kept elsewhere, deleted by hand, or
+/// another destination), an incremental there could never be restored: the caller makes a
+/// full one instead, and says so.
+pub async fn base_point_present(
+    target: &PointTarget,
+    vm: &str,
+    point: Option<&str>,
+) -> Result<bool, PointWriteError> {
+    let Some(point) = point else {
+        return Ok(true);
+    };
+    let present = target.has_point(vm, point).await?;
+    if !present {
+        tracing::warn!(
+            "the chain's last point {point} is not in {}: an incremental on it could not be \
+             restored from there, so this backup is a full one",
+            target.describe()
+        );
+    }
+    Ok(present)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PointWriteError {
     #[error("{what}: {source}")]

@@ -18,7 +18,7 @@ use crate::chain::{self, VsphereDisk, VspherePending, VsphereState};
 use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::export::{shutdown_signal, DataPlaneOptions, Destination, StreamIds};
-use crate::repo::point_writer::{PointTarget, PointWriter};
+use crate::repo::point_writer::{base_point_present, PointTarget, PointWriter};
 use crate::repo::state::StateHome;
 use crate::tls::Trust;
 use crate::xapi::Secret;
@@ -120,6 +120,20 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
             fail(code, e)
         })?,
         None => None,
+    };
+    // A chain whose last point is not where this point goes starts over there: full.
+    let state = match (state, &opts.output) {
+        (Some(mut s), Output::Point(target)) => {
+            let present = base_point_present(target, &opts.vm, s.point.as_deref())
+                .await
+                .code(Code::Output)?;
+            if !present {
+                s.point = None;
+                s.disks.clear();
+            }
+            Some(s)
+        }
+        (state, _) => state,
     };
     let client = Arc::new(login(&opts.login).await?);
     let mut taken = Taken::default();

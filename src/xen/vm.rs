@@ -25,7 +25,7 @@ use crate::chain::{DiskBase, VmState};
 use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::export::{created_now, send_stream, shutdown_signal, DataPlaneOptions, StreamIds, What};
-use crate::repo::point_writer::{PointTarget, PointWriter};
+use crate::repo::point_writer::{base_point_present, PointTarget, PointWriter};
 use crate::repo::state::StateHome;
 use crate::xapi::{Ref, XapiSession};
 use cbtstream_proto::cbt;
@@ -125,10 +125,14 @@ pub async fn run(opts: BackupOptions) -> Result<BackupReport, Failure> {
         Some(home) => load_vm_state(home, &opts.vm).await?,
         None => None,
     };
+    let point = state.as_ref().and_then(|s| s.point.as_deref());
+    let bases_usable = base_point_present(&opts.target, &opts.vm, point)
+        .await
+        .code(Code::Output)?;
     let session = Arc::new(login(&opts.login).await?);
     let taken: Arc<Mutex<Taken>> = Arc::default();
     let result = tokio::select! {
-        r = backup(&session, &opts, state.as_ref(), taken.clone()) => r,
+        r = backup(&session, &opts, state.as_ref(), bases_usable, taken.clone()) => r,
         sig = shutdown_signal() => Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed"))),
     };
     // The point is durable: the commit runs to its end, whatever signal comes now.
@@ -245,6 +249,7 @@ async fn backup(
     session: &Arc<XapiSession>,
     opts: &BackupOptions,
     state: Option<&VmState>,
+    bases_usable: bool,
     taken: Arc<Mutex<Taken>>,
 ) -> Result<(BackupReport, Vec<Disk>), Failure> {
     let vm = session.vm_get_by_uuid(&opts.vm).await.map_err(src)?;
@@ -326,7 +331,7 @@ async fn backup(
         // The disk's base, when the chain has one, it is still there, and CBT was on.
         let mut base = None;
         match state.and_then(|s| s.disks.get(&d.vdi)) {
-            Some(_) if d.full => {}
+            Some(_) if d.full || !bases_usable => {}
             Some(b) => match session.vdi_get_by_uuid(&b.base).await {
                 Ok(r) => base = Some((b.base.clone(), r)),
                 Err(e) if e.is("UUID_INVALID") || e.is("HANDLE_INVALID") => tracing::warn!(
