@@ -3,15 +3,13 @@
 //! removal, secrets). Points restored byte for byte: tests/vsphere_chain.rs.
 
 use base64::Engine;
+#[path = "vsphere_env/mod.rs"]
+mod vsphere_env;
+
 use cbtstream_vsphere_sim::{SimConfig, Simulator};
 use std::path::Path;
 use std::process::Output;
-
-async fn start(cfg: impl FnOnce(&Path) -> SimConfig) -> (tempfile::TempDir, Simulator) {
-    let dir = tempfile::tempdir().unwrap();
-    let sim = Simulator::start(cfg(&dir.path().join("ds"))).await.unwrap();
-    (dir, sim)
-}
+use vsphere_env::*;
 
 async fn start_default() -> (tempfile::TempDir, Simulator) {
     start(|d| SimConfig::for_tests(d)).await
@@ -19,7 +17,7 @@ async fn start_default() -> (tempfile::TempDir, Simulator) {
 
 /// `cbtstream ARGS` with `password` in $VSPHERE_PASSWORD.
 async fn cbtstream(password: Option<&str>, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbtstream"));
+    let mut cmd = tokio::process::Command::new(BIN);
     cmd.args(args)
         .env_remove("VSPHERE_PASSWORD")
         .env_remove("CBTSTREAM_LOG");
@@ -31,27 +29,9 @@ async fn cbtstream(password: Option<&str>, args: &[&str]) -> Output {
 
 /// `backup --vsphere URL --vm vm-42 --out OUT --user U --vsphere-ca CA EXTRA...`.
 async fn backup(sim: &Simulator, out: &Path, extra: &[&str]) -> Output {
-    let url = sim.url();
-    let ca = sim.ca_path().to_str().unwrap().to_owned();
-    let mut args = vec![
-        "backup",
-        "--vsphere",
-        &url,
-        "--vm",
-        sim.vm(),
-        "--out",
-        out.to_str().unwrap(),
-        "--user",
-        sim.user(),
-        "--vsphere-ca",
-        &ca,
-    ];
-    args.extend_from_slice(extra);
-    cbtstream(Some(sim.password()), &args).await
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    let mut all = vec!["--out", out.to_str().unwrap()];
+    all.extend_from_slice(extra);
+    run(sim, "backup", &all).await
 }
 
 /// A run that went through: snapshot, changed areas, reads of the frozen extent, the point.
@@ -353,7 +333,7 @@ async fn update_paths_prints_the_files_it_could_not_update() {
     sim.add_unupdatable_file("[ds2] old/old_1.vmdk");
     let url = sim.url();
     let ca = sim.ca_path().to_str().unwrap().to_owned();
-    let run = |ds: &'static str| {
+    let update = |ds: &'static str| {
         let (url, ca) = (url.clone(), ca.clone());
         let sim = &sim;
         async move {
@@ -377,7 +357,7 @@ async fn update_paths_prints_the_files_it_could_not_update() {
             .await
         }
     };
-    let o = run("datastore-12").await;
+    let o = update("datastore-12").await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let stdout = String::from_utf8(o.stdout.clone()).unwrap();
     let files: Vec<&str> = stdout
@@ -387,32 +367,14 @@ async fn update_paths_prints_the_files_it_could_not_update() {
     assert_eq!(files, ["[ds2] old/old.vmx", "[ds2] old/old_1.vmdk"]);
     assert!(stderr(&o).contains("2 file(s) could not be updated"));
     // ds1 has a registered VM: the server refuses, and says why.
-    let o = run("datastore-11").await;
+    let o = update("datastore-11").await;
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("ResourceInUse"), "{}", stderr(&o));
 }
 
 /// `gc --vsphere URL --vm vm-42 --user U --vsphere-ca CA EXTRA...`.
 async fn gc(sim: &Simulator, extra: &[&str]) -> Output {
-    let url = sim.url();
-    let ca = sim.ca_path().to_str().unwrap().to_owned();
-    let mut args = vec![
-        "gc",
-        "--vsphere",
-        &url,
-        "--vm",
-        sim.vm(),
-        "--user",
-        sim.user(),
-        "--vsphere-ca",
-        &ca,
-    ];
-    args.extend_from_slice(extra);
-    cbtstream(Some(sim.password()), &args).await
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    run(sim, "gc", extra).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

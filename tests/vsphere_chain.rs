@@ -4,15 +4,13 @@
 //! at its snapshot; no snapshot is left on the VM; a CBT reset breaks the chain (a clear
 //! error, or a full with --fallback-full).
 
+#[path = "vsphere_env/mod.rs"]
+mod vsphere_env;
+
 use cbtstream_vsphere_sim::{SimConfig, Simulator};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cbtstream");
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use vsphere_env::*;
 
 fn backup_command(
     sim: &Simulator,
@@ -20,29 +18,14 @@ fn backup_command(
     state: &Path,
     extra: &[&str],
 ) -> tokio::process::Command {
-    let url = sim.url();
-    let ca = sim.ca_path().to_str().unwrap().to_owned();
-    let mut args = vec![
-        "backup",
-        "--vsphere",
-        &url,
-        "--vm",
-        sim.vm(),
+    let mut all = vec![
         "--out",
         out.to_str().unwrap(),
         "--state",
         state.to_str().unwrap(),
-        "--user",
-        sim.user(),
-        "--vsphere-ca",
-        &ca,
     ];
-    args.extend_from_slice(extra);
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.args(&args)
-        .env("VSPHERE_PASSWORD", sim.password())
-        .env_remove("CBTSTREAM_LOG");
-    cmd
+    all.extend_from_slice(extra);
+    command(sim, "backup", &all)
 }
 
 async fn backup(sim: &Simulator, out: &Path, state: &Path, extra: &[&str]) -> Output {

@@ -2,18 +2,17 @@
 //! incrementals build on the repository's `vms/<vm>/state.json`, every point restores
 //! byte-identical from the repository, and prune keeps the point the chain state names.
 
+#[path = "vsphere_env/mod.rs"]
+mod vsphere_env;
+
 use cbtstream_vsphere_sim::{SimConfig, Simulator};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Output;
+use vsphere_env::{command, stderr, BIN};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cbtstream");
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn run(args: &[&str]) -> Output {
+/// `cbtstream ARGS` (no vCenter): exit 0 or the test fails.
+fn cbt(args: &[&str]) -> Output {
     let o = std::process::Command::new(BIN)
         .args(args)
         .env_remove("CBTSTREAM_LOG")
@@ -24,32 +23,14 @@ fn run(args: &[&str]) -> Output {
 }
 
 async fn backup(sim: &Simulator, repo: &str) -> Output {
-    let url = sim.url();
-    let ca = sim.ca_path().to_str().unwrap().to_owned();
-    let args = [
-        "backup",
-        "--vsphere",
-        &url,
-        "--vm",
-        sim.vm(),
-        "--repo",
-        repo,
-        "--user",
-        sim.user(),
-        "--vsphere-ca",
-        &ca,
-    ];
-    tokio::process::Command::new(BIN)
-        .args(args)
-        .env("VSPHERE_PASSWORD", sim.password())
-        .env_remove("CBTSTREAM_LOG")
+    command(sim, "backup", &["--repo", repo])
         .output()
         .await
         .unwrap()
 }
 
 fn list(repo: &str) -> Vec<Value> {
-    let o = run(&["list", "--repo", repo, "--json"]);
+    let o = cbt(&["list", "--repo", repo, "--json"]);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     v.as_array().unwrap().clone()
 }
@@ -64,7 +45,7 @@ fn restore_and_compare(
 ) {
     let to = work.join(point);
     std::fs::create_dir_all(&to).unwrap();
-    run(&[
+    cbt(&[
         "restore",
         "--repo",
         repo,
@@ -97,7 +78,7 @@ async fn the_chain_state_lives_in_the_repository_and_prune_keeps_its_point() {
     let repo_path = dir.path().join("repo");
     let repo = repo_path.to_str().unwrap();
     let work = dir.path().join("w");
-    run(&["repo", "init", repo]);
+    cbt(&["repo", "init", repo]);
     let vm = sim.vm();
     let mut expected = Vec::new();
     for round in 0..3u64 {
@@ -134,7 +115,7 @@ async fn the_chain_state_lives_in_the_repository_and_prune_keeps_its_point() {
 
     // Prune to one point: the chain state's point stays (merged into a full), and the next
     // backup is still an incremental on it.
-    run(&["prune", "--repo", repo, "--keep-last", "1"]);
+    cbt(&["prune", "--repo", repo, "--keep-last", "1"]);
     let kept = list(repo);
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0]["id"], ids[2].as_str());
@@ -160,31 +141,14 @@ async fn a_chain_whose_last_point_left_the_directory_starts_over_with_a_full() {
         .unwrap();
     let (out, state) = (dir.path().join("out"), dir.path().join("vm.json"));
     std::fs::create_dir(&out).unwrap();
-    let url = sim.url();
-    let ca = sim.ca_path().to_str().unwrap().to_owned();
-    let args = [
-        "backup",
-        "--vsphere",
-        &url,
-        "--vm",
-        sim.vm(),
+    let target = [
         "--out",
         out.to_str().unwrap(),
         "--state",
         state.to_str().unwrap(),
-        "--user",
-        sim.user(),
-        "--vsphere-ca",
-        &ca,
     ];
     let backup = || async {
-        let o = tokio::process::Command::new(BIN)
-            .args(args)
-            .env("VSPHERE_PASSWORD", sim.password())
-            .env_remove("CBTSTREAM_LOG")
-            .output()
-            .await
-            .unwrap();
+        let o = command(&sim, "backup", &target).output().await.unwrap();
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         o
     };
@@ -213,7 +177,7 @@ async fn a_chain_whose_last_point_left_the_directory_starts_over_with_a_full() {
     // Restored from that one full point: the disks as they are.
     for (key, want) in disks_now(&sim) {
         let image = dir.path().join(format!("{key}.raw"));
-        run(&[
+        cbt(&[
             "restore",
             "--to",
             image.to_str().unwrap(),

@@ -3,43 +3,24 @@
 //! stored. The simulator's `hold` keeps an answer back, so the signal lands exactly where
 //! the test wants it, with no timing guesses.
 
+#[path = "vsphere_env/mod.rs"]
+mod vsphere_env;
+
 use cbtstream_vsphere_sim::{SimConfig, Simulator};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStderr};
+use vsphere_env::*;
 
-async fn start(cfg: impl FnOnce(&Path) -> SimConfig) -> (tempfile::TempDir, Simulator) {
-    let dir = tempfile::tempdir().unwrap();
-    let sim = Simulator::start(cfg(&dir.path().join("ds"))).await.unwrap();
-    (dir, sim)
-}
-
-fn backup_args(sim: &Simulator, out: &Path, state: &Path) -> Vec<String> {
-    [
-        "backup",
-        "--vsphere",
-        &sim.url(),
-        "--vm",
-        sim.vm(),
+fn spawn_backup(sim: &Simulator, out: &Path, state: &Path) -> Child {
+    let target = [
         "--out",
         out.to_str().unwrap(),
         "--state",
         state.to_str().unwrap(),
-        "--user",
-        sim.user(),
-        "--vsphere-ca",
-        sim.ca_path().to_str().unwrap(),
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
-
-fn spawn_backup(sim: &Simulator, out: &Path, state: &Path) -> Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_cbtstream"))
-        .args(backup_args(sim, out, state))
-        .env("VSPHERE_PASSWORD", sim.password())
-        .env_remove("CBTSTREAM_LOG")
+    ];
+    command(sim, "backup", &target)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -87,10 +68,6 @@ async fn finish(mut child: Child, mut stderr: BufReader<ChildStderr>, seen: Stri
         stdout: Vec::new(),
         stderr: (seen + &rest).into_bytes(),
     }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn interrupted(o: &Output) {
@@ -146,7 +123,11 @@ async fn sigterm_while_the_snapshot_call_awaits_its_answer_still_removes_the_sna
     let mut err = BufReader::new(child.stderr.take().unwrap());
     until_called(&sim, "CreateSnapshotEx_Task", 0, &mut child).await;
     sigterm(&child);
-    let seen = read_until(&mut err, "interrupted by SIGTERM: removing").await;
+    let seen = read_until(
+        &mut err,
+        "interrupted: removing what this run created on vCenter",
+    )
+    .await;
     sim.let_go("CreateSnapshotEx_Task");
     let o = finish(child, err, seen).await;
     interrupted(&o);
@@ -178,7 +159,11 @@ async fn sigterm_mid_export_removes_the_snapshot_and_leaves_the_state_and_the_po
     let mut err = BufReader::new(child.stderr.take().unwrap());
     until_called(&sim, "GET /folder", reads_before, &mut child).await;
     sigterm(&child);
-    let seen = read_until(&mut err, "interrupted by SIGTERM: removing").await;
+    let seen = read_until(
+        &mut err,
+        "interrupted: removing what this run created on vCenter",
+    )
+    .await;
     let o = finish(child, err, seen).await;
     sim.let_go("GET /folder");
     interrupted(&o);

@@ -3,7 +3,7 @@
 //! any login.
 
 use super::flow::{self, Output, RunOptions, VsphereLogin};
-use crate::cli::{run_async, BackupArgs, ExportArgs, GcArgs, VsphereArgs};
+use crate::cli::{run_async, BackupArgs, ExportArgs, GcArgs, VsphereArgs, XapiArgs};
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::repo::point_writer::PointTarget;
 use crate::repo::state::StateHome;
@@ -32,14 +32,18 @@ pub fn login(
     })
 }
 
+/// The login of a command whose `--vsphere URL` clap made sure of, with its shared flags.
+fn login_of(
+    url: Option<&str>,
+    xapi_args: &XapiArgs,
+    vs: &VsphereArgs,
+) -> Result<VsphereLogin, Failure> {
+    let url = url.unwrap_or_default();
+    login(url, &xapi_args.user, xapi_args.password_file.as_deref(), vs)
+}
+
 pub fn backup(args: BackupArgs) -> Result<(), Failure> {
-    let url = args.vsphere.clone().unwrap_or_default();
-    let login = login(
-        &url,
-        &args.xapi_args.user,
-        args.xapi_args.password_file.as_deref(),
-        &args.vs,
-    )?;
+    let login = login_of(args.vsphere.as_deref(), &args.xapi_args, &args.vs)?;
     if !crate::repo::store::valid_name(&args.vm) {
         return Err(fail(
             Code::Usage,
@@ -90,13 +94,7 @@ pub fn backup(args: BackupArgs) -> Result<(), Failure> {
 }
 
 pub fn export(args: ExportArgs) -> Result<(), Failure> {
-    let url = args.vsphere.clone().unwrap_or_default();
-    let login = login(
-        &url,
-        &args.xapi_args.user,
-        args.xapi_args.password_file.as_deref(),
-        &args.vs,
-    )?;
+    let login = login_of(args.vsphere.as_deref(), &args.xapi_args, &args.vs)?;
     let json = args.dp.json;
     let opts = RunOptions {
         login,
@@ -132,13 +130,7 @@ fn report_json(r: &flow::RunReport) -> serde_json::Value {
 }
 
 pub fn gc(args: GcArgs) -> Result<(), Failure> {
-    let url = args.vsphere.clone().unwrap_or_default();
-    let login = login(
-        &url,
-        &args.xapi_args.user,
-        args.xapi_args.password_file.as_deref(),
-        &args.vs,
-    )?;
+    let login = login_of(args.vsphere.as_deref(), &args.xapi_args, &args.vs)?;
     let opts = super::gc::GcOptions {
         login,
         vm: args.vm.clone().unwrap_or_default(),

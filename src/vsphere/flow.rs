@@ -139,11 +139,14 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
     let mut taken = Taken::default();
     let result = tokio::select! {
         r = take_point(&client, &opts, state, &mut taken) => r,
-        sig = shutdown_signal() => {
-            tracing::warn!("interrupted by {sig}: removing what this run created on vCenter");
-            Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed")))
-        }
+        sig = shutdown_signal() => Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed"))),
     };
+    // The signal may have reached the data plane first (it stops its streams on its own).
+    if let Err(f) = &result {
+        if f.code == Code::Interrupted && taken.is_some() {
+            tracing::warn!("interrupted: removing what this run created on vCenter");
+        }
+    }
     clean_up(&client, taken).await;
     client.logout().await;
     if let Some(lock) = repo_lock {
@@ -164,6 +167,12 @@ struct Taken {
     start: Option<StartCall>,
     task: Option<MoRef>,
     snapshot: Option<MoRef>,
+}
+
+impl Taken {
+    fn is_some(&self) -> bool {
+        self.named.is_some()
+    }
 }
 
 /// Remove the run's snapshot. When the run stopped while the snapshot was being taken, first
