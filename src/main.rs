@@ -8,6 +8,7 @@ mod engine;
 mod exit;
 mod export;
 mod http_body;
+mod https;
 mod lock;
 mod merge;
 mod nbd;

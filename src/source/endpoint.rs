@@ -3,6 +3,7 @@
 //! requests, and the `HEAD` that learns the file's size.
 
 use super::http_range::{HttpRangeError, HttpRangeOptions};
+use crate::https::OpenError;
 use crate::tls;
 use bytes::Bytes;
 use cbtstream_proto::http_range::decimal;
@@ -10,11 +11,9 @@ use http_body_util::Empty;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, HOST, USER_AGENT};
 use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
+use std::time::Duration;
 
 /// One HTTP/1.1 connection's request side.
 pub(super) type Sender = SendRequest<Empty<Bytes>>;
@@ -102,33 +101,21 @@ impl Endpoint {
     }
 
     async fn open(&self) -> Result<(Sender, Duration), HttpRangeError> {
-        let started = Instant::now();
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|source| HttpRangeError::Connect {
-                addr: self.addr.clone(),
-                source,
-            })?;
-        let rtt = started.elapsed();
-        let _ = tcp.set_nodelay(true);
         let (config, name) = &self.tls;
-        let stream = tokio_rustls::TlsConnector::from(config.clone())
-            .connect(name.clone(), tcp)
-            .await
-            .map_err(|e| HttpRangeError::Tls {
-                addr: self.addr.clone(),
-                why: tls::describe_io_error(&e),
-            })?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| self.http(source))?;
+        let opened = crate::https::open(
+            &self.host,
+            self.port,
+            config.clone(),
+            name.clone(),
+            &self.addr,
+        )
+        .await;
         let addr = self.addr.clone();
-        // Drives the connection until it closes: the sender is dropped, or the server closes.
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("HTTPS range connection to {addr} ended: {e}");
-            }
-        });
+        let (sender, rtt) = opened.map_err(|e| match e {
+            OpenError::Connect(source) => HttpRangeError::Connect { addr, source },
+            OpenError::Tls(why) => HttpRangeError::Tls { addr, why },
+            OpenError::Http(source) => self.http(source),
+        })?;
         tracing::debug!(server = %self.addr, "HTTPS range connection open");
         Ok((sender, rtt))
     }

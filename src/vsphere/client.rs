@@ -11,6 +11,7 @@
 //! [`ClientOptions::max_body`] before it is parsed.
 
 use crate::http_body::{read_bounded, BodyError};
+use crate::https::OpenError;
 use crate::tls::{self, Trust};
 use crate::xapi::Secret;
 use bytes::Bytes;
@@ -18,7 +19,6 @@ use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde_json::Value;
 use std::fmt;
@@ -27,7 +27,6 @@ pub use super::types::{clean, is_release, path_safe, Endpoint, MoRef, VimFault, 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 /// The header that carries the session token, both ways.
 pub const SESSION_HEADER: &str = "vmware-api-session-id";
@@ -539,29 +538,20 @@ impl Client {
 
     async fn open(&self) -> Result<Sender, VsphereError> {
         let ep = &self.endpoint;
-        let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
-            .await
-            .map_err(|source| VsphereError::Connect {
-                addr: self.label.clone(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|e| VsphereError::Tls {
-                addr: self.label.clone(),
-                reason: tls::describe_io_error(&e),
-            })?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| self.transport(e))?;
-        let label = self.label.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("vSphere connection to {label} ended: {e}");
-            }
-        });
-        Ok(sender)
+        let opened = crate::https::open(
+            &ep.host,
+            ep.port,
+            self.tls.clone(),
+            self.server_name.clone(),
+            &self.label,
+        )
+        .await;
+        let addr = self.label.clone();
+        match opened {
+            Ok((sender, _)) => Ok(sender),
+            Err(OpenError::Connect(source)) => Err(VsphereError::Connect { addr, source }),
+            Err(OpenError::Tls(reason)) => Err(VsphereError::Tls { addr, reason }),
+            Err(OpenError::Http(e)) => Err(self.transport(e)),
+        }
     }
 }
