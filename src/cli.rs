@@ -754,7 +754,8 @@ fn export(args: ExportArgs) -> Result<(), Failure> {
 }
 
 fn commit(args: CommitArgs) -> Result<(), Failure> {
-    if let Some(point) = crate::vsphere::flow::commit_pending(&args.state, args.point.as_deref())? {
+    if let Some(point) = crate::vsphere::state::commit_pending(&args.state, args.point.as_deref())?
+    {
         eprintln!("cbtstream: committed point {point}");
         return Ok(());
     }

@@ -447,3 +447,23 @@ async fn gc_never_touches_a_snapshot_cbtstream_did_not_take() {
     assert_eq!(sim.snapshots(sim.vm()), [user_snap]);
     assert_eq!(sim.calls("RemoveSnapshot_Task"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_answer_to_the_snapshot_call_still_removes_the_snapshot() {
+    // vCenter takes the snapshot but a proxy answers 504: the run does not know the task. Each
+    // task state lasts a second, so the snapshot is not there yet when the run ends its try.
+    let (dir, sim) = start(|d| SimConfig {
+        task_delay: std::time::Duration::from_secs(1),
+        ..SimConfig::for_tests(d)
+    })
+    .await;
+    let out = out_dir(&dir);
+    sim.lose_answer_next("CreateSnapshotEx_Task");
+    let o = backup(&sim, &out, &[]).await;
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("504"), "{}", stderr(&o));
+    assert_eq!(sim.calls("CreateSnapshotEx_Task"), 1);
+    assert_eq!(sim.calls("RemoveSnapshot_Task"), 1, "{}", stderr(&o));
+    assert!(sim.snapshots(sim.vm()).is_empty());
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}

@@ -242,7 +242,8 @@ async fn sessions_expiring_mid_export_are_renewed_and_the_point_restores() {
     // The first reads are on their way when every session (and the API token the reads
     // carry) ends: the later reads are refused, and so is the next VI/JSON call.
     sim.hold("GET /folder");
-    let mut child = backup_command(&sim, &out, &state, &[])
+    // One connection: its first two reads are held, the others go out after the expiry.
+    let mut child = backup_command(&sim, &out, &state, &["--connections", "1"])
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

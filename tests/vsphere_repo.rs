@@ -80,7 +80,9 @@ async fn the_chain_state_lives_in_the_repository_and_prune_keeps_its_point() {
     let work = dir.path().join("w");
     cbt(&["repo", "init", repo]);
     let vm = sim.vm();
+    let state_path = repo_path.join("vms").join(vm).join("state.json");
     let mut expected = Vec::new();
+    let mut second_state = Vec::new();
     for round in 0..3u64 {
         for &(key, capacity) in &sim.disks() {
             let at = (round * 131_071 + 4_097) % (capacity - 70_000);
@@ -91,6 +93,9 @@ async fn the_chain_state_lives_in_the_repository_and_prune_keeps_its_point() {
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         sim.write(vm, sim.disks()[0].0, 0, b"after the snapshot")
             .unwrap();
+        if round == 1 {
+            second_state = std::fs::read(&state_path).unwrap();
+        }
     }
     let points = list(repo);
     assert_eq!(points.len(), 3);
@@ -101,10 +106,7 @@ async fn the_chain_state_lives_in_the_repository_and_prune_keeps_its_point() {
     assert!(points[0]["base"].is_null());
     assert_eq!(points[1]["base"], points[0]["id"]);
     assert_eq!(points[2]["base"], points[1]["id"]);
-    let state: Value = serde_json::from_slice(
-        &std::fs::read(repo_path.join("vms").join(vm).join("state.json")).unwrap(),
-    )
-    .unwrap();
+    let state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
     assert_eq!(
         (state["source"].as_str(), state["point"].as_str()),
         (Some("vsphere"), Some(ids[2].as_str()))
@@ -113,23 +115,40 @@ async fn the_chain_state_lives_in_the_repository_and_prune_keeps_its_point() {
         restore_and_compare(repo, vm, id, want, &work);
     }
 
-    // Prune to one point: the chain state's point stays (merged into a full), and the next
-    // backup is still an incremental on it.
+    // As if the third backup had died before its state: the chain state names the second
+    // point. Prune to one point keeps the newest AND the state's (merged into a full), and
+    // the next backup is an incremental on the state's point.
+    std::fs::write(&state_path, &second_state).unwrap();
     cbt(&["prune", "--repo", repo, "--keep-last", "1"]);
-    let kept = list(repo);
-    assert_eq!(kept.len(), 1);
-    assert_eq!(kept[0]["id"], ids[2].as_str());
+    let kept: Vec<String> = list(repo)
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kept, [ids[1].clone(), ids[2].clone()]);
+    restore_and_compare(repo, vm, &ids[1], &expected[1], &work.join("pruned"));
     restore_and_compare(repo, vm, &ids[2], &expected[2], &work.join("pruned"));
     sim.write(vm, sim.disks()[1].0, 99_999, &[9; 1_000])
         .unwrap();
     let want = disks_now(&sim);
     let o = backup(&sim, repo).await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let last = state["point"].as_str().unwrap().to_owned();
     let points = list(repo);
-    assert_eq!(points.len(), 2);
-    assert_eq!(points[1]["base"], ids[2].as_str());
-    let last = points[1]["id"].as_str().unwrap().to_owned();
+    let new = points.iter().find(|p| p["id"] == last.as_str()).unwrap();
+    assert_eq!(new["base"], ids[1].as_str());
     restore_and_compare(repo, vm, &last, &want, &work.join("after"));
+    // gc of the chain in the repository: nothing left behind to remove.
+    let o = command(&sim, "gc", &["--repo", repo])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     assert!(sim.snapshots(vm).is_empty());
 }
 

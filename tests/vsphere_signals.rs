@@ -90,19 +90,24 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_while_the_snapshot_task_runs_removes_the_snapshot_once_it_exists() {
-    // Each task state lasts a second: the signal comes while the snapshot task runs.
-    let (dir, sim) = start(|d| SimConfig {
-        task_delay: std::time::Duration::from_secs(1),
-        ..SimConfig::for_tests(d)
-    })
-    .await;
+    // The task's progress reads are held: the signal comes while the run waits for the task.
+    let (dir, sim) = start(|d| SimConfig::for_tests(d)).await;
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     let state = dir.path().join("vm.json");
+    sim.hold("GET info");
     let mut child = spawn_backup(&sim, &out, &state);
+    let mut err = BufReader::new(child.stderr.take().unwrap());
     until_called(&sim, "GET info", 0, &mut child).await;
+    assert_eq!(sim.calls("CreateSnapshotEx_Task"), 1);
     sigterm(&child);
-    let o = child.wait_with_output().await.unwrap();
+    let seen = read_until(
+        &mut err,
+        "interrupted: removing what this run created on vCenter",
+    )
+    .await;
+    sim.let_go("GET info");
+    let o = finish(child, err, seen).await;
     interrupted(&o);
     assert_eq!(sim.calls("RemoveSnapshot_Task"), 1);
     assert!(sim.snapshots(sim.vm()).is_empty());
@@ -171,4 +176,31 @@ async fn sigterm_mid_export_removes_the_snapshot_and_leaves_the_state_and_the_po
     assert!(sim.snapshots(sim.vm()).is_empty());
     assert_eq!(std::fs::read(&state).unwrap(), state_before);
     assert_eq!(entries(&out), points_before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_with_the_chain_state_is_refused_while_a_backup_of_the_chain_runs() {
+    let (dir, sim) = start(|d| SimConfig::for_tests(d)).await;
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let state = dir.path().join("vm.json");
+    let o = spawn_backup(&sim, &out, &state)
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    sim.write(sim.vm(), 2000, 0, &[3; 10_000]).unwrap();
+    // A backup of the chain is reading its snapshot: gc with the chain's state is refused
+    // (the lock is held) and removes nothing.
+    let reads = sim.calls("GET /folder");
+    sim.hold("GET /folder");
+    let mut child = spawn_backup(&sim, &out, &state);
+    until_called(&sim, "GET /folder", reads, &mut child).await;
+    let o = run(&sim, "gc", &["--state", state.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert_eq!(sim.snapshots(sim.vm()).len(), 1);
+    sim.let_go("GET /folder");
+    let o = child.wait_with_output().await.unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(sim.snapshots(sim.vm()).is_empty());
 }

@@ -2,11 +2,10 @@
 //! the flags can get wrong (the password, the trust flags, the URL) is a usage error before
 //! any login.
 
-use super::flow::{self, Output, RunOptions, VsphereLogin};
+use super::flow::{self, Output, RunOptions, StateAt, VsphereLogin};
 use crate::cli::{run_async, BackupArgs, ExportArgs, GcArgs, VsphereArgs, XapiArgs};
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::repo::point_writer::PointTarget;
-use crate::repo::state::StateHome;
 use std::path::Path;
 
 pub fn login(
@@ -65,12 +64,9 @@ pub fn backup(args: BackupArgs) -> Result<(), Failure> {
     };
     // With --repo and no --state the chain state lives in the repository, as for XenServer.
     let state = match (&args.state, &target) {
-        (Some(path), _) => Some(StateHome::File(path.clone())),
-        (None, PointTarget::Repo(repo)) => Some(StateHome::Repo {
-            repo: repo.clone(),
-            vm: args.vm.clone(),
-        }),
-        (None, PointTarget::Dir(_)) => None,
+        (Some(path), _) => StateAt::File(path.clone()),
+        (None, PointTarget::Repo(_)) => StateAt::Repository,
+        (None, PointTarget::Dir(_)) => StateAt::Nowhere,
     };
     let json = args.dp.json;
     let opts = RunOptions {
@@ -103,7 +99,7 @@ pub fn export(args: ExportArgs) -> Result<(), Failure> {
             disk: args.disk.unwrap_or_default(),
             destination: args.destination(),
         },
-        state: args.state.clone().map(StateHome::File),
+        state: args.state.clone().map_or(StateAt::Nowhere, StateAt::File),
         full: args.full,
         enable_cbt: args.enable_cbt,
         quiesce: args.quiesce,

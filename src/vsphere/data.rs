@@ -6,7 +6,8 @@ use crate::engine::Progress;
 use crate::exit::{fail, Code, Failure};
 use crate::export::{send_stream, DataPlaneOptions, Destination, StreamIds, What};
 use crate::source::http_range::{
-    head_cookies, HttpRange, HttpRangeOptions, RenewError, RenewHeaders, RequestHeaders,
+    head_cookies, HttpRange, HttpRangeError, HttpRangeOptions, RenewError, RenewHeaders,
+    RequestHeaders,
 };
 use crate::tls::Trust;
 use crate::xapi::Secret;
@@ -95,6 +96,9 @@ pub struct FileServiceLogin {
     pub password: Secret,
     /// The `vmware_soap_session=...` pair of the last session it opened.
     pub opened: std::sync::Mutex<Option<Secret>>,
+    /// The service refused the credentials once: never send them again in this run (every
+    /// connection retrying would soon lock the account out).
+    pub refused: std::sync::atomic::AtomicBool,
 }
 
 impl FileServiceLogin {
@@ -114,12 +118,22 @@ impl RenewHeaders for FileServiceLogin {
     > {
         Box::pin(async move {
             use base64::Engine;
+            use std::sync::atomic::Ordering;
+            if self.refused.load(Ordering::Relaxed) {
+                return Err("the datastore file service refused the user's credentials".into());
+            }
             let pair = format!("{}:{}", self.user, self.password.expose());
             let basic = base64::engine::general_purpose::STANDARD.encode(pair);
             let mut headers = RequestHeaders::new();
             headers.insert("authorization", &format!("Basic {basic}"))?;
             let opts = HttpRangeOptions::new(self.url.clone(), self.trust.clone(), headers);
-            let cookies = head_cookies(&opts).await?;
+            let cookies = match head_cookies(&opts).await {
+                Err(e @ HttpRangeError::NotAuthorized { .. }) => {
+                    self.refused.store(true, Ordering::Relaxed);
+                    return Err(e.into());
+                }
+                r => r?,
+            };
             let session = cookies
                 .iter()
                 .find(|c| c.starts_with("vmware_soap_session="))

@@ -14,16 +14,18 @@
 use super::calls::{self, Disk};
 use super::client::{Client, ClientOptions, MoRef, VsphereError};
 use super::data::{read_disk, DiskReads, FileServiceLogin};
-use crate::chain::{self, VsphereDisk, VspherePending, VsphereState};
+use super::snapshot::{self, Taken};
+use crate::chain::{VsphereDisk, VsphereState};
 use crate::engine::ExportSummary;
 use crate::exit::{fail, Code, Failure, WithCode};
 use crate::export::{shutdown_signal, DataPlaneOptions, Destination, StreamIds};
-use crate::repo::point_writer::{base_point_present, PointTarget, PointWriter};
+use crate::repo::point_writer::{PointTarget, PointWriter};
 use crate::repo::state::StateHome;
 use crate::tls::Trust;
 use crate::xapi::Secret;
 use crate::xen::point::{PointDisk, PointInfo};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// How to reach and log in to vCenter, as the CLI gathered it.
@@ -51,14 +53,25 @@ pub enum Output {
     Stream { disk: i32, destination: Destination },
 }
 
+/// Where a vSphere chain's state lives.
+#[derive(Debug, Clone)]
+pub enum StateAt {
+    /// No chain: every backup is full.
+    Nowhere,
+    /// `--state FILE`.
+    File(PathBuf),
+    /// The repository the point goes to: `vms/<vm moId>/state.json`.
+    Repository,
+}
+
 #[derive(Debug)]
 pub struct RunOptions {
     pub login: VsphereLogin,
     /// moId or instance/BIOS UUID.
     pub vm: String,
     pub output: Output,
-    /// The chain state: a file (`--state`), or the repository's `vms/<vm>/state.json`.
-    pub state: Option<StateHome>,
+    /// Where the chain state lives.
+    pub state: StateAt,
     /// Export the whole disk (allocated areas) even with a state.
     pub full: bool,
     pub enable_cbt: bool,
@@ -100,143 +113,69 @@ pub async fn login(l: &VsphereLogin) -> Result<Client, Failure> {
 }
 
 pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
-    // The chain's lock first (a file's, or the VM's in the repository), then its state.
     let _lock = match &opts.state {
-        Some(StateHome::File(p)) => Some(crate::xen::lock_chain(p)?),
+        StateAt::File(p) => Some(crate::xen::lock_chain(p)?),
         _ => None,
-    };
-    let repo_lock = match &opts.output {
-        Output::Point(PointTarget::Repo(repo)) => {
-            Some(crate::xen::lock_repo_vm(repo, &opts.vm, "backup", opts.break_lock).await?)
-        }
-        _ => None,
-    };
-    let state = match &opts.state {
-        Some(home) => home.load_vsphere().await.map_err(|e| {
-            let code = match e {
-                chain::ChainError::Read { .. } => Code::Output,
-                _ => Code::Integrity,
-            };
-            fail(code, e)
-        })?,
-        None => None,
-    };
-    // A chain whose last point is not where this point goes starts over there: full.
-    let state = match (state, &opts.output) {
-        (Some(mut s), Output::Point(target)) => {
-            let present = base_point_present(target, &opts.vm, s.point.as_deref())
-                .await
-                .code(Code::Output)?;
-            if !present {
-                s.point = None;
-                s.disks.clear();
-            }
-            Some(s)
-        }
-        (state, _) => state,
     };
     let client = Arc::new(login(&opts.login).await?);
-    let mut taken = Taken::default();
-    let result = tokio::select! {
-        r = take_point(&client, &opts, state, &mut taken) => r,
-        sig = shutdown_signal() => Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed"))),
-    };
-    // The signal may have reached the data plane first (it stops its streams on its own).
-    if let Err(f) = &result {
-        if f.code == Code::Interrupted && taken.is_some() {
-            tracing::warn!("interrupted: removing what this run created on vCenter");
+    let result = async {
+        // The VM's moId names it in a repository (its points, lock and state), as point.json
+        // does, whether --vm gave the moId or a UUID.
+        let vm = calls::find_vm(&client, &opts.vm).await.map_err(src)?;
+        let repo = match &opts.output {
+            Output::Point(PointTarget::Repo(repo)) => Some(repo),
+            _ => None,
+        };
+        let repo_lock = match repo {
+            Some(repo) => {
+                Some(crate::xen::lock_repo_vm(repo, &vm.value, "backup", opts.break_lock).await?)
+            }
+            None => None,
+        };
+        let result = run_locked(&client, &opts, &vm).await;
+        if let Some(lock) = repo_lock {
+            lock.release().await;
         }
+        result
     }
-    clean_up(&client, taken).await;
+    .await;
     client.logout().await;
-    if let Some(lock) = repo_lock {
-        lock.release().await;
-    }
     result
 }
 
-type StartCall = tokio::task::JoinHandle<Result<MoRef, VsphereError>>;
-
-/// What this run created on the server: the snapshot's name, the call starting its task,
-/// the task, then the snapshot.
-#[derive(Default)]
-struct Taken {
-    /// The VM and the run-unique snapshot name: how a snapshot whose start call lost its
-    /// answer is found.
-    named: Option<(MoRef, String)>,
-    start: Option<StartCall>,
-    task: Option<MoRef>,
-    snapshot: Option<MoRef>,
-}
-
-impl Taken {
-    fn is_some(&self) -> bool {
-        self.named.is_some()
-    }
-}
-
-/// Remove the run's snapshot. When the run stopped while the snapshot was being taken, first
-/// let the start call answer (it runs on its own, so a signal does not drop it between vCenter
-/// creating the task and this run learning its id), then wait for the task: the snapshot
-/// appears when it ends.
-async fn clean_up(client: &Client, mut taken: Taken) {
-    let mut answer_lost = false;
-    if let Some(start) = taken.start.take() {
-        match start.await {
-            Ok(Ok(task)) => taken.task = Some(task),
-            // A fault: vCenter refused the call, so it made nothing.
-            Ok(Err(e)) if e.fault().is_some() => return,
-            Ok(Err(e)) => {
-                tracing::debug!("the snapshot call has no answer: {e}");
-                answer_lost = true;
-            }
-            Err(e) => {
-                tracing::debug!("the snapshot call did not finish: {e}");
-                answer_lost = true;
-            }
+/// The run once the chain is locked: its state, the point, the state moved, the snapshot gone.
+async fn run_locked(
+    client: &Arc<Client>,
+    opts: &RunOptions,
+    vm: &MoRef,
+) -> Result<RunReport, Failure> {
+    let home = match (&opts.state, &opts.output) {
+        (StateAt::File(p), _) => Some(StateHome::File(p.clone())),
+        (StateAt::Repository, Output::Point(PointTarget::Repo(repo))) => Some(StateHome::Repo {
+            repo: repo.clone(),
+            vm: vm.value.clone(),
+        }),
+        _ => None,
+    };
+    let state = super::state::load(home.as_ref(), vm, &opts.output).await?;
+    let mut taken = Taken::default();
+    let result = tokio::select! {
+        r = take_point(client, opts, vm, state.clone(), &mut taken) => r,
+        sig = shutdown_signal() => Err(fail(Code::Interrupted, format!("interrupted by {sig}; nothing was committed"))),
+    };
+    // The output is durable: the state moves, whatever signal comes now.
+    let result = match result {
+        Ok(done) => super::state::commit(home.as_ref(), vm, &client_url(client), state, done).await,
+        Err(e) => Err(e),
+    };
+    // The signal may have reached the data plane first (it stops its streams on its own).
+    if let Err(f) = &result {
+        if f.code == Code::Interrupted && taken.may_hold_something() {
+            tracing::warn!("interrupted: removing what this run created on vCenter");
         }
     }
-    let snapshot = match (taken.snapshot, taken.task) {
-        (Some(snap), _) => snap,
-        (None, Some(task)) => match calls::snapshot_of(client, &task).await {
-            Ok(snap) => snap,
-            Err(e) => {
-                tracing::debug!(
-                    "the interrupted snapshot task {} made nothing: {e}",
-                    task.value
-                );
-                return;
-            }
-        },
-        (None, None) if answer_lost => match find_named(client, taken.named.as_ref()).await {
-            Some(snap) => snap,
-            None => {
-                tracing::warn!(
-                    "the call taking the snapshot lost its answer and no snapshot named {} is \
-                     there yet; if vCenter still takes it, `cbtstream gc --vsphere` removes it",
-                    taken.named.map(|(_, name)| name).unwrap_or_default()
-                );
-                return;
-            }
-        },
-        (None, None) => return,
-    };
-    if let Err(e) = calls::remove_snapshot(client, &snapshot).await {
-        tracing::warn!(
-            "could not remove the snapshot {} that cbtstream took ({e}); `cbtstream gc \
-             --vsphere` lists it, or remove it in vCenter",
-            snapshot.value
-        );
-    }
-}
-
-/// The snapshot of the VM with this run's name, if there is one.
-async fn find_named(client: &Client, named: Option<&(MoRef, String)>) -> Option<MoRef> {
-    let (vm, name) = named?;
-    let tree = calls::vm_snapshots(client, vm).await.ok()?;
-    tree.into_iter()
-        .find(|e| &e.name == name)
-        .map(|e| e.snapshot)
+    snapshot::remove(client, taken).await;
+    result
 }
 
 /// One disk of the run: what the snapshot froze and where its incremental starts.
@@ -247,22 +186,23 @@ pub(super) struct Planned {
     pub(super) change_id: String,
 }
 
+/// A point taken and durable; the chain state is not moved yet.
+pub(super) struct Done {
+    pub(super) report: RunReport,
+    /// Each disk's new base.
+    pub(super) disks: BTreeMap<i32, VsphereDisk>,
+    /// Whether the output is durable now (false: a pipe, whose reader confirms it later).
+    pub(super) durable: bool,
+}
+
 async fn take_point(
     client: &Arc<Client>,
     opts: &RunOptions,
+    vm: &MoRef,
     state: Option<VsphereState>,
     taken: &mut Taken,
-) -> Result<RunReport, Failure> {
-    let vm = calls::find_vm(client, &opts.vm).await.map_err(src)?;
-    if let Some(s) = &state {
-        if s.vm != vm.value {
-            return Err(fail(
-                Code::Usage,
-                format!("the state file belongs to VM {}, not to {}", s.vm, vm.value),
-            ));
-        }
-    }
-    let config = calls::vm_config(client, &vm).await.map_err(src)?;
+) -> Result<Done, Failure> {
+    let config = calls::vm_config(client, vm).await.map_err(src)?;
     if let Output::Stream { disk, .. } = &opts.output {
         if !config.disks.iter().any(|d| d.key == *disk) {
             let keys: Vec<String> = config.disks.iter().map(|d| d.key.to_string()).collect();
@@ -279,7 +219,7 @@ async fn take_point(
     if config.disks.is_empty() {
         return Err(fail(Code::Source, format!("VM {} has no disk", vm.value)));
     }
-    let snapshots = calls::vm_snapshots(client, &vm).await.map_err(src)?;
+    let snapshots = calls::vm_snapshots(client, vm).await.map_err(src)?;
     if let Some(first) = snapshots.first() {
         let why = if snapshots.iter().all(calls::SnapshotEntry::is_ours) {
             format!(
@@ -318,23 +258,13 @@ async fn take_point(
              this run takes, so this point is a full one",
             vm.value
         );
-        calls::enable_cbt(client, &vm).await.map_err(src)?;
+        calls::enable_cbt(client, vm).await.map_err(src)?;
     }
     let point = uuid::Uuid::new_v4().to_string();
     let name = format!("{}{point}", calls::SNAPSHOT_PREFIX);
-    taken.named = Some((vm.clone(), name.clone()));
-    let start: StartCall = tokio::spawn({
-        let (client, vm, quiesce) = (client.clone(), vm.clone(), opts.quiesce);
-        async move { calls::start_snapshot(&client, &vm, &name, quiesce).await }
-    });
-    let answer = taken.start.insert(start).await;
-    taken.start = None;
-    let task = answer
-        .map_err(|e| fail(Code::Source, format!("the snapshot call failed: {e}")))?
+    let snap = snapshot::take(client, vm, name, opts.quiesce, taken)
+        .await
         .map_err(src)?;
-    taken.task = Some(task.clone());
-    let snap = calls::snapshot_of(client, &task).await.map_err(src)?;
-    taken.snapshot = Some(snap.clone());
     tracing::info!(snapshot = %snap.value, "snapshot taken");
     let frozen = calls::snapshot_config(client, &snap).await.map_err(src)?;
     let wanted: Vec<&Disk> = frozen
@@ -347,9 +277,9 @@ async fn take_point(
         .collect();
     let mut planned = Vec::new();
     for disk in wanted {
-        planned.push(plan_disk(client, opts, &vm, &snap, disk, state.as_ref()).await?);
+        planned.push(plan_disk(client, opts, vm, &snap, disk, state.as_ref()).await?);
     }
-    let datacenter = calls::datacenter_of(client, &vm).await.map_err(src)?;
+    let datacenter = calls::datacenter_of(client, vm).await.map_err(src)?;
     let cookie = client.session_token().await;
     let authority = client.endpoint().authority();
     let source_id = |key: i32| format!("{}/{key}", vm.value);
@@ -379,6 +309,7 @@ async fn take_point(
                     user: opts.login.user.clone(),
                     password: opts.login.password.clone(),
                     opened: Default::default(),
+                    refused: Default::default(),
                 })
             })
             .clone();
@@ -431,8 +362,7 @@ async fn take_point(
             (location, durable)
         }
         Output::Point(target) => {
-            // Under the VM's id as given, the name its repository lock has.
-            let mut writer = PointWriter::create(target, &opts.vm, &point)
+            let mut writer = PointWriter::create(target, &vm.value, &point)
                 .await
                 .code(Code::Output)?;
             let mut disks = Vec::new();
@@ -464,39 +394,18 @@ async fn take_point(
             (writer.finish(&info).await.code(Code::Output)?, true)
         }
     };
-    let committed = match &opts.state {
-        Some(home) => {
-            let mut s = state.unwrap_or_else(|| VsphereState::new(&vm.value, client_url(client)));
-            s.host = client_url(client);
-            s.updated_unix_secs = crate::export::created_now();
-            if durable {
-                s.point = Some(point.clone());
-                s.disks.extend(new_disks);
-                s.pending = None;
-            } else {
-                tracing::warn!(
-                    "the stream went to a pipe: point {point} is pending, the chain stays at \
-                     its previous point until its reader confirmed it"
-                );
-                s.pending = Some(VspherePending {
-                    point: point.clone(),
-                    disks: new_disks,
-                    created_unix_secs: crate::export::created_now(),
-                });
-            }
-            home.save_vsphere(&s).await.code(Code::Output)?;
-            durable
-        }
-        None => false,
-    };
-    Ok(RunReport {
-        point,
-        base: planned
-            .first()
-            .and_then(|p| p.base.as_ref().map(|b| b.point.clone())),
-        location,
-        committed,
-        summaries,
+    Ok(Done {
+        report: RunReport {
+            point,
+            base: planned
+                .first()
+                .and_then(|p| p.base.as_ref().map(|b| b.point.clone())),
+            location,
+            committed: false,
+            summaries,
+        },
+        disks: new_disks,
+        durable,
     })
 }
 
@@ -618,41 +527,4 @@ pub async fn update_paths(
         .map_err(src);
     client.logout().await;
     r
-}
-
-/// `cbtstream commit --state FILE` of a vSphere chain: the pending point becomes the base
-/// (nothing on vCenter changes: the change ids stay valid without the snapshot). None when
-/// FILE is not a vSphere state (the XenServer commit then handles it).
-pub fn commit_pending(
-    path: &std::path::Path,
-    point: Option<&str>,
-) -> Result<Option<String>, Failure> {
-    if !matches!(chain::load_vsphere(path), Ok(Some(_))) {
-        return Ok(None);
-    }
-    let _lock = crate::xen::lock_chain(path)?;
-    let mut state = chain::load_vsphere(path)
-        .code(Code::Integrity)?
-        .ok_or_else(|| fail(Code::Usage, format!("{} is gone", path.display())))?;
-    let Some(pending) = state.pending.take() else {
-        return Err(fail(
-            Code::Usage,
-            format!("the chain {} has no pending point", path.display()),
-        ));
-    };
-    if point.is_some_and(|p| p != pending.point) {
-        return Err(fail(
-            Code::Usage,
-            format!(
-                "the pending point is {}, not {}: a later export superseded it",
-                pending.point,
-                point.unwrap_or_default()
-            ),
-        ));
-    }
-    state.point = Some(pending.point.clone());
-    state.disks.extend(pending.disks);
-    state.updated_unix_secs = crate::export::created_now();
-    chain::save_vsphere(path, &state).code(Code::Output)?;
-    Ok(Some(pending.point))
 }

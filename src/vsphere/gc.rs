@@ -3,9 +3,10 @@
 //! On vSphere no snapshot outlives a run: the next incremental starts from each disk's
 //! `changeId`, which stays valid without the snapshot (VMware's CBT guide). So every snapshot
 //! named `cbtstream-<uuid>` is a leftover, unless a backup of the VM is running right now.
-//! `--state FILE` or `--repo` take that chain's lock, which a running backup holds; without
-//! either, nothing says no backup runs, so gc only lists them unless `--force`. Snapshots
-//! someone else took are never touched.
+//! `--state FILE` or `--repo` take that chain's lock, which a running backup of that chain
+//! holds; a backup into another chain (another state file or repository, or none) is not
+//! excluded by it. Without either, nothing says no backup runs, so gc only lists them unless
+//! `--force`. Snapshots someone else took are never touched.
 
 use super::calls;
 use super::flow::{login, VsphereLogin};
@@ -42,26 +43,36 @@ pub async fn run(opts: GcOptions) -> Result<GcReport, Failure> {
         }
         None => None,
     };
-    let repo_lock = match &opts.repo {
-        Some(r) => Some(crate::xen::lock_repo_vm(&r.repo, &opts.vm, "gc", r.break_lock).await?),
-        None => None,
-    };
     let client = login(&opts.login).await?;
-    let result = collect(&client, &opts, chain_vm.as_deref()).await;
-    client.logout().await;
-    if let Some(lock) = repo_lock {
-        lock.release().await;
+    let result = async {
+        // Locked by the VM's moId, as backups into the repository lock it.
+        let vm = calls::find_vm(&client, &opts.vm)
+            .await
+            .map_err(|e| fail(Code::Source, e))?;
+        let repo_lock = match &opts.repo {
+            Some(r) => {
+                Some(crate::xen::lock_repo_vm(&r.repo, &vm.value, "gc", r.break_lock).await?)
+            }
+            None => None,
+        };
+        let result = collect(&client, &opts, &vm, chain_vm.as_deref()).await;
+        if let Some(lock) = repo_lock {
+            lock.release().await;
+        }
+        result
     }
+    .await;
+    client.logout().await;
     result
 }
 
 async fn collect(
     client: &super::client::Client,
     opts: &GcOptions,
+    vm: &super::client::MoRef,
     chain_vm: Option<&str>,
 ) -> Result<GcReport, Failure> {
     let src = |e| fail(Code::Source, e);
-    let vm = calls::find_vm(client, &opts.vm).await.map_err(src)?;
     if let Some(other) = chain_vm.filter(|c| *c != vm.value) {
         return Err(fail(
             Code::Usage,
@@ -71,7 +82,7 @@ async fn collect(
     let locked = opts.state.is_some() || opts.repo.is_some();
     let act = !opts.dry_run && (locked || opts.force);
     let mut report = GcReport::default();
-    for snap in calls::vm_snapshots(client, &vm).await.map_err(src)? {
+    for snap in calls::vm_snapshots(client, vm).await.map_err(src)? {
         let what = format!(
             "snapshot {} \"{}\" taken {}",
             snap.snapshot.value,

@@ -14,6 +14,8 @@
 //! * [`changed`]: changed areas (byte ranges of any alignment) into the engine's 64 KiB bitmap.
 //! * [`flow`]: `backup --vsphere`, `export --vsphere`, `vsphere update-paths`.
 //! * [`gc`]: `gc --vsphere`, the snapshots interrupted runs left.
+//! * [`snapshot`]: the run's snapshot, taken and removed whatever happens.
+//! * [`state`]: the chain state around a run, and `commit` of a pending point.
 //! * [`types`]: faults, errors, managed object references, the endpoint.
 //! * [`data`]: the seam where the datastore reader plugs in.
 //!
@@ -27,6 +29,8 @@ pub mod client;
 pub mod data;
 pub mod flow;
 pub mod gc;
+mod snapshot;
+pub mod state;
 pub mod types;
 
 #[cfg(test)]

@@ -206,7 +206,7 @@ fn run_options(sim: &Simulator, out: &std::path::Path, state: &std::path::Path) 
         output: Output::Point(crate::repo::point_writer::PointTarget::Dir(
             out.to_path_buf(),
         )),
-        state: Some(crate::repo::state::StateHome::File(state.to_path_buf())),
+        state: flow::StateAt::File(state.to_path_buf()),
         full: false,
         enable_cbt: false,
         quiesce: false,
@@ -546,11 +546,13 @@ fn commit_moves_a_pending_point_into_the_chain() {
         created_unix_secs: 0,
     });
     chain::save_vsphere(&path, &state).unwrap();
-    let e = flow::commit_pending(&path, Some("p9")).unwrap_err();
+    let e = super::state::commit_pending(&path, Some("p9")).unwrap_err();
     assert_eq!(e.code, Code::Usage);
     assert_eq!(chain::load_vsphere(&path).unwrap(), Some(state));
     assert_eq!(
-        flow::commit_pending(&path, Some("p2")).unwrap().as_deref(),
+        super::state::commit_pending(&path, Some("p2"))
+            .unwrap()
+            .as_deref(),
         Some("p2")
     );
     let after = chain::load_vsphere(&path).unwrap().unwrap();
@@ -558,13 +560,13 @@ fn commit_moves_a_pending_point_into_the_chain() {
     assert_eq!(after.disks[&2000].change_id, "u/2");
     assert!(after.pending.is_none());
     assert_eq!(
-        flow::commit_pending(&path, None).unwrap_err().code,
+        super::state::commit_pending(&path, None).unwrap_err().code,
         Code::Usage
     );
     // A XenServer state is not ours.
     let xen = dir.path().join("chain.json");
     std::fs::write(&xen, "{\"version\": 2}").unwrap();
-    assert!(flow::commit_pending(&xen, None).unwrap().is_none());
+    assert!(super::state::commit_pending(&xen, None).unwrap().is_none());
 }
 
 #[tokio::test]

@@ -205,7 +205,12 @@ async fn vi_json(req: Request<Incoming>, shared: &Arc<Shared>, rest: &str) -> Re
     }
     let token = session_token(&req);
     let (typ, moid, name) = (typ.clone(), moid.clone(), name.clone());
-    let held = name.clone();
+    // Named as `calls` names them: a method, or `GET <property>`.
+    let held = if *req.method() == Method::GET {
+        format!("GET {name}")
+    } else {
+        name.clone()
+    };
     let outcome = match *req.method() {
         Method::GET => vim::get(&mut shared.lock(), token.as_deref(), &typ, &moid, &name),
         Method::POST => {
@@ -227,6 +232,17 @@ async fn vi_json(req: Request<Incoming>, shared: &Arc<Shared>, rest: &str) -> Re
         _ => return text(StatusCode::METHOD_NOT_ALLOWED, "VI/JSON takes GET and POST"),
     };
     shared.wait_unheld(&held).await;
+    let lost = {
+        let mut st = shared.lock();
+        let at = st.lose_answer.iter().position(|m| *m == held);
+        at.map(|i| st.lose_answer.remove(i)).is_some()
+    };
+    if lost {
+        return text(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the proxy in front of vCenter gave up waiting (simulated)",
+        );
+    }
     match outcome {
         Ok(Reply::Json(v)) => json(StatusCode::OK, &v),
         Ok(Reply::Void) => no_content(),

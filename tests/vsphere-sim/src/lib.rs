@@ -255,6 +255,7 @@ impl Simulator {
             tickets: HashMap::new(),
             fail_next: Vec::new(),
             held: Default::default(),
+            lose_answer: Vec::new(),
             unupdatable_files: Vec::new(),
             calls: BTreeMap::new(),
             next_id: 100,
@@ -394,6 +395,12 @@ impl Simulator {
     pub fn let_go(&self, name: &str) {
         self.shared.lock().held.remove(name);
         self.shared.released.notify_waiters();
+    }
+
+    /// The next call of `method` is done, but its answer is lost: a 504 Gateway Timeout, as
+    /// a proxy in front of vCenter that gave up waiting would send.
+    pub fn lose_answer_next(&self, method: &str) {
+        self.shared.lock().lose_answer.push(method.into());
     }
 
     /// Ends every session (later calls answer `NotAuthenticated`) and voids every ticket.

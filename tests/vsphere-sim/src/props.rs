@@ -274,6 +274,14 @@ pub fn get(st: &State, typ: &str, moid: &str, prop: &str) -> Result<Option<Value
                 "name" => some(json!(vm.name)),
                 "parent" => some(moref("Folder", VM_FOLDER_MOID)),
                 "datastore" => some(json!([moref("Datastore", DATASTORE_MOID)])),
+                // ManagedEntity.recentTask: the tasks on the VM (a short-lived simulator
+                // keeps them all).
+                "recentTask" => some(json!(st
+                    .tasks
+                    .values()
+                    .filter(|t| t.entity.get("value").and_then(|v| v.as_str()) == Some(&vm.moid))
+                    .map(|t| moref("Task", &t.moid))
+                    .collect::<Vec<_>>())),
                 "runtime" => some(json!({
                     "_typeName": "VirtualMachineRuntimeInfo",
                     "connectionState": "connected",

@@ -134,6 +134,8 @@ pub struct State {
     pub fail_next: Vec<FailNext>,
     /// Methods (and `GET /folder`) whose answers wait until released.
     pub held: std::collections::BTreeSet<String>,
+    /// Methods whose next call is done but answered 504, as by a proxy that timed out.
+    pub lose_answer: Vec<String>,
     /// Files `UpdateVirtualMachineFiles_Task` reports it could not update.
     pub unupdatable_files: Vec<String>,
     /// Calls per method name (VI/JSON methods, property reads as `GET <property>`, `/folder`).
