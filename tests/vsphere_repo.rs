@@ -208,3 +208,43 @@ async fn a_chain_whose_last_point_left_the_directory_starts_over_with_a_full() {
         assert!(std::fs::read(&image).unwrap() == want, "disk {key} differs");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_given_by_its_uuid_is_kept_under_its_moid() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig::for_tests(dir.path().join("ds")))
+        .await
+        .unwrap();
+    let repo_path = dir.path().join("repo");
+    let repo = repo_path.to_str().unwrap();
+    cbt(&["repo", "init", repo]);
+    let uuid = sim.vm_instance_uuid().to_owned();
+    let by_uuid = |n: u8| {
+        sim.write(sim.vm(), 2000, u64::from(n) * 70_000, &[n; 5_000])
+            .unwrap();
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.args(vsphere_env::args_for(
+            &sim,
+            &uuid,
+            "backup",
+            &["--repo", repo],
+        ))
+        .env("VSPHERE_PASSWORD", sim.password())
+        .env_remove("CBTSTREAM_LOG");
+        cmd
+    };
+    for n in 1..=2u8 {
+        let o = by_uuid(n).output().await.unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    }
+    let points = list(repo);
+    assert_eq!(points.len(), 2);
+    assert!(points.iter().all(|p| p["vm"] == sim.vm()));
+    assert_eq!(points[1]["base"], points[0]["id"]);
+    assert!(repo_path
+        .join("vms")
+        .join(sim.vm())
+        .join("state.json")
+        .exists());
+    assert!(!repo_path.join("vms").join(&uuid).exists());
+}

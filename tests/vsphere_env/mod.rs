@@ -17,12 +17,17 @@ pub async fn start(cfg: impl FnOnce(&Path) -> SimConfig) -> (tempfile::TempDir, 
 
 /// `COMMAND --vsphere URL --vm VM --user U --vsphere-ca CA EXTRA...`.
 pub fn args(sim: &Simulator, command: &str, extra: &[&str]) -> Vec<String> {
+    args_for(sim, sim.vm(), command, extra)
+}
+
+/// [`args`] naming the VM by `vm` (a moId or a UUID).
+pub fn args_for(sim: &Simulator, vm: &str, command: &str, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         command,
         "--vsphere",
         &sim.url(),
         "--vm",
-        sim.vm(),
+        vm,
         "--user",
         sim.user(),
         "--vsphere-ca",
