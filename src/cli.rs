@@ -105,10 +105,11 @@ fn server_name_arg(text: &str) -> Result<String, crate::tls::TlsError> {
 /// How to reach and authenticate to XenAPI.
 #[derive(Args, Debug, Clone)]
 pub struct XapiArgs {
-    /// XenAPI user.
+    /// XenAPI user (with --vsphere: the vCenter user, e.g. backup@vsphere.local).
     #[arg(long, default_value = "root")]
     pub user: String,
-    /// File holding the XenAPI password (else $XAPI_PASSWORD). Never on the command line.
+    /// File holding the password (else $XAPI_PASSWORD; with --vsphere, $VSPHERE_PASSWORD).
+    /// Never on the command line.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
     /// PEM CA file for the pool master's certificate (a self-signed one works too).
@@ -486,8 +487,8 @@ pub struct GcArgs {
     /// Every disk of this VM (the chain of `cbtstream backup --vm`; vSphere: its moId or UUID).
     #[arg(long, value_name = "UUID", group = "gc_target")]
     pub vm: Option<String>,
-    /// The chain's state file (of `export --vdi` or `backup --vm`): its bases are kept, and
-    /// its lock is taken (no gc beside a running backup).
+    /// The chain's state file (of `export` or `backup`): its bases are kept, and its lock is
+    /// taken (no gc beside a running backup of that chain).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     #[command(flatten)]
