@@ -5,12 +5,14 @@
 //! * [`servers`]: qemu-nbd / nbdkit child processes on 127.0.0.1, with or without TLS.
 //! * [`images`]: deterministic raw images, in-place mutations and CBT bitmaps.
 //! * [`s3`]: an S3 server (s3s-fs) as a child process on 127.0.0.1, over a directory.
+//! * [`tls_accept`]: the simulators' HTTPS accept loop and query-string decoding.
 
 pub mod certs;
 pub mod hostile;
 pub mod images;
 pub mod s3;
 pub mod servers;
+pub mod tls_accept;
 pub mod xen_nbd;
 
 pub use certs::{

@@ -27,35 +27,11 @@ use tokio::sync::mpsc;
 use crate::http::{text, Body};
 use crate::state::{Session, Shared, State};
 use crate::vim::new_secret;
+use cbtstream_testkit::tls_accept::percent_decode;
 
 const CHUNK: u64 = 1 << 20;
 const SESSION_COOKIE: &str = "vmware_soap_session";
 const TICKET_COOKIE: &str = "vmware_cgi_ticket";
-
-/// `%XX` and `+` decoding; `None` for a bad escape or non-UTF-8.
-pub fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
 
 fn cookie(req: &Request<Incoming>, name: &str) -> Option<String> {
     req.headers()
@@ -407,12 +383,5 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Ok(None));
         assert_eq!(parse_range(Some("bytes=5-2"), 10), Ok(None));
         assert_eq!(parse_range(Some("items=1-2"), 10), Ok(None));
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b+c").as_deref(), Some("a b c"));
-        assert_eq!(percent_decode("%zz"), None);
-        assert_eq!(percent_decode("%2"), None);
     }
 }

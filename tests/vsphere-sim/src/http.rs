@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -16,7 +15,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::state::Shared;
@@ -27,39 +26,19 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// Largest accepted request body: `/sim/write` carries base64 guest data.
 pub const MAX_BODY: usize = 64 << 20;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Releases the simulator answers under `/sdk/vim25/{release}/`: its own and 8.0.1.0, the
 /// first with VI/JSON.
 pub const RELEASES: [&str; 2] = ["8.0.1.0", "8.0.2.0"];
 
 pub fn spawn(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                res = listener.accept() => {
-                    let Ok((tcp, _)) = res else {
-                        // EMFILE and the like: back off instead of spinning.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    };
-                    let _ = tcp.set_nodelay(true);
-                    let (acceptor, shared) = (acceptor.clone(), shared.clone());
-                    conns.spawn(async move {
-                        let Ok(Ok(tls)) =
-                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                        else {
-                            return;
-                        };
-                        let svc = service_fn(move |req| handle(req, shared.clone()));
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(tls), svc)
-                            .await;
-                    });
-                }
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
+    cbtstream_testkit::tls_accept::serve_tls(listener, acceptor, move |tls| {
+        let shared = shared.clone();
+        async move {
+            let svc = service_fn(move |req| handle(req, shared.clone()));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
         }
     })
 }

@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use cbtstream_proto::xmlrpc::{
     decode_call, encode_fault, encode_xenapi_failure, encode_xenapi_success,
@@ -20,7 +19,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -32,8 +31,6 @@ use crate::state::Shared;
 /// Largest accepted request body. `sim.write` carries base64 guest data; 64 MiB of XML is
 /// far more than any real XenAPI call sends.
 pub(crate) const MAX_BODY: usize = 64 << 20;
-/// A client that does not finish the TLS handshake in this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which host this listener plays.
 pub(crate) enum Role {
@@ -51,30 +48,8 @@ pub(crate) fn spawn(
     acceptor: TlsAcceptor,
     role: Arc<Role>,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                res = listener.accept() => {
-                    let Ok((tcp, _)) = res else {
-                        // EMFILE and the like: back off instead of spinning.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    };
-                    let _ = tcp.set_nodelay(true);
-                    let (acceptor, role) = (acceptor.clone(), role.clone());
-                    conns.spawn(async move {
-                        let Ok(Ok(tls)) =
-                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                        else {
-                            return;
-                        };
-                        serve_connection(tls, role).await;
-                    });
-                }
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
+    cbtstream_testkit::tls_accept::serve_tls(listener, acceptor, move |tls| {
+        serve_connection(tls, role.clone())
     })
 }
 

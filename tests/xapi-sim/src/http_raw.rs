@@ -5,6 +5,7 @@
 //! The listener reads each connection's first request head itself ([`read_head`]); a disk
 //! path goes to `http_disk`, anything else to hyper through [`Prefixed`].
 
+use cbtstream_testkit::tls_accept::percent_decode;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -148,31 +149,6 @@ fn parse_head(b: &[u8]) -> Option<Head> {
         headers,
         version: version.to_owned(),
     })
-}
-
-/// `%XX` and `+` (a space in query strings) decoded; `None` for bad escapes or non-UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// A connection whose first bytes were already read: they are replayed before the stream.
