@@ -522,9 +522,8 @@ async fn prune_is_refused_while_another_run_holds_the_vm() {
         b.write_and_backup().await;
     }
     let lock_path = b.repo.join("vms").join(b.vm()).join("lock");
+    // The lock file the backups made (0600): opened, never created here.
     let held = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
         .write(true)
         .open(&lock_path)
         .unwrap();

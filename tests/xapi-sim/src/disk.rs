@@ -3,15 +3,24 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use cbtstream_proto::cbt::{blocks_for, CBT_BLOCK};
 
-/// Creates a sparse file of `size` bytes (all zeroes).
+/// Creates a sparse file of `size` bytes (all zeroes), mode 0600 as a disk image is.
 pub(crate) fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
-    let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    let f = new_image(path)?;
     f.set_len(size)
+}
+
+/// A new disk image file, mode 0600; an existing one is an error.
+fn new_image(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Copies `src` into a new sparse file `dst` of `size` bytes, writing only the 64 KiB blocks
@@ -19,7 +28,7 @@ pub(crate) fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
 /// so a mostly empty multi-GiB disk copies in milliseconds.
 pub(crate) fn sparse_copy(src: &Path, dst: &Path, size: u64) -> io::Result<()> {
     let s = File::open(src)?;
-    let d = OpenOptions::new().write(true).create_new(true).open(dst)?;
+    let d = new_image(dst)?;
     let res = (|| {
         d.set_len(size)?;
         let len = s.metadata()?.len().min(size);
