@@ -153,15 +153,7 @@ fn iso_week(days: i64) -> i64 {
 
 /// The month holding day `days`, as `year * 12 + month - 1`.
 fn month(days: i64) -> i64 {
-    // civil_from_days, reduced to the year and month.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, _) = crate::restore::report::civil_from_days(days);
     year * 12 + month - 1
 }
 

@@ -89,14 +89,9 @@ pub(crate) fn rfc3339(secs: u64) -> String {
     format!("{date}T{}Z", rest.trim_end_matches(" UTC"))
 }
 
-/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC` (civil-from-days, H. Hinnant).
-pub(super) fn utc(secs: u64) -> String {
-    // Beyond year 9999 a date is meaningless; show the number.
-    if secs > 253_402_300_799 {
-        return format!("{secs} s after the epoch");
-    }
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
+/// The proleptic Gregorian (year, month, day) of day `days` after 1970-01-01 (H. Hinnant's
+/// civil_from_days).
+pub(crate) fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -105,7 +100,17 @@ pub(super) fn utc(secs: u64) -> String {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub(super) fn utc(secs: u64) -> String {
+    // Beyond year 9999 a date is meaningless; show the number.
+    if secs > 253_402_300_799 {
+        return format!("{secs} s after the epoch");
+    }
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
         rem / 3600,
