@@ -673,19 +673,13 @@ fn xen_export_options(args: ExportArgs, url: &str) -> Result<ExportOptions, Fail
     let destination = match &args.repo.location {
         None => ExportTarget::Stream(destination),
         Some(location) => {
-            let opts = crate::repo::RepoOptions {
-                location: location.clone(),
-                s3_endpoint: args.repo.s3_endpoint.clone(),
-            };
             if !crate::repo::store::valid_name(&vdi) {
                 return Err(fail(
                     Code::Usage,
                     format!("--vdi {vdi:?} is not a VDI uuid"),
                 ));
             }
-            let repo = run_async(async {
-                crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
-            })?;
+            let repo = crate::repo_cli::open_for_writing(location, args.repo.s3_endpoint.clone())?;
             if state.is_none() {
                 // The chain state of one disk lives beside its points in a local repository.
                 match &repo.store {
@@ -779,19 +773,7 @@ fn backup(args: BackupArgs) -> Result<(), Failure> {
         return crate::vsphere::cli::backup(args);
     };
     let login = xapi_login(xapi, &args.xapi_args)?;
-    let target = match (&args.out, &args.repo.location) {
-        (Some(out), _) => PointTarget::Dir(out.clone()),
-        (None, Some(location)) => {
-            let opts = crate::repo::RepoOptions {
-                location: location.clone(),
-                s3_endpoint: args.repo.s3_endpoint.clone(),
-            };
-            PointTarget::Repo(run_async(async {
-                crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
-            })?)
-        }
-        (None, None) => return Err(fail(Code::Usage, "give --out DIR or --repo LOCATION")),
-    };
+    let target = args.repo.point_target(args.out.as_deref())?;
     if !crate::repo::store::valid_name(&args.vm) {
         return Err(fail(
             Code::Usage,
@@ -931,17 +913,8 @@ fn gc(args: GcArgs) -> Result<(), Failure> {
 pub(crate) fn repo_gc(
     args: &crate::repo_cli::RepoTarget,
 ) -> Result<Option<crate::xen::gc::RepoGc>, Failure> {
-    let Some(location) = &args.location else {
-        return Ok(None);
-    };
-    let opts = crate::repo::RepoOptions {
-        location: location.clone(),
-        s3_endpoint: args.s3_endpoint.clone(),
-    };
-    Ok(Some(crate::xen::gc::RepoGc {
-        repo: run_async(async {
-            crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
-        })?,
+    Ok(args.open()?.map(|repo| crate::xen::gc::RepoGc {
+        repo,
         break_lock: args.break_lock,
     }))
 }

@@ -2,6 +2,7 @@
 //! from cli.rs, which they plug into.
 
 use crate::exit::{Code, Failure, WithCode};
+use crate::repo::point_writer::PointTarget;
 use crate::repo::{Repo, RepoError, RepoOptions};
 use clap::{Args, Subcommand};
 
@@ -18,6 +19,40 @@ pub struct RepoTarget {
     /// Remove the VM's lock in the repository when it is stale (its owner died, or it expired).
     #[arg(long, requires = "location")]
     pub break_lock: bool,
+}
+
+impl RepoTarget {
+    /// The repository `--repo` names, opened, or None without `--repo`.
+    pub fn open(&self) -> Result<Option<Repo>, Failure> {
+        self.location
+            .as_deref()
+            .map(|location| open_for_writing(location, self.s3_endpoint.clone()))
+            .transpose()
+    }
+
+    /// Where a backup's points go: `--out DIR`, else the repository (clap makes sure of one).
+    pub fn point_target(&self, out: Option<&std::path::Path>) -> Result<PointTarget, Failure> {
+        if let Some(out) = out {
+            return Ok(PointTarget::Dir(out.to_path_buf()));
+        }
+        match self.open()? {
+            Some(repo) => Ok(PointTarget::Repo(repo)),
+            None => Err(crate::exit::fail(
+                Code::Usage,
+                "give --out DIR or --repo LOCATION",
+            )),
+        }
+    }
+}
+
+/// The repository at `location`, opened for a command that writes into it (the exit codes
+/// of every repository command).
+pub fn open_for_writing(location: &str, s3_endpoint: Option<String>) -> Result<Repo, Failure> {
+    let opts = RepoOptions {
+        location: location.to_owned(),
+        s3_endpoint,
+    };
+    crate::cli::run_async(async { with_repo_code(Repo::open(&opts).await) })
 }
 
 /// `--repo LOCATION` where it is required.

@@ -49,19 +49,7 @@ pub fn backup(args: BackupArgs) -> Result<(), Failure> {
             format!("--vm {:?} is not a moId or a UUID", args.vm),
         ));
     }
-    let target = match (&args.out, &args.repo.location) {
-        (Some(out), _) => PointTarget::Dir(out.clone()),
-        (None, Some(location)) => {
-            let opts = crate::repo::RepoOptions {
-                location: location.clone(),
-                s3_endpoint: args.repo.s3_endpoint.clone(),
-            };
-            PointTarget::Repo(run_async(async {
-                crate::repo_cli::with_repo_code(crate::repo::Repo::open(&opts).await)
-            })?)
-        }
-        (None, None) => return Err(fail(Code::Usage, "give --out DIR or --repo LOCATION")),
-    };
+    let target = args.repo.point_target(args.out.as_deref())?;
     // With --repo and no --state the chain state lives in the repository, as for XenServer.
     let state = match (&args.state, &target) {
         (Some(path), _) => StateAt::File(path.clone()),
