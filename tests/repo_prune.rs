@@ -15,18 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use xapi_env::*;
 
-/// The steps of prune's kill hook (`CBTSTREAM_TEST_KILL_AT`), in order.
-const STEPS: &[&str] = &[
-    "locked",
-    "merge-written",
-    "merge-stored",
-    "verified",
-    "recorded",
-    "point-forgotten",
-    "point-deleted",
-    "old-streams-deleted",
-];
-
 /// A VM backed up into a repository, with each point's disk images as they were.
 struct Backed {
     e: Env,
@@ -390,7 +378,7 @@ async fn prune_killed_at_each_step_leaves_every_listed_point_restorable() {
     let scratch = b.e.dir.join("scratch");
     std::fs::create_dir(&scratch).unwrap();
     let work = b.e.dir.join("work");
-    for step in STEPS {
+    for step in PRUNE_STEPS {
         copy_dir(&b.repo, &work);
         let o = std::process::Command::new(BIN)
             .args(["prune", "--repo", p(&work), "--keep-last", "2"])

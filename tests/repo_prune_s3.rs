@@ -14,17 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use xapi_env::*;
 
-const STEPS: &[&str] = &[
-    "locked",
-    "merge-written",
-    "merge-stored",
-    "verified",
-    "recorded",
-    "point-forgotten",
-    "point-deleted",
-    "old-streams-deleted",
-];
-
 fn cmd(s3: &S3Server, args: &[String], epoch: u64) -> Command {
     let mut c = Command::new(BIN);
     c.args(args)
@@ -135,7 +124,7 @@ async fn prune_on_s3_killed_at_each_step() {
         }
         out
     };
-    for step in STEPS {
+    for step in PRUNE_STEPS {
         copy_tree(&pristine, &bucket);
         let o = cmd(&s3, &s(&["prune", "--repo", &repo, "--keep-last", "2"]), 1)
             .env("CBTSTREAM_TEST_KILL_AT", step)

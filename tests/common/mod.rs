@@ -6,6 +6,18 @@ use std::process::{Command, Output, Stdio};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cbtstream");
 
+/// The steps of prune's kill hook (`CBTSTREAM_TEST_KILL_AT`), in order (src/repo/prune.rs).
+pub const PRUNE_STEPS: &[&str] = &[
+    "locked",
+    "merge-written",
+    "merge-stored",
+    "verified",
+    "recorded",
+    "point-forgotten",
+    "point-deleted",
+    "old-streams-deleted",
+];
+
 /// Run cbtstream with `args`; stdin is closed unless given.
 pub fn run(args: &[&str]) -> Output {
     Command::new(BIN)
