@@ -121,24 +121,11 @@ async fn exports_of_one_disk_are_points_under_the_vdi() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
 
-/// Snapshot VMs of the VM still on the host.
-fn snapshot_vms(e: &Env) -> usize {
-    use cbtstream_proto::xmlrpc::Value;
-    let session = login(e);
-    let vm: Value = e.sim.vm_ref().into();
-    let snaps = e
-        .sim
-        .call_local("VM.get_snapshots", &[session, vm])
-        .unwrap();
-    snaps.as_array().map_or(0, <[Value]>::len)
-}
-
 /// A backup into a repository killed mid-transfer: `gc --vm --repo` finds the chain state in
 /// the repository, keeps its bases and removes the rest; the repository's leftovers go with
 /// the next backup, which chains on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_of_a_killed_backup_uses_the_state_in_the_repository() {
-    use cbtstream_testkit::xen_nbd::StallAt;
     let e = env_with(|c| c.disks = 2).await;
     let repo = e.dir.join("repo");
     let repo_s = p(&repo).to_string();
@@ -146,30 +133,8 @@ async fn gc_of_a_killed_backup_uses_the_state_in_the_repository() {
     e.guest_writes(0);
     ok(e.backup_repo(&repo_s, &[]).await);
     e.guest_writes(1);
-    let faults = e.sim.nbd().faults.clone();
-    faults.stall(StallAt::Request(faults.requests() + 1));
-    let mut child = std::process::Command::new(BIN)
-        .args([
-            "backup",
-            "--xapi",
-            &e.sim.url(),
-            "--xapi-ca",
-            p(e.sim.ca_path()),
-        ])
-        .args(["--vm", e.sim.vm_uuid(), "--repo", &repo_s])
-        .env("XAPI_PASSWORD", e.sim.password())
-        .spawn()
-        .unwrap();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        faults.wait_until(|f| f.stalls() == 1),
-    )
-    .await
-    .expect("the backup never reached the NBD server");
-    child.kill().unwrap();
-    let _ = child.wait();
-    faults.release_stall();
-    assert_eq!(snapshot_vms(&e), 1);
+    e.kill_backup_mid_transfer(&["--repo", &repo_s]).await;
+    assert_eq!(e.snapshot_vms(), 1);
     // The killed run's streams are in the repository, without point.json: not a point.
     assert_eq!(list_json(&repo_s).len(), 1);
     let o = ok(e
@@ -181,7 +146,7 @@ async fn gc_of_a_killed_backup_uses_the_state_in_the_repository() {
         .await);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(text.contains("removed snapshot VM"), "{text}");
-    assert_eq!(snapshot_vms(&e), 0);
+    assert_eq!(e.snapshot_vms(), 0);
     // The bases stayed: the next backup is an incremental of the committed point.
     let points_dir = repo.join("vms").join(e.sim.vm_uuid()).join("points");
     assert_eq!(

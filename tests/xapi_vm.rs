@@ -45,17 +45,6 @@ impl Env {
             .await
     }
 
-    /// Snapshot VMs of the VM still on the host.
-    fn snapshot_vms(&self) -> usize {
-        let session = login(self);
-        let vm: Value = self.sim.vm_ref().into();
-        let snaps = self
-            .sim
-            .call_local("VM.get_snapshots", &[session, vm])
-            .unwrap();
-        snaps.as_array().map_or(0, <[Value]>::len)
-    }
-
     /// Snapshot VDIs of every disk: (type, tagged).
     fn disk_snapshots(&self) -> Vec<(String, bool)> {
         let session = login(self);
@@ -282,7 +271,6 @@ async fn a_failing_disk_leaves_every_chain_as_it_was() {
 /// `gc --vm --state` removes the leftovers and keeps every disk's base.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backup_is_collected_by_gc_vm() {
-    use cbtstream_testkit::xen_nbd::StallAt;
     let e = env_with(|c| c.disks = 2).await;
     let state = e.dir.join("vm.json");
     let out = e.dir.join("points");
@@ -291,36 +279,8 @@ async fn a_killed_backup_is_collected_by_gc_vm() {
     ok(e.backup(&out, &["--state", p(&state)]).await);
     let before = std::fs::read(&state).unwrap();
     guest_writes(&e, 1);
-    let faults = e.sim.nbd().faults.clone();
-    faults.stall(StallAt::Request(faults.requests() + 1));
-    let mut child = std::process::Command::new(BIN)
-        .args([
-            "backup",
-            "--xapi",
-            &e.sim.url(),
-            "--xapi-ca",
-            p(e.sim.ca_path()),
-        ])
-        .args([
-            "--vm",
-            e.sim.vm_uuid(),
-            "--out",
-            p(&out),
-            "--state",
-            p(&state),
-        ])
-        .env("XAPI_PASSWORD", e.sim.password())
-        .spawn()
-        .unwrap();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        faults.wait_until(|f| f.stalls() == 1),
-    )
-    .await
-    .expect("the backup never reached the NBD server");
-    child.kill().unwrap();
-    let _ = child.wait();
-    faults.release_stall();
+    e.kill_backup_mid_transfer(&["--out", p(&out), "--state", p(&state)])
+        .await;
     assert_eq!(std::fs::read(&state).unwrap(), before);
     assert_eq!(e.snapshot_vms(), 1);
     assert_eq!(e.disk_snapshots().len(), 4);

@@ -36,6 +36,48 @@ pub async fn env_with(tweak: impl FnOnce(&mut SimConfig)) -> Env {
 }
 
 impl Env {
+    /// `cbtstream backup --xapi ... --vm VM TARGET...` killed (SIGKILL) while its first NBD
+    /// read after now is stalled: a run that died mid-transfer.
+    pub async fn kill_backup_mid_transfer(&self, target: &[&str]) {
+        use cbtstream_testkit::xen_nbd::StallAt;
+        let faults = self.sim.nbd().faults.clone();
+        faults.stall(StallAt::Request(faults.requests() + 1));
+        let mut child = std::process::Command::new(BIN)
+            .args([
+                "backup",
+                "--xapi",
+                &self.sim.url(),
+                "--xapi-ca",
+                p(self.sim.ca_path()),
+                "--vm",
+                self.sim.vm_uuid(),
+            ])
+            .args(target)
+            .env("XAPI_PASSWORD", self.sim.password())
+            .spawn()
+            .unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            faults.wait_until(|f| f.stalls() == 1),
+        )
+        .await
+        .expect("the backup never reached the NBD server");
+        child.kill().unwrap();
+        let _ = child.wait();
+        faults.release_stall();
+    }
+
+    /// Snapshot VMs of the VM still on the host.
+    pub fn snapshot_vms(&self) -> usize {
+        let session = login(self);
+        let vm: Value = self.sim.vm_ref().into();
+        let snaps = self
+            .sim
+            .call_local("VM.get_snapshots", &[session, vm])
+            .unwrap();
+        snaps.as_array().map_or(0, <[Value]>::len)
+    }
+
     /// `cbtstream backup --xapi ... --vm VM --repo REPO EXTRA...`.
     pub async fn backup_repo(&self, repo: &str, extra: &[&str]) -> Output {
         let mut args = vec!["--vm", self.sim.vm_uuid(), "--repo", repo];
