@@ -167,8 +167,9 @@ struct UpdatePathsArgs {
     /// The datastore (moId) whose VMs' files to update.
     #[arg(long, value_name = "ID")]
     datastore: String,
-    /// An old mount path and the datastore (moId) it now is: /vmfs/volumes/OLD=datastore-12.
-    #[arg(long, value_name = "OLD=NEW", required = true, value_parser = map_arg)]
+    /// Old mount paths and the datastores (moIds) they now are: /vmfs/volumes/OLD=datastore-12 ...
+    /// (several after one --map, or --map repeated).
+    #[arg(long, value_name = "OLD=NEW", required = true, num_args = 1.., value_parser = map_arg)]
     map: Vec<(String, String)>,
     /// vSphere user.
     #[arg(long)]
@@ -1112,5 +1113,51 @@ mod tests {
             let _ = server_name_arg(&text);
             let _ = text.parse::<crate::nbd::NbdUri>();
         }
+    }
+
+    #[test]
+    fn update_paths_takes_several_maps_after_one_flag_or_repeated() {
+        let base = [
+            "cbtstream",
+            "vsphere",
+            "update-paths",
+            "--vsphere",
+            "https://vc/",
+            "--datastore",
+            "datastore-11",
+            "--user",
+            "u",
+        ];
+        let maps = |cli: Cli| match cli.command {
+            Command::Vsphere(VsphereCommand::UpdatePaths(a)) => a.map,
+            _ => panic!("not update-paths"),
+        };
+        let want = vec![
+            ("/vmfs/volumes/a".to_owned(), "datastore-12".to_owned()),
+            ("/vmfs/volumes/b".to_owned(), "datastore-13".to_owned()),
+        ];
+        let one_flag = [
+            &base[..],
+            &[
+                "--map",
+                "/vmfs/volumes/a=datastore-12",
+                "/vmfs/volumes/b=datastore-13",
+            ],
+        ]
+        .concat();
+        assert_eq!(maps(Cli::try_parse_from(one_flag).unwrap()), want);
+        let repeated = [
+            &base[..],
+            &[
+                "--map",
+                "/vmfs/volumes/a=datastore-12",
+                "--map",
+                "/vmfs/volumes/b=datastore-13",
+            ],
+        ]
+        .concat();
+        assert_eq!(maps(Cli::try_parse_from(repeated).unwrap()), want);
+        let bad = [&base[..], &["--map", "/vmfs/volumes/a=not a moid"]].concat();
+        assert!(Cli::try_parse_from(bad).is_err());
     }
 }
