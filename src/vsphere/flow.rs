@@ -117,22 +117,37 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, Failure> {
         StateAt::File(p) => Some(crate::xen::lock_chain(p)?),
         _ => None,
     };
-    let client = Arc::new(login(&opts.login).await?);
+    let repo = match &opts.output {
+        Output::Point(PointTarget::Repo(repo)) => Some(repo),
+        _ => None,
+    };
+    let lock = repo.map(|repo| (repo, "backup", opts.break_lock));
+    with_vm(&opts.login, &opts.vm, lock, async |client, vm| {
+        run_locked(client, &opts, vm).await
+    })
+    .await
+}
+
+/// Logs in, finds the VM (`vm` a moId or a UUID), takes the repository's lock of it when
+/// there is one (`(repo, operation, --break-lock)`), runs `op`, then releases the lock and
+/// logs out, whatever `op` returned. The lock names the VM by its moId, as point.json and the
+/// repository's keys do, whether `--vm` gave the moId or a UUID.
+pub(super) async fn with_vm<T>(
+    login_with: &VsphereLogin,
+    vm: &str,
+    lock: Option<(&crate::repo::Repo, &str, bool)>,
+    op: impl AsyncFnOnce(&Arc<Client>, &MoRef) -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    let client = Arc::new(login(login_with).await?);
     let result = async {
-        // The VM's moId names it in a repository (its points, lock and state), as point.json
-        // does, whether --vm gave the moId or a UUID.
-        let vm = calls::find_vm(&client, &opts.vm).await.map_err(src)?;
-        let repo = match &opts.output {
-            Output::Point(PointTarget::Repo(repo)) => Some(repo),
-            _ => None,
-        };
-        let repo_lock = match repo {
-            Some(repo) => {
-                Some(crate::xen::lock_repo_vm(repo, &vm.value, "backup", opts.break_lock).await?)
+        let vm = calls::find_vm(&client, vm).await.map_err(src)?;
+        let repo_lock = match lock {
+            Some((repo, operation, break_lock)) => {
+                Some(crate::xen::lock_repo_vm(repo, &vm.value, operation, break_lock).await?)
             }
             None => None,
         };
-        let result = run_locked(&client, &opts, &vm).await;
+        let result = op(&client, &vm).await;
         if let Some(lock) = repo_lock {
             lock.release().await;
         }

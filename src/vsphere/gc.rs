@@ -9,7 +9,7 @@
 //! `--force`. Snapshots someone else took are never touched.
 
 use super::calls;
-use super::flow::{login, VsphereLogin};
+use super::flow::{with_vm, VsphereLogin};
 use crate::exit::{fail, Code, Failure};
 use crate::xen::gc::{GcReport, RepoGc};
 use std::path::PathBuf;
@@ -43,27 +43,11 @@ pub async fn run(opts: GcOptions) -> Result<GcReport, Failure> {
         }
         None => None,
     };
-    let client = login(&opts.login).await?;
-    let result = async {
-        // Locked by the VM's moId, as backups into the repository lock it.
-        let vm = calls::find_vm(&client, &opts.vm)
-            .await
-            .map_err(|e| fail(Code::Source, e))?;
-        let repo_lock = match &opts.repo {
-            Some(r) => {
-                Some(crate::xen::lock_repo_vm(&r.repo, &vm.value, "gc", r.break_lock).await?)
-            }
-            None => None,
-        };
-        let result = collect(&client, &opts, &vm, chain_vm.as_deref()).await;
-        if let Some(lock) = repo_lock {
-            lock.release().await;
-        }
-        result
-    }
-    .await;
-    client.logout().await;
-    result
+    let lock = opts.repo.as_ref().map(|r| (&r.repo, "gc", r.break_lock));
+    with_vm(&opts.login, &opts.vm, lock, async |client, vm| {
+        collect(client, &opts, vm, chain_vm.as_deref()).await
+    })
+    .await
 }
 
 async fn collect(
